@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The whole test suite: fetch the default model if missing, then the Rust tests (unit and
+# integration, against the real model and a real server), then the official `openai` Python
+# client against a running server.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/fetch-model.sh
+cargo test --all-targets
+python3 tests/python/run_openai_client.py

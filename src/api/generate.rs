@@ -1,0 +1,227 @@
+//! Running a request's choices on the engine: submitting them, then either collecting each
+//! choice whole or streaming chunks as Server-Sent Events. Chat and completions differ only in
+//! how a chunk or a choice is written, which [`Format`] says.
+
+use std::convert::Infallible;
+
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::{select_all, StreamExt};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
+
+use super::error::ApiError;
+use super::params::GenParams;
+use crate::engine::{EngineHandle, Event, FinishReason, GenRequest, TokenLogprobs, Usage};
+
+/// One output token with what the client may want to know about it.
+#[derive(Debug, Clone)]
+pub struct OutToken {
+    pub id: u32,
+    pub logprobs: Option<TokenLogprobs>,
+}
+
+/// A finished choice.
+#[derive(Debug, Default)]
+pub struct ChoiceOut {
+    pub text: String,
+    pub tokens: Vec<OutToken>,
+    pub finish: Option<FinishReason>,
+    pub usage: Usage,
+}
+
+/// How an endpoint writes its objects.
+pub trait Format: Send + Sync + 'static {
+    /// The chunk sent before any token of choice `index` (chat sends the role), if any.
+    fn start_chunk(&self, index: usize) -> Option<Value>;
+    /// A chunk carrying `text` (and the tokens that produced it) for choice `index`.
+    fn delta_chunk(&self, index: usize, text: &str, tokens: &[OutToken]) -> Value;
+    /// The chunk that closes choice `index`.
+    fn finish_chunk(&self, index: usize, finish: FinishReason) -> Value;
+    /// The trailing usage chunk (`stream_options.include_usage`).
+    fn usage_chunk(&self, usage: Value) -> Value;
+    /// The whole, non-streamed response.
+    fn response(&self, choices: Vec<ChoiceOut>, usage: Value) -> Value;
+}
+
+/// The prompts and settings of one request, checked against the model's context.
+pub struct Job {
+    pub engine: EngineHandle,
+    pub prompts: Vec<Vec<u32>>,
+    pub params: GenParams,
+}
+
+impl Job {
+    /// Refuse prompts that do not leave room for the requested output.
+    pub fn check_context(&self) -> Result<(), ApiError> {
+        let ctx = self.engine.model.context_length;
+        for p in &self.prompts {
+            let want = p.len() + self.params.max_tokens.unwrap_or(1);
+            if p.is_empty() {
+                return Err(ApiError::invalid("the prompt is empty"));
+            }
+            if p.len() >= ctx || want > ctx {
+                let msg = match self.params.max_tokens {
+                    Some(m) => format!(
+                        "This model's maximum context length is {ctx} tokens. However, you requested {want} tokens ({} in the prompt, {m} for the completion). Please reduce the length of the prompt or of max_tokens.",
+                        p.len()
+                    ),
+                    None => format!(
+                        "This model's maximum context length is {ctx} tokens. However, your prompt has {} tokens, which leaves no room for a completion.",
+                        p.len()
+                    ),
+                };
+                return Err(ApiError::invalid(msg).with_code("context_length_exceeded"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Queue every choice; returns one event stream per choice, in choice order.
+    fn submit(&self) -> Result<Vec<mpsc::UnboundedReceiver<Event>>, ApiError> {
+        let ctx = self.engine.model.context_length;
+        let mut out = Vec::new();
+        for prompt in &self.prompts {
+            for j in 0..self.params.n {
+                let mut sampling = self.params.sampling.clone();
+                sampling.seed = sampling.seed.map(|s| s.wrapping_add(j as u64));
+                let req = GenRequest {
+                    prompt: prompt.clone(),
+                    sampling,
+                    max_tokens: self.params.max_tokens.unwrap_or(ctx - prompt.len()),
+                    stop: self.params.stop.clone(),
+                    stop_token_ids: self.params.stop_token_ids.clone(),
+                    ignore_eos: self.params.ignore_eos,
+                };
+                let (tx, rx) = mpsc::unbounded_channel();
+                self.engine.submit(req, tx).map_err(ApiError::unavailable)?;
+                out.push(rx);
+            }
+        }
+        Ok(out)
+    }
+
+    fn usage_json(&self, completion_tokens: usize) -> Value {
+        let prompt_tokens: usize = self.prompts.iter().map(Vec::len).sum();
+        json!({
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        })
+    }
+
+    /// Run the job and answer: one JSON object, or an SSE stream.
+    pub async fn respond<F: Format>(self, format: F) -> Response {
+        let receivers = match self.check_context().and_then(|_| self.submit()) {
+            Ok(r) => r,
+            Err(e) => return e.into_response(),
+        };
+        if self.params.stream {
+            return self.stream(receivers, format);
+        }
+        let mut choices = Vec::with_capacity(receivers.len());
+        for mut rx in receivers {
+            let mut c = ChoiceOut::default();
+            loop {
+                match rx.recv().await {
+                    Some(Event::Token { id, text, logprobs }) => {
+                        c.text.push_str(&text);
+                        c.tokens.push(OutToken { id, logprobs });
+                    }
+                    Some(Event::Done {
+                        finish,
+                        text,
+                        usage,
+                    }) => {
+                        c.text.push_str(&text);
+                        c.finish = Some(finish);
+                        c.usage = usage;
+                        break;
+                    }
+                    Some(Event::Error(e)) => return ApiError::internal(e).into_response(),
+                    None => return ApiError::internal("the engine dropped the request").into_response(),
+                }
+            }
+            choices.push(c);
+        }
+        let completion: usize = choices.iter().map(|c| c.usage.completion_tokens).sum();
+        let usage = self.usage_json(completion);
+        axum::Json(format.response(choices, usage)).into_response()
+    }
+
+    fn stream<F: Format>(
+        self,
+        receivers: Vec<mpsc::UnboundedReceiver<Event>>,
+        format: F,
+    ) -> Response {
+        let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
+        let send = |v: Value| SseEvent::default().data(v.to_string());
+        tokio::spawn(async move {
+            let mut merged = select_all(
+                receivers
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, r)| UnboundedReceiverStream::new(r).map(move |e| (i, e))),
+            );
+            let n = merged.len();
+            for i in 0..n {
+                if let Some(c) = format.start_chunk(i) {
+                    if tx.send(Ok(send(c))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            let mut completion = 0;
+            let mut open = n;
+            // A dropped client closes `tx`; returning drops the engine receivers, which
+            // cancels the sequences.
+            while let Some((i, ev)) = merged.next().await {
+                let chunks = match ev {
+                    Event::Token { id, text, logprobs } => {
+                        let tok = OutToken { id, logprobs };
+                        if text.is_empty() && tok.logprobs.is_none() {
+                            vec![]
+                        } else {
+                            vec![format.delta_chunk(i, &text, &[tok])]
+                        }
+                    }
+                    Event::Done {
+                        finish,
+                        text,
+                        usage,
+                    } => {
+                        completion += usage.completion_tokens;
+                        open -= 1;
+                        let mut v = vec![];
+                        if !text.is_empty() {
+                            v.push(format.delta_chunk(i, &text, &[]));
+                        }
+                        v.push(format.finish_chunk(i, finish));
+                        v
+                    }
+                    Event::Error(e) => {
+                        let _ = tx.send(Ok(send(ApiError::internal(e).body()))).await;
+                        return;
+                    }
+                };
+                for c in chunks {
+                    if tx.send(Ok(send(c))).await.is_err() {
+                        return;
+                    }
+                }
+                if open == 0 {
+                    break;
+                }
+            }
+            if self.params.include_usage {
+                let u = format.usage_chunk(self.usage_json(completion));
+                let _ = tx.send(Ok(send(u))).await;
+            }
+            let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
+        });
+        Sse::new(ReceiverStream::new(rx))
+            .keep_alive(KeepAlive::default())
+            .into_response()
+    }
+}

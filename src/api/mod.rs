@@ -1,0 +1,218 @@
+//! The HTTP layer: OpenAI-compatible routes on axum. It parses and checks requests, finds the
+//! model's engine, and streams the engine's events back; it never touches tensors.
+
+mod chat;
+mod completions;
+pub mod error;
+mod generate;
+mod params;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::json;
+
+use crate::engine::EngineHandle;
+use error::ApiError;
+
+/// Marks responses from this build (OpenAI's `system_fingerprint`).
+pub const FINGERPRINT: &str = concat!("aios-", env!("CARGO_PKG_VERSION"));
+
+/// A configured model and how far its loading got.
+pub struct ModelSlot {
+    pub name: String,
+    pub aliases: Vec<String>,
+    pub created: u64,
+    pub state: RwLock<SlotState>,
+}
+
+pub enum SlotState {
+    Loading,
+    Ready(EngineHandle),
+    Failed(String),
+}
+
+pub struct AppState {
+    /// The first model is the default one.
+    pub models: Vec<ModelSlot>,
+}
+
+impl AppState {
+    /// The engine for the requested model name (`None`: the default model).
+    pub fn engine_for(&self, name: Option<&str>) -> Result<(String, EngineHandle), ApiError> {
+        let slot = match name {
+            None | Some("") => self.models.first(),
+            Some(n) => self
+                .models
+                .iter()
+                .find(|m| m.name == n || m.aliases.iter().any(|a| a == n)),
+        }
+        .ok_or_else(|| ApiError::model_not_found(name.unwrap_or("")))?;
+        let state = slot.state.read().unwrap_or_else(|p| p.into_inner());
+        match &*state {
+            SlotState::Ready(h) => Ok((slot.name.clone(), h.clone())),
+            SlotState::Loading => Err(ApiError::unavailable(format!(
+                "model '{}' is still loading",
+                slot.name
+            ))),
+            SlotState::Failed(e) => Err(ApiError::unavailable(format!(
+                "model '{}' failed to load: {e}",
+                slot.name
+            ))),
+        }
+    }
+}
+
+/// The routes, with the body size limit applied.
+pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(completions::completions))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{id}", get(get_model))
+        .route("/health", get(health))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::map_response(json_errors))
+        .with_state(state)
+}
+
+/// Errors raised by axum itself (body too large, wrong method) become OpenAI error JSON.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json") || v.as_bytes().starts_with(b"text/event-stream"));
+    if status.is_success() || is_json {
+        return resp;
+    }
+    let message = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "request body is larger than the configured limit".to_string(),
+        StatusCode::METHOD_NOT_ALLOWED => "method not allowed on this route".to_string(),
+        s => s.canonical_reason().unwrap_or("error").to_string(),
+    };
+    ApiError::new(status, "invalid_request_error", message).into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "no such route")
+}
+
+fn model_json(m: &ModelSlot) -> serde_json::Value {
+    let state = m.state.read().unwrap_or_else(|p| p.into_inner());
+    let mut v = json!({"id": m.name, "object": "model", "created": m.created, "owned_by": "aios"});
+    if let SlotState::Ready(h) = &*state {
+        v["max_model_len"] = json!(h.model.context_length);
+    }
+    v
+}
+
+async fn list_models(State(state): State<Arc<AppState>>) -> Response {
+    let data: Vec<_> = state.models.iter().map(model_json).collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn get_model(
+    State(state): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    match state
+        .models
+        .iter()
+        .find(|m| m.name == id || m.aliases.contains(&id))
+    {
+        Some(m) => axum::Json(model_json(m)).into_response(),
+        None => ApiError::model_not_found(&id).into_response(),
+    }
+}
+
+/// 200 when every model is ready, 503 while any is loading or failed.
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    let mut status = "ok";
+    let mut models = serde_json::Map::new();
+    for m in &state.models {
+        let s = match &*m.state.read().unwrap_or_else(|p| p.into_inner()) {
+            SlotState::Ready(_) => json!("ready"),
+            SlotState::Loading => {
+                status = "loading";
+                json!("loading")
+            }
+            SlotState::Failed(e) => {
+                status = if status == "ok" { "error" } else { status };
+                json!({"error": e})
+            }
+        };
+        models.insert(m.name.clone(), s);
+    }
+    let code = if status == "ok" {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, axum::Json(json!({"status": status, "models": models}))).into_response()
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A fresh response id like `chatcmpl-3f9a…`.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{:032x}", rand::random::<u128>())
+}
+
+/// A running server: its address and a way to stop it.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub state: Arc<AppState>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Bind `host:port` and serve `state` in the background (on the current tokio runtime).
+    pub async fn start(
+        state: Arc<AppState>,
+        host: &str,
+        port: u16,
+        max_body_bytes: usize,
+    ) -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind((host, port)).await?;
+        let addr = listener.local_addr()?;
+        let app = router(state.clone(), max_body_bytes);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let r = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = rx.await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!("server error: {e}");
+            }
+        });
+        Ok(Self {
+            addr,
+            state,
+            shutdown: Some(tx),
+            task,
+        })
+    }
+
+    /// Stop accepting connections and wait for open ones to finish.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}

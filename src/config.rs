@@ -1,0 +1,257 @@
+//! One typed configuration (TOML), its defaults, environment overrides and validation.
+//! `config/default.toml` documents every field.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The default model: SmolLM2-135M-Instruct (Q4_1), fetched by `scripts/fetch-model.sh`.
+pub const DEFAULT_MODEL_PATH: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const DEFAULT_MODEL_NAME: &str = "smollm2";
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on. Loopback by default.
+    pub host: String,
+    /// TCP port; 0 picks a free one (the address is printed at start).
+    pub port: u16,
+    /// Compute threads for the model; 0 means one per CPU core.
+    pub threads: usize,
+    /// Largest request body accepted, in bytes (413 above it).
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The name clients put in `"model"`.
+    pub name: String,
+    /// Other names accepted for this model.
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// A `.gguf` file, a model directory, or a Hugging Face repo id in the local cache.
+    pub path: String,
+    /// A `tokenizer.json` to use instead of the model's own vocabulary.
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    /// A Jinja file to use instead of the model's own chat template.
+    #[serde(default)]
+    pub chat_template: Option<PathBuf>,
+    /// Serve at most this many tokens per sequence (default: the model's limit).
+    #[serde(default)]
+    pub context_length: Option<usize>,
+    /// `cpu`, `cuda:N` or `auto`.
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8000,
+            threads: 0,
+            max_body_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            models: vec![ModelConfig::for_path(DEFAULT_MODEL_NAME, DEFAULT_MODEL_PATH)],
+        }
+    }
+}
+
+impl ModelConfig {
+    pub fn for_path(name: &str, path: &str) -> Self {
+        Self {
+            name: name.into(),
+            aliases: vec![],
+            path: path.into(),
+            tokenizer: None,
+            chat_template: None,
+            context_length: None,
+            device: default_device(),
+        }
+    }
+}
+
+/// A configuration problem, naming the field.
+#[derive(Debug, thiserror::Error)]
+#[error("config: {0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Parse TOML text (missing fields take their defaults).
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError(e.to_string()))
+    }
+
+    /// Read a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        Self::from_toml(&text).map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
+    }
+
+    /// Apply `AIOS_*` environment overrides (`AIOS_HOST`, `AIOS_PORT`, `AIOS_THREADS`,
+    /// `AIOS_MAX_BODY_BYTES`, `AIOS_MODEL`).
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        fn num<T: std::str::FromStr>(key: &str, v: String) -> Result<T, ConfigError> {
+            v.parse()
+                .map_err(|_| ConfigError(format!("{key}={v:?} is not a valid number")))
+        }
+        if let Some(v) = get("AIOS_HOST") {
+            self.server.host = v;
+        }
+        if let Some(v) = get("AIOS_PORT") {
+            self.server.port = num("AIOS_PORT", v)?;
+        }
+        if let Some(v) = get("AIOS_THREADS") {
+            self.server.threads = num("AIOS_THREADS", v)?;
+        }
+        if let Some(v) = get("AIOS_MAX_BODY_BYTES") {
+            self.server.max_body_bytes = num("AIOS_MAX_BODY_BYTES", v)?;
+        }
+        if let Some(v) = get("AIOS_MODEL") {
+            self.set_model(&v);
+        }
+        Ok(())
+    }
+
+    /// Serve `spec` (a configured name or alias, or a path / repo id) as the first model.
+    pub fn set_model(&mut self, spec: &str) {
+        if let Some(i) = self
+            .models
+            .iter()
+            .position(|m| m.name == spec || m.aliases.iter().any(|a| a == spec))
+        {
+            let m = self.models.remove(i);
+            self.models.insert(0, m);
+            return;
+        }
+        let stem = Path::new(spec)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| spec.to_string());
+        let mut m = ModelConfig::for_path(&stem, spec);
+        let repo = spec.split(':').next().unwrap_or(spec);
+        if !Path::new(spec).exists() && crate::model::resolve::looks_like_repo_id(repo) {
+            m.name = spec.to_string(); // a repo id names itself
+        }
+        if spec == DEFAULT_MODEL_PATH {
+            m.aliases.push(DEFAULT_MODEL_NAME.into());
+        }
+        self.models.insert(0, m);
+    }
+
+    /// Check every field; the message names the first bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.host.trim().is_empty() {
+            return Err(ConfigError("server.host must not be empty".into()));
+        }
+        if s.threads > 1024 {
+            return Err(ConfigError(format!("server.threads = {} is too large", s.threads)));
+        }
+        if s.max_body_bytes < 1024 {
+            return Err(ConfigError(format!(
+                "server.max_body_bytes = {} is below the minimum of 1024",
+                s.max_body_bytes
+            )));
+        }
+        if self.models.is_empty() {
+            return Err(ConfigError("models: at least one model must be configured".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, m) in self.models.iter().enumerate() {
+            if m.name.trim().is_empty() {
+                return Err(ConfigError(format!("models[{i}].name must not be empty")));
+            }
+            if m.path.trim().is_empty() {
+                return Err(ConfigError(format!("models[{i}].path must not be empty")));
+            }
+            for n in std::iter::once(&m.name).chain(&m.aliases) {
+                if !names.insert(n.clone()) {
+                    return Err(ConfigError(format!(
+                        "models[{i}]: the name {n:?} is used by two models"
+                    )));
+                }
+            }
+            if m.context_length == Some(0) {
+                return Err(ConfigError(format!("models[{i}].context_length must be positive")));
+            }
+            crate::devices::DeviceChoice::parse(&m.device)
+                .map_err(|e| ConfigError(format!("models[{i}].device: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_default_toml_equals_builtin_defaults() {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml"),
+        )
+        .unwrap();
+        let cfg = Config::from_toml(&text).unwrap();
+        let mut want = Config::default();
+        want.models[0].context_length = cfg.models[0].context_length;
+        assert_eq!(cfg.server, want.server);
+        assert_eq!(cfg.models[0].name, want.models[0].name);
+        assert_eq!(cfg.models[0].path, want.models[0].path);
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = Config::from_toml("[server]\nport = \"x\"").unwrap_err().0;
+        assert!(e.contains("port"), "{e}");
+        let e = Config::from_toml("[server]\nprot = 1").unwrap_err().0;
+        assert!(e.contains("prot"), "{e}");
+        let mut c = Config::default();
+        c.server.max_body_bytes = 10;
+        assert!(c.validate().unwrap_err().0.contains("server.max_body_bytes"));
+        let mut c = Config::default();
+        c.models.push(c.models[0].clone());
+        assert!(c.validate().unwrap_err().0.contains("models[1]"));
+        let mut c = Config::default();
+        c.models[0].device = "tpu".into();
+        assert!(c.validate().unwrap_err().0.contains("models[0].device"));
+    }
+
+    #[test]
+    fn env_overrides_apply_and_are_checked() {
+        let mut c = Config::default();
+        let env = |k: &str| match k {
+            "AIOS_PORT" => Some("9001".to_string()),
+            "AIOS_MODEL" => Some("/tmp/x/other.gguf".to_string()),
+            _ => None,
+        };
+        c.apply_env(env).unwrap();
+        assert_eq!(c.server.port, 9001);
+        assert_eq!(c.models[0].name, "other");
+        assert_eq!(c.models[0].path, "/tmp/x/other.gguf");
+        let bad = |k: &str| (k == "AIOS_PORT").then(|| "eighty".to_string());
+        assert!(Config::default().apply_env(bad).unwrap_err().0.contains("AIOS_PORT"));
+    }
+}

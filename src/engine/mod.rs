@@ -1,0 +1,220 @@
+//! The engine: one thread per loaded model owns the model and every running sequence. HTTP
+//! handlers submit requests over a channel and receive a stream of [`Event`]s.
+//!
+//! Each step runs the new tokens of every running sequence (one decode token each, or a whole
+//! prompt for a sequence that just arrived) through the model as one batch, then samples.
+
+pub mod sampler;
+mod sequence;
+pub mod text;
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+pub use sampler::{SamplingParams, TokenLogprobs};
+use sequence::Sequence;
+
+use crate::model::{LoadedModel, SeqInput};
+
+/// Why a sequence ended, in OpenAI's words.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End-of-generation token, stop token or stop string.
+    Stop,
+    /// `max_tokens` or the context length reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// One generation request: a tokenised prompt and how to continue it.
+#[derive(Clone, Debug)]
+pub struct GenRequest {
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+    pub stop_token_ids: Vec<u32>,
+    pub ignore_eos: bool,
+}
+
+/// What the engine streams back for one sequence.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// A sampled token. `text` is the output released by this token: possibly empty (an
+    /// incomplete character, or text held back as a possible stop string), possibly more than
+    /// the token itself (held text released).
+    Token {
+        id: u32,
+        text: String,
+        logprobs: Option<TokenLogprobs>,
+    },
+    /// The sequence ended. `text` is any held-back output released at the end.
+    Done {
+        finish: FinishReason,
+        text: String,
+        usage: Usage,
+    },
+    /// The sequence failed; nothing more follows.
+    Error(String),
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+enum Command {
+    Submit(GenRequest, UnboundedSender<Event>),
+}
+
+/// The cheap, cloneable side of an engine that HTTP handlers hold.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+    pub model: Arc<ModelInfo>,
+}
+
+/// What the rest of the server needs to know about the model an engine runs.
+pub struct ModelInfo {
+    pub tokenizer: crate::model::Tokenizer,
+    pub template: Option<crate::model::ChatTemplate>,
+    pub context_length: usize,
+    pub vocab_size: usize,
+    pub source: String,
+    pub format: String,
+}
+
+impl EngineHandle {
+    /// Queue a request; events arrive on `events`. Fails only if the engine thread is gone.
+    pub fn submit(&self, req: GenRequest, events: UnboundedSender<Event>) -> Result<(), String> {
+        self.tx
+            .send(Command::Submit(req, events))
+            .map_err(|_| "the engine has stopped".to_string())
+    }
+}
+
+/// Start the engine thread for a loaded model.
+pub fn spawn(model: LoadedModel) -> EngineHandle {
+    let LoadedModel {
+        llama,
+        tokenizer,
+        template,
+        source,
+        format,
+    } = model;
+    let info = Arc::new(ModelInfo {
+        context_length: llama.context_length(),
+        vocab_size: llama.cfg.vocab_size,
+        tokenizer,
+        template,
+        source,
+        format,
+    });
+    let (tx, rx) = mpsc::channel();
+    let thread_info = info.clone();
+    std::thread::Builder::new()
+        .name("aios-engine".into())
+        .spawn(move || Engine::new(llama, thread_info).run(rx))
+        .expect("spawn engine thread");
+    EngineHandle { tx, model: info }
+}
+
+struct Engine {
+    llama: crate::model::Llama,
+    info: Arc<ModelInfo>,
+    running: Vec<Sequence>,
+}
+
+impl Engine {
+    fn new(llama: crate::model::Llama, info: Arc<ModelInfo>) -> Self {
+        Self {
+            llama,
+            info,
+            running: Vec::new(),
+        }
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Command>) {
+        loop {
+            // Block when idle; otherwise take whatever arrived since the last step.
+            if self.running.is_empty() {
+                match rx.recv() {
+                    Ok(cmd) => self.accept(cmd),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(cmd) = rx.try_recv() {
+                self.accept(cmd);
+            }
+            self.running.retain(|s| !s.cancelled());
+            if !self.running.is_empty() {
+                self.step();
+            }
+        }
+    }
+
+    fn accept(&mut self, cmd: Command) {
+        match cmd {
+            Command::Submit(req, events) => {
+                let ctx = self.info.context_length;
+                if req.prompt.is_empty() || req.prompt.len() >= ctx {
+                    let _ = events.send(Event::Error(format!(
+                        "prompt of {} tokens does not fit the context length {ctx}",
+                        req.prompt.len()
+                    )));
+                    return;
+                }
+                let layout = self.llama.kv_layout();
+                self.running
+                    .push(Sequence::new(req, events, layout, ctx, Instant::now()));
+            }
+        }
+    }
+
+    fn step(&mut self) {
+        let mut inputs: Vec<SeqInput> = self
+            .running
+            .iter_mut()
+            .map(|s| s.next_input())
+            .collect();
+        let result = self.llama.forward(&mut inputs);
+        drop(inputs);
+        let logits = match result {
+            Ok(Some(l)) => l,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!("forward pass failed: {e}");
+                for s in self.running.drain(..) {
+                    s.fail(format!("forward pass failed: {e}"));
+                }
+                return;
+            }
+        };
+        let rows = match logits.to_vec2::<f32>() {
+            Ok(r) => r,
+            Err(e) => {
+                for s in self.running.drain(..) {
+                    s.fail(format!("reading logits failed: {e}"));
+                }
+                return;
+            }
+        };
+        let tok = &self.info.tokenizer;
+        for (seq, mut row) in self.running.iter_mut().zip(rows) {
+            seq.advance(&mut row, tok);
+        }
+        self.running.retain(|s| !s.finished());
+    }
+}

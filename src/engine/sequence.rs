@@ -1,0 +1,139 @@
+//! One running sequence: its tokens, KV storage, sampler, output text state and the channel
+//! its events go to.
+
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::sampler::Sampler;
+use super::text::{StopCheck, StopMatcher, Utf8Stream};
+use super::{Event, FinishReason, GenRequest, Usage};
+use crate::kv::{KvLayout, KvSeq};
+use crate::model::{SeqInput, Tokenizer};
+
+pub struct Sequence {
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    max_tokens: usize,
+    context_length: usize,
+    stop_token_ids: Vec<u32>,
+    ignore_eos: bool,
+    kv: KvSeq,
+    sampler: Sampler,
+    utf8: Utf8Stream,
+    stops: StopMatcher,
+    events: UnboundedSender<Event>,
+    finished: bool,
+    #[allow(dead_code)]
+    arrived: Instant,
+}
+
+impl Sequence {
+    pub fn new(
+        req: GenRequest,
+        events: UnboundedSender<Event>,
+        layout: KvLayout,
+        context_length: usize,
+        arrived: Instant,
+    ) -> Self {
+        // Room for the prompt and a first stretch of output; KvSeq grows beyond that.
+        let capacity = (req.prompt.len() + req.max_tokens.min(256)).min(context_length);
+        Self {
+            prompt_len: req.prompt.len(),
+            sampler: Sampler::new(req.sampling, &req.prompt),
+            tokens: req.prompt,
+            max_tokens: req.max_tokens,
+            context_length,
+            stop_token_ids: req.stop_token_ids,
+            ignore_eos: req.ignore_eos,
+            kv: KvSeq::new(layout, capacity),
+            utf8: Utf8Stream::default(),
+            stops: StopMatcher::new(req.stop),
+            events,
+            finished: false,
+            arrived,
+        }
+    }
+
+    /// The tokens this sequence feeds the next step: the whole prompt first, then one at a time.
+    pub fn next_input(&mut self) -> SeqInput<'_> {
+        let from = self.kv.len();
+        SeqInput {
+            tokens: &self.tokens[from..],
+            kv: &mut self.kv,
+            want_logits: true,
+        }
+    }
+
+    pub fn cancelled(&self) -> bool {
+        self.events.is_closed()
+    }
+
+    pub fn finished(&self) -> bool {
+        self.finished
+    }
+
+    pub fn fail(self, msg: String) {
+        let _ = self.events.send(Event::Error(msg));
+    }
+
+    fn usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_len,
+            completion_tokens: self.tokens.len() - self.prompt_len,
+        }
+    }
+
+    /// Sample the next token from this sequence's logits row and stream what it produced.
+    pub fn advance(&mut self, logits: &mut Vec<f32>, tok: &Tokenizer) {
+        logits.truncate(tok.vocab_size());
+        let (id, logprobs) = self.sampler.sample(logits);
+        self.tokens.push(id);
+        let generated = self.tokens.len() - self.prompt_len;
+        let end_token = (!self.ignore_eos && tok.is_eog(id)) || self.stop_token_ids.contains(&id);
+        let mut finish = None;
+        let mut text = String::new();
+        if end_token {
+            finish = Some(FinishReason::Stop);
+        } else {
+            let piece = self.utf8.push(tok.token_bytes(id));
+            match self.stops.push(&piece) {
+                StopCheck::Continue(t) => text = t,
+                StopCheck::Stop(t) => {
+                    text = t;
+                    finish = Some(FinishReason::Stop);
+                }
+            }
+        }
+        if finish.is_none()
+            && (generated >= self.max_tokens || self.tokens.len() >= self.context_length)
+        {
+            finish = Some(FinishReason::Length);
+        }
+        let sent = self.events.send(Event::Token {
+            id,
+            text,
+            logprobs,
+        });
+        if sent.is_err() {
+            self.finished = true;
+            return;
+        }
+        if let Some(finish) = finish {
+            let mut rest = String::new();
+            if finish == FinishReason::Length || end_token {
+                rest = self.utf8.finish();
+                match self.stops.push(&rest) {
+                    StopCheck::Continue(t) | StopCheck::Stop(t) => rest = t,
+                }
+                rest.push_str(&self.stops.flush());
+            }
+            let _ = self.events.send(Event::Done {
+                finish,
+                text: rest,
+                usage: self.usage(),
+            });
+            self.finished = true;
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! aios: an inference kernel for many AI agents. Local Llama-family models (GGUF,
+//! safetensors) behind the OpenAI HTTP API, with our own forward pass over external KV storage.
+//!
+//! Layers, top to bottom: [`api`] (HTTP) → [`engine`] (one thread per model, sampling) →
+//! [`model`] (loading, tokenizer, forward pass) → [`kv`] and [`ops`].
+
+pub mod api;
+pub mod config;
+pub mod devices;
+pub mod engine;
+pub mod kv;
+pub mod model;
+pub mod ops;
+
+use std::sync::{Arc, RwLock};
+
+use api::{AppState, ModelSlot, SlotState};
+use config::{Config, ModelConfig};
+use model::{LoadOptions, LoadedModel};
+
+/// Size the compute thread pool once per process (`0` = one thread per core).
+pub fn init_threads(threads: usize) {
+    let mut b = rayon::ThreadPoolBuilder::new().thread_name(|i| format!("aios-compute-{i}"));
+    if threads > 0 {
+        b = b.num_threads(threads);
+    }
+    // A second call (tests) finds the pool already built; that is fine.
+    let _ = b.build_global();
+}
+
+/// Resolve and load one configured model (blocking; call from a worker thread).
+pub fn load_configured(m: &ModelConfig) -> Result<LoadedModel, String> {
+    let device = devices::DeviceChoice::parse(&m.device)?.open()?;
+    let path = model::resolve::resolve(&m.path).map_err(|e| e.to_string())?;
+    let chat_template = match &m.chat_template {
+        Some(p) => Some(
+            std::fs::read_to_string(p).map_err(|e| format!("chat_template {}: {e}", p.display()))?,
+        ),
+        None => None,
+    };
+    let opts = LoadOptions {
+        device,
+        tokenizer: m.tokenizer.clone(),
+        chat_template,
+        context_length: m.context_length,
+    };
+    model::load_model(&path, &opts).map_err(|e| e.to_string())
+}
+
+/// The server state for `cfg`, with every model loading in the background. `/health` answers
+/// 503 until they are ready.
+pub fn start_loading(cfg: &Config) -> Arc<AppState> {
+    let created = api::unix_now();
+    let state = Arc::new(AppState {
+        models: cfg
+            .models
+            .iter()
+            .map(|m| ModelSlot {
+                name: m.name.clone(),
+                aliases: m.aliases.clone(),
+                created,
+                state: RwLock::new(SlotState::Loading),
+            })
+            .collect(),
+    });
+    for (i, m) in cfg.models.iter().cloned().enumerate() {
+        let state = state.clone();
+        std::thread::spawn(move || {
+            let t0 = std::time::Instant::now();
+            let next = match load_configured(&m) {
+                Ok(loaded) => {
+                    tracing::info!(
+                        "model '{}' ready: {} ({}) in {:.2}s",
+                        m.name,
+                        loaded.source,
+                        loaded.format,
+                        t0.elapsed().as_secs_f64()
+                    );
+                    SlotState::Ready(engine::spawn(loaded))
+                }
+                Err(e) => {
+                    tracing::error!("model '{}' failed to load: {e}", m.name);
+                    SlotState::Failed(e)
+                }
+            };
+            *state.models[i].state.write().unwrap_or_else(|p| p.into_inner()) = next;
+        });
+    }
+    state
+}

@@ -1,0 +1,240 @@
+//! The `aios` command: `serve`, `models`, `chat`.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use aios::config::Config;
+use aios::engine::{Event, GenRequest, SamplingParams};
+
+#[derive(Parser)]
+#[command(name = "aios", version, about = "An inference kernel for AI agents, speaking the OpenAI API")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the configured models over the OpenAI HTTP API.
+    Serve(Common),
+    /// List the configured models, whether their files are found, and models in the HF cache.
+    Models(Common),
+    /// Chat with the default model in the terminal.
+    Chat {
+        #[command(flatten)]
+        common: Common,
+        /// Sampling temperature (0 = greedy).
+        #[arg(long, default_value_t = 0.7)]
+        temperature: f32,
+        /// Most tokens per answer.
+        #[arg(long, default_value_t = 512)]
+        max_tokens: usize,
+        /// A system prompt.
+        #[arg(long)]
+        system: Option<String>,
+    },
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// TOML config file (default: built-in defaults, which match config/default.toml).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// A configured model name, a .gguf file, a model directory or an HF repo id (serve it first).
+    #[arg(long, short)]
+    model: Option<String>,
+    /// Address to listen on.
+    #[arg(long)]
+    host: Option<String>,
+    /// Port to listen on (0 = any free port).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Compute threads (0 = one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+impl Common {
+    fn config(&self) -> Result<Config> {
+        let mut cfg = match &self.config {
+            Some(p) => Config::load(p)?,
+            None => Config::default(),
+        };
+        cfg.apply_env(|k| std::env::var(k).ok())?;
+        if let Some(m) = &self.model {
+            cfg.set_model(m);
+        }
+        if let Some(h) = &self.host {
+            cfg.server.host = h.clone();
+        }
+        if let Some(p) = self.port {
+            cfg.server.port = p;
+        }
+        if let Some(t) = self.threads {
+            cfg.server.threads = t;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AIOS_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Serve(c) => serve(c.config()?),
+        Cmd::Models(c) => models(c.config()?),
+        Cmd::Chat {
+            common,
+            temperature,
+            max_tokens,
+            system,
+        } => chat(common.config()?, temperature, max_tokens, system),
+    }
+}
+
+fn serve(cfg: Config) -> Result<()> {
+    aios::init_threads(cfg.server.threads);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let state = aios::start_loading(&cfg);
+        let server = aios::api::Server::start(
+            state,
+            &cfg.server.host,
+            cfg.server.port,
+            cfg.server.max_body_bytes,
+        )
+        .await
+        .with_context(|| format!("binding {}:{}", cfg.server.host, cfg.server.port))?;
+        // Tests and scripts read this line to find the port.
+        println!("aios listening on http://{}", server.addr);
+        std::io::stdout().flush().ok();
+        if !server.addr.ip().is_loopback() {
+            tracing::warn!(
+                "listening on {} without authentication: anyone who can reach it can use it",
+                server.addr
+            );
+        }
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        server.stop().await;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn models(cfg: Config) -> Result<()> {
+    println!("configured models (the first is the default):");
+    for m in &cfg.models {
+        let found = match aios::model::resolve::resolve(&m.path) {
+            Ok(p) => format!("found: {}", p.display()),
+            Err(e) => format!("NOT FOUND: {e}"),
+        };
+        let aliases = if m.aliases.is_empty() {
+            String::new()
+        } else {
+            format!(" (aliases: {})", m.aliases.join(", "))
+        };
+        println!("  {}{aliases}\n    path: {}\n    {found}", m.name, m.path);
+    }
+    let cache = hf_hub::Cache::from_env();
+    let repos = aios::model::resolve::list_hf_cache(&cache);
+    println!("Hugging Face cache ({}):", cache.path().display());
+    if repos.is_empty() {
+        println!("  (no models)");
+    }
+    for r in repos {
+        println!("  {r}");
+    }
+    Ok(())
+}
+
+fn chat(cfg: Config, temperature: f32, max_tokens: usize, system: Option<String>) -> Result<()> {
+    aios::init_threads(cfg.server.threads);
+    let m = &cfg.models[0];
+    eprintln!("loading {} ...", m.path);
+    let loaded = aios::load_configured(m).map_err(anyhow::Error::msg)?;
+    let engine = aios::engine::spawn(loaded);
+    let info = engine.model.clone();
+    let Some(template) = info.template.as_ref() else {
+        bail!("model '{}' has no chat template", m.name);
+    };
+    let mut messages = vec![];
+    if let Some(s) = system {
+        messages.push(serde_json::json!({"role": "system", "content": s}));
+    }
+    eprintln!("chatting with {} — an empty line or Ctrl-D quits", m.name);
+    let stdin = std::io::stdin();
+    loop {
+        print!("> ");
+        std::io::stdout().flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            return Ok(());
+        }
+        messages.push(serde_json::json!({"role": "user", "content": line.trim_end()}));
+        let prompt_text = template.render(&messages, None, true)?;
+        let prompt = info.tokenizer.encode(&prompt_text, true)?;
+        if prompt.len() + 1 >= info.context_length {
+            bail!("the conversation no longer fits the context ({} tokens)", info.context_length);
+        }
+        let req = GenRequest {
+            max_tokens: max_tokens.min(info.context_length - prompt.len()),
+            prompt,
+            sampling: SamplingParams {
+                temperature,
+                top_p: 0.95,
+                ..Default::default()
+            },
+            stop: vec![],
+            stop_token_ids: vec![],
+            ignore_eos: false,
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        engine.submit(req, tx).map_err(anyhow::Error::msg)?;
+        let mut answer = String::new();
+        while let Some(ev) = rx.blocking_recv() {
+            match ev {
+                Event::Token { text, .. } => {
+                    print!("{text}");
+                    answer.push_str(&text);
+                }
+                Event::Done { text, .. } => {
+                    print!("{text}");
+                    answer.push_str(&text);
+                    break;
+                }
+                Event::Error(e) => bail!(e),
+            }
+            std::io::stdout().flush()?;
+        }
+        println!();
+        messages.push(serde_json::json!({"role": "assistant", "content": answer}));
+    }
+}

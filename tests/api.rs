@@ -1,0 +1,268 @@
+//! The real server with the real default model, called over HTTP.
+
+mod common;
+
+use common::{post, post_raw, post_stream, server, TEST_MAX_BODY};
+use serde_json::{json, Value};
+
+fn chat_body(content: &str, extra: Value) -> Value {
+    let mut b = json!({
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": content}],
+        "temperature": 0,
+        "max_tokens": 24,
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        b[k] = v.clone();
+    }
+    b
+}
+
+fn assert_serving() {
+    let (s, v) = post("/v1/completions", &json!({"prompt": "1, 2, 3,", "max_tokens": 3, "temperature": 0}));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 3);
+}
+
+#[test]
+fn capital_of_france_answers_paris() {
+    let (s, v) = post("/v1/chat/completions", &chat_body("What is the capital of France?", json!({})));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert!(v["created"].as_u64().unwrap() > 1_700_000_000);
+    assert_eq!(v["model"], "smollm2");
+    let msg = &v["choices"][0]["message"];
+    assert_eq!(msg["role"], "assistant");
+    let text = msg["content"].as_str().unwrap();
+    assert!(text.contains("Paris"), "answer was {text:?}");
+    // The rendered template of this conversation is 37 tokens (reference).
+    assert_eq!(v["usage"]["prompt_tokens"], 37);
+    let u = &v["usage"];
+    assert_eq!(
+        u["total_tokens"].as_u64(),
+        Some(u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap())
+    );
+    assert!(["stop", "length"].contains(&v["choices"][0]["finish_reason"].as_str().unwrap()));
+}
+
+#[test]
+fn greedy_completions_match_llama_cpp() {
+    let reference = common::reference();
+    for case in reference["greedy"].as_array().unwrap() {
+        let (s, v) = post(
+            "/v1/completions",
+            &json!({"prompt": case["prompt"], "max_tokens": case["n_predict"], "temperature": 0}),
+        );
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["object"], "text_completion");
+        assert_eq!(v["choices"][0]["text"], case["text"], "prompt {}", case["prompt"]);
+        assert_eq!(v["choices"][0]["finish_reason"], "length");
+    }
+}
+
+fn joined_chat_stream(chunks: &[Value]) -> (String, Option<String>) {
+    let mut text = String::new();
+    let mut finish = None;
+    for c in chunks {
+        if c == "[DONE]" {
+            continue;
+        }
+        for ch in c["choices"].as_array().unwrap() {
+            if let Some(t) = ch["delta"]["content"].as_str() {
+                text.push_str(t);
+            }
+            if let Some(f) = ch["finish_reason"].as_str() {
+                finish = Some(f.to_string());
+            }
+        }
+    }
+    (text, finish)
+}
+
+#[test]
+fn streaming_equals_non_streaming_under_greedy() {
+    let body = chat_body("Write a haiku about the sea.", json!({"max_tokens": 40}));
+    let (s, whole) = post("/v1/chat/completions", &body);
+    assert_eq!(s, 200);
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    sb["stream_options"] = json!({"include_usage": true});
+    let chunks = post_stream("/v1/chat/completions", &sb);
+    assert_eq!(chunks.last().unwrap(), "[DONE]");
+    assert_eq!(chunks[0]["object"], "chat.completion.chunk");
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let ids: std::collections::HashSet<_> = chunks[..chunks.len() - 1].iter().map(|c| c["id"].clone()).collect();
+    assert_eq!(ids.len(), 1, "one id for every chunk");
+    let (text, finish) = joined_chat_stream(&chunks);
+    assert_eq!(text, whole["choices"][0]["message"]["content"].as_str().unwrap());
+    assert_eq!(finish.as_deref(), whole["choices"][0]["finish_reason"].as_str());
+    // Last chunk before [DONE] carries the usage and no choices.
+    let usage_chunk = &chunks[chunks.len() - 2];
+    assert_eq!(usage_chunk["choices"].as_array().unwrap().len(), 0);
+    assert_eq!(usage_chunk["usage"], whole["usage"]);
+
+    // Completions too.
+    let cb = json!({"prompt": "Once upon a time", "max_tokens": 20, "temperature": 0});
+    let (_, whole) = post("/v1/completions", &cb);
+    let mut sb = cb.clone();
+    sb["stream"] = json!(true);
+    let chunks = post_stream("/v1/completions", &sb);
+    let text: String = chunks
+        .iter()
+        .filter(|c| *c != "[DONE]")
+        .flat_map(|c| c["choices"].as_array().unwrap().iter().map(|ch| ch["text"].as_str().unwrap().to_string()).collect::<Vec<_>>())
+        .collect();
+    assert_eq!(text, whole["choices"][0]["text"].as_str().unwrap());
+}
+
+#[test]
+fn stop_strings_end_output_and_are_not_emitted() {
+    // Greedy continuation is " 5, 6, 7, 8, 9, " (reference); ", 7" spans tokens.
+    let body = json!({"prompt": "1, 2, 3, 4,", "max_tokens": 16, "temperature": 0, "stop": [", 7", "zzz"]});
+    let (s, v) = post("/v1/completions", &body);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"], " 5, 6");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let chunks = post_stream("/v1/completions", &sb);
+    let text: String = chunks
+        .iter()
+        .filter(|c| *c != "[DONE]")
+        .map(|c| c["choices"][0]["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(text, " 5, 6");
+}
+
+#[test]
+fn max_tokens_gives_length() {
+    let (s, v) = post("/v1/chat/completions", &chat_body("Tell me a long story about dragons.", json!({"max_tokens": 7})));
+    assert_eq!(s, 200);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 7);
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_and_n_gives_choices() {
+    let body = |seed: u64| chat_body("Invent a name for a cat.", json!({"temperature": 1.0, "seed": seed, "max_tokens": 16, "n": 2}));
+    let (s, a) = post("/v1/chat/completions", &body(42));
+    assert_eq!(s, 200, "{a}");
+    let (_, b) = post("/v1/chat/completions", &body(42));
+    let texts = |v: &Value| -> Vec<String> {
+        v["choices"].as_array().unwrap().iter().map(|c| c["message"]["content"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(texts(&a).len(), 2);
+    assert_eq!(a["choices"][1]["index"], 1);
+    assert_eq!(texts(&a), texts(&b), "same seed, same output");
+    let mut seen: std::collections::HashSet<Vec<String>> = Default::default();
+    for seed in [1, 2, 3] {
+        seen.insert(texts(&post("/v1/chat/completions", &body(seed)).1));
+    }
+    assert!(seen.len() > 1, "different seeds gave identical samples");
+    let completion: u64 = a["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(completion >= 2);
+}
+
+#[test]
+fn logprobs_are_reported() {
+    let (s, v) = post(
+        "/v1/chat/completions",
+        &chat_body("Say hello.", json!({"logprobs": true, "top_logprobs": 3, "max_tokens": 5})),
+    );
+    assert_eq!(s, 200, "{v}");
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len() as u64, v["usage"]["completion_tokens"].as_u64().unwrap());
+    for e in content {
+        let lp = e["logprob"].as_f64().unwrap();
+        assert!(lp <= 0.0);
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(top[0]["token"], e["token"]);
+        assert!((top[0]["logprob"].as_f64().unwrap() - lp).abs() < 1e-5);
+        assert!(top[0]["logprob"].as_f64() >= top[1]["logprob"].as_f64());
+        assert!(e["bytes"].is_array());
+    }
+    let (s, v) = post("/v1/completions", &json!({"prompt": "The capital of France is", "max_tokens": 3, "temperature": 0, "logprobs": 2}));
+    assert_eq!(s, 200, "{v}");
+    let lp = &v["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 3);
+    assert_eq!(lp["tokens"][0], " Paris");
+    assert_eq!(lp["top_logprobs"][0].as_object().unwrap().len(), 2);
+    assert_eq!(lp["text_offset"][0], 0);
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
+    let long_prompt = "hello ".repeat(9000);
+    let cases: Vec<(Value, u16, &str)> = vec![
+        (chat_body("hi", json!({"model": "no-such-model"})), 404, "model_not_found"),
+        (json!({"model": "smollm2", "messages": []}), 400, "messages"),
+        (json!({"messages": [{"role": "wizard", "content": "hi"}]}), 400, "role"),
+        (json!({"messages": [{"content": "hi"}]}), 400, "role"),
+        (json!({"messages": "hi"}), 400, "messages"),
+        (chat_body("hi", json!({"max_tokens": 0})), 400, "max_tokens"),
+        (chat_body("hi", json!({"max_tokens": -5})), 400, "max_tokens"),
+        (chat_body("hi", json!({"temperature": 3.5})), 400, "temperature"),
+        (chat_body("hi", json!({"top_p": 1.5})), 400, "top_p"),
+        (chat_body("hi", json!({"n": 0})), 400, "n"),
+        (chat_body("hi", json!({"max_tokens": 8000})), 400, "context_length_exceeded"),
+        (chat_body(&long_prompt, json!({})), 400, "context_length_exceeded"),
+        (json!({"prompt": "x", "max_tokens": "ten"}), 400, "max_tokens"),
+        (json!({"prompt": [1, 2, 99999999]}), 400, "prompt"),
+    ];
+    for (body, status, needle) in cases {
+        let path = if body.get("prompt").is_some() { "/v1/completions" } else { "/v1/chat/completions" };
+        let (s, v) = post(path, &body);
+        assert_eq!(s, status, "{body} -> {v}");
+        let err = &v["error"];
+        let text = format!("{} {} {}", err["message"], err["param"], err["code"]);
+        assert!(text.contains(needle), "{needle:?} not in {text}");
+        assert!(err["type"].is_string());
+        assert_serving();
+    }
+    // Malformed JSON, invalid UTF-8, not an object.
+    for raw in [b"{\"messages\": [".to_vec(), b"{\"prompt\": \"\xff\xfe\"}".to_vec(), b"[1,2]".to_vec()] {
+        let (s, v) = post_raw("/v1/chat/completions", raw);
+        assert_eq!(s, 400, "{v}");
+        assert!(v["error"]["message"].is_string());
+        assert_serving();
+    }
+    let (s, v) = post_raw("/v1/completions", vec![b' '; TEST_MAX_BODY + 10]);
+    assert_eq!(s, 413, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("larger"));
+    assert_serving();
+}
+
+#[test]
+fn a_client_that_disconnects_mid_stream_does_not_stop_the_server() {
+    use std::io::{Read, Write};
+    let addr = server().trim_start_matches("http://").to_string();
+    for _ in 0..3 {
+        let body = json!({"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": true, "stream": true}).to_string();
+        let mut sock = std::net::TcpStream::connect(&addr).unwrap();
+        write!(sock, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        let mut buf = [0u8; 512];
+        let n = sock.read(&mut buf).unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        drop(sock);
+    }
+    assert_serving();
+}
+
+#[test]
+fn health_and_models() {
+    let c = common::client();
+    let r = c.get(format!("{}/health", server())).send().unwrap();
+    assert_eq!(r.status(), 200);
+    let r: Value = c.get(format!("{}/v1/models", server())).send().unwrap().json().unwrap();
+    assert_eq!(r["object"], "list");
+    assert_eq!(r["data"][0]["id"], "smollm2");
+    assert_eq!(r["data"][0]["object"], "model");
+    assert_eq!(r["data"][0]["max_model_len"], 8192);
+    let r = c.get(format!("{}/v1/models/nope", server())).send().unwrap();
+    assert_eq!(r.status(), 404);
+    let r = c.get(format!("{}/v1/nothing", server())).send().unwrap();
+    assert_eq!(r.status(), 404);
+}

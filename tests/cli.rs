@@ -1,0 +1,135 @@
+//! The `aios` binary as a user runs it.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_aios");
+
+/// Start `aios serve` with `args`; returns the child and its base URL.
+fn serve(args: &[&str]) -> (std::process::Child, String) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--port", "0", "--threads", "2"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let url = line.trim().rsplit(' ').next().unwrap().to_string();
+    assert!(url.starts_with("http://127.0.0.1:"), "{line}");
+    (child, url)
+}
+
+fn stop(mut child: std::process::Child) -> std::process::ExitStatus {
+    sigterm(child.id());
+    child.wait().unwrap()
+}
+
+fn sigterm(pid: u32) {
+    Command::new("kill").arg(pid.to_string()).status().unwrap();
+}
+
+#[test]
+fn serve_answers_then_shuts_down_cleanly_on_sigterm() {
+    let model = common::default_model_path();
+    let (child, url) = serve(&["--model", model.to_str().unwrap()]);
+    common::wait_healthy(&url);
+    let c = common::client();
+    let models: Value = c.get(format!("{url}/v1/models")).send().unwrap().json().unwrap();
+    // --model PATH serves the file under its stem, plus the default alias for the default file.
+    assert_eq!(models["data"][0]["id"], "SmolLM2-135M-Instruct.Q4_1");
+    let r: Value = c
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&json!({"model": "SmolLM2-135M-Instruct.Q4_1", "messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0, "max_tokens": 16}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert!(r["choices"][0]["message"]["content"].as_str().unwrap().contains("Paris"), "{r}");
+    assert!(stop(child).success());
+}
+
+#[test]
+fn a_broken_model_file_is_reported_and_the_server_stays_up() {
+    let dir = std::env::temp_dir().join(format!("aios-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("cut.gguf");
+    let full = std::fs::read(common::default_model_path()).unwrap();
+    std::fs::write(&bad, &full[..full.len() / 3]).unwrap();
+    let (child, url) = serve(&["--model", bad.to_str().unwrap()]);
+    let c = common::client();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let health = loop {
+        let r = c.get(format!("{url}/health")).send().unwrap();
+        let v: Value = r.json().unwrap();
+        if v["status"] != "loading" {
+            break v;
+        }
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(health["status"], "error");
+    assert!(health.to_string().contains("cut.gguf"), "{health}");
+    let r = c
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&json!({"messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().unwrap();
+    assert!(v["error"]["message"].as_str().unwrap().contains("cut.gguf"), "{v}");
+    assert!(stop(child).success());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn bad_config_names_the_field() {
+    let dir = std::env::temp_dir().join(format!("aios-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("bad.toml");
+    std::fs::write(&cfg, "[server]\nport = 8000\nthreadz = 2\n").unwrap();
+    let out = Command::new(BIN).args(["serve", "--config", cfg.to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("threadz"), "{err}");
+    let out = Command::new(BIN).args(["serve"]).env("AIOS_PORT", "eighty").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("AIOS_PORT"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn models_lists_what_is_configured_and_found() {
+    let out = Command::new(BIN)
+        .args(["models", "--config", concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml")])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("smollm2"), "{text}");
+    assert!(text.contains("found: models/SmolLM2-135M-Instruct.Q4_1.gguf"), "{text}");
+}
+
+#[test]
+fn chat_talks_in_the_terminal() {
+    use std::io::Write;
+    let mut child = Command::new(BIN)
+        .args(["chat", "--temperature", "0", "--max-tokens", "20", "--threads", "2"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    child.stdin.as_mut().unwrap().write_all(b"What is the capital of France?\n\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Paris"), "{text}");
+}

@@ -1,0 +1,130 @@
+//! Shared by the integration tests: the real default model, and one real server per test
+//! binary on an ephemeral loopback port.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub fn default_model_path() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(aios::config::DEFAULT_MODEL_PATH);
+    assert!(
+        p.exists(),
+        "the default model is missing at {}: run scripts/fetch-model.sh",
+        p.display()
+    );
+    p
+}
+
+pub fn reference() -> Value {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/smollm2-llamacpp.json");
+    let p = if p.exists() {
+        p
+    } else {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/smollm2-llamacpp.json")
+    };
+    serde_json::from_slice(&std::fs::read(&p).expect("reference file")).unwrap()
+}
+
+/// Largest body the test server accepts (small, so the 413 test stays cheap).
+pub const TEST_MAX_BODY: usize = 256 * 1024;
+
+/// Base URL of this test binary's server, started on first use.
+pub fn server() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                aios::init_threads(2);
+                let mut cfg = aios::config::Config::default();
+                cfg.models[0].path = default_model_path().display().to_string();
+                let state = aios::start_loading(&cfg);
+                let server = aios::api::Server::start(state, "127.0.0.1", 0, TEST_MAX_BODY)
+                    .await
+                    .unwrap();
+                tx.send(format!("http://{}", server.addr)).unwrap();
+                std::future::pending::<()>().await;
+            });
+        });
+        let url = rx.recv().unwrap();
+        wait_healthy(&url);
+        url
+    })
+}
+
+pub fn wait_healthy(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(r) = client().get(format!("{url}/health")).send() {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "server at {url} never became healthy");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()
+        .unwrap()
+}
+
+/// POST JSON, return (status, body as JSON).
+pub fn post(path: &str, body: &Value) -> (u16, Value) {
+    let r = client()
+        .post(format!("{}{path}", server()))
+        .json(body)
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(Value::Null))
+}
+
+/// POST raw bytes.
+pub fn post_raw(path: &str, body: Vec<u8>) -> (u16, Value) {
+    let r = client()
+        .post(format!("{}{path}", server()))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(Value::Null))
+}
+
+/// POST with `stream: true`; returns every `data:` payload parsed (the final `[DONE]` as a
+/// JSON string "[DONE]").
+pub fn post_stream(path: &str, body: &Value) -> Vec<Value> {
+    let r = client()
+        .post(format!("{}{path}", server()))
+        .json(body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let text = r.text().unwrap();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| {
+            if d == "[DONE]" {
+                Value::String(d.into())
+            } else {
+                serde_json::from_str(d).unwrap()
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,93 @@
+"""The official `openai` Python client against a real aios server, as a new user would use it.
+
+Starts `target/debug/aios serve --port 0` (built by `cargo test`), reads the address it prints,
+then runs chat (plain and streaming), completions and model listing through the client.
+"""
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+from openai import OpenAI
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BIN = os.path.join(ROOT, "target", "debug", "aios")
+
+passed = failed = 0
+
+
+def check(name, cond, detail=""):
+    global passed, failed
+    if cond:
+        passed += 1
+        print(f"ok   {name}")
+    else:
+        failed += 1
+        print(f"FAIL {name} {detail}")
+
+
+proc = subprocess.Popen(
+    [BIN, "serve", "--port", "0", "--threads", "2"],
+    cwd=ROOT, stdout=subprocess.PIPE, stderr=sys.stderr, text=True,
+)
+try:
+    line = proc.stdout.readline()
+    assert "listening on" in line, f"unexpected first line: {line!r}"
+    base = line.strip().split()[-1]
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(base + "/health") as r:
+                if r.status == 200:
+                    break
+        except Exception:
+            pass
+        if time.time() > deadline:
+            raise SystemExit("server never became healthy")
+        time.sleep(0.2)
+
+    client = OpenAI(base_url=base + "/v1", api_key="not-needed")
+    models = [m.id for m in client.models.list()]
+    check("models.list names the default model", "smollm2" in models, models)
+
+    r = client.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        temperature=0, max_tokens=24,
+    )
+    answer = r.choices[0].message.content
+    check("chat answers Paris", "Paris" in answer, repr(answer))
+    check("chat usage", r.usage.prompt_tokens == 37 and r.usage.completion_tokens > 0, r.usage)
+
+    stream = client.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        temperature=0, max_tokens=24, stream=True, stream_options={"include_usage": True},
+    )
+    parts, usage = [], None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+        if chunk.usage:
+            usage = chunk.usage
+    check("streamed chat equals the plain answer", "".join(parts) == answer, repr("".join(parts)))
+    check("streamed usage", usage is not None and usage.completion_tokens == r.usage.completion_tokens, usage)
+
+    c = client.completions.create(model="smollm2", prompt="1, 2, 3, 4,", max_tokens=8, temperature=0)
+    check("completions continue the count", c.choices[0].text.startswith(" 5, 6"), repr(c.choices[0].text))
+
+    try:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+        check("unknown model raises NotFoundError", False)
+    except Exception as e:  # openai.NotFoundError
+        check("unknown model raises NotFoundError", type(e).__name__ == "NotFoundError", repr(e))
+finally:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+print(f"openai-client: {passed} passed, {failed} failed")
+sys.exit(1 if failed else 0)
