@@ -20,9 +20,13 @@ fn tokens(n: usize, tok: &aios::model::Tokenizer) -> Vec<u32> {
 }
 
 fn main() {
-    let threads: usize = std::env::var("AIOS_BENCH_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
+    let threads: usize = std::env::var("AIOS_BENCH_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
     aios::init_threads(threads);
-    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(aios::config::DEFAULT_MODEL_PATH);
+    let path =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(aios::config::DEFAULT_MODEL_PATH);
     let m = load_model(&path, &LoadOptions::default()).expect("run scripts/fetch-model.sh first");
     let layout = m.llama.kv_layout();
     println!("model: {} ({}), threads: {threads}", m.source, m.format);
@@ -31,14 +35,28 @@ fn main() {
         let toks = tokens(n, &m.tokenizer);
         let mut kv = KvSeq::new(layout, n + 128);
         let t = Instant::now();
-        m.llama.forward(&mut [SeqInput { tokens: &toks, kv: &mut kv, want_logits: true }]).unwrap();
+        m.llama
+            .forward(&mut [SeqInput {
+                tokens: &toks,
+                kv: &mut kv,
+                want_logits: true,
+            }])
+            .unwrap();
         (n as f64 / t.elapsed().as_secs_f64(), kv)
     };
     let ours_decode = |kv: &mut KvSeq, n: usize| -> f64 {
         let t = Instant::now();
         let mut tok = 504u32;
         for _ in 0..n {
-            let l = m.llama.forward(&mut [SeqInput { tokens: &[tok], kv, want_logits: true }]).unwrap().unwrap();
+            let l = m
+                .llama
+                .forward(&mut [SeqInput {
+                    tokens: &[tok],
+                    kv,
+                    want_logits: true,
+                }])
+                .unwrap()
+                .unwrap();
             tok = aios::engine::sampler::argmax(&l.squeeze(0).unwrap().to_vec1::<f32>().unwrap());
         }
         n as f64 / t.elapsed().as_secs_f64()
@@ -54,14 +72,22 @@ fn main() {
     // Stock candle on the same file.
     let mut f = std::fs::File::open(&path).unwrap();
     let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
-    let mut stock = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap();
+    let mut stock = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
+        ct,
+        &mut f,
+        &Device::Cpu,
+    )
+    .unwrap();
     let s_pp512 = stock_prefill(&mut stock, &tokens(512, &m.tokenizer));
     let s_pp2000 = stock_prefill(&mut stock, &tokens(2000, &m.tokenizer));
     let s_tg_at2000 = stock_decode(&mut stock, 2000, 64);
     stock_prefill(&mut stock, &tokens(16, &m.tokenizer));
     let s_tg128 = stock_decode(&mut stock, 16, 128);
 
-    println!("{:<28} {:>10} {:>10} {:>7}", "tokens/s", "aios", "candle", "ratio");
+    println!(
+        "{:<28} {:>10} {:>10} {:>7}",
+        "tokens/s", "aios", "candle", "ratio"
+    );
     for (name, a, b) in [
         ("prefill pp512", pp512, s_pp512),
         ("prefill 2000", pp2000, s_pp2000),
@@ -75,7 +101,10 @@ fn main() {
 type Stock = candle_transformers::models::quantized_llama::ModelWeights;
 
 fn stock_prefill(stock: &mut Stock, toks: &[u32]) -> f64 {
-    let x = Tensor::new(toks, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let x = Tensor::new(toks, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let t = Instant::now();
     stock.forward(&x, 0).unwrap();
     toks.len() as f64 / t.elapsed().as_secs_f64()
@@ -85,7 +114,10 @@ fn stock_prefill(stock: &mut Stock, toks: &[u32]) -> f64 {
 fn stock_decode(stock: &mut Stock, start: usize, n: usize) -> f64 {
     let t = Instant::now();
     for i in 0..n {
-        let x = Tensor::new(&[504u32], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let x = Tensor::new(&[504u32], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         stock.forward(&x, start + i).unwrap();
     }
     n as f64 / t.elapsed().as_secs_f64()

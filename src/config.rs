@@ -72,7 +72,10 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             server: ServerConfig::default(),
-            models: vec![ModelConfig::for_path(DEFAULT_MODEL_NAME, DEFAULT_MODEL_PATH)],
+            models: vec![ModelConfig::for_path(
+                DEFAULT_MODEL_NAME,
+                DEFAULT_MODEL_PATH,
+            )],
         }
     }
 }
@@ -167,7 +170,10 @@ impl Config {
             return Err(ConfigError("server.host must not be empty".into()));
         }
         if s.threads > 1024 {
-            return Err(ConfigError(format!("server.threads = {} is too large", s.threads)));
+            return Err(ConfigError(format!(
+                "server.threads = {} is too large",
+                s.threads
+            )));
         }
         if s.max_body_bytes < 1024 {
             return Err(ConfigError(format!(
@@ -176,7 +182,9 @@ impl Config {
             )));
         }
         if self.models.is_empty() {
-            return Err(ConfigError("models: at least one model must be configured".into()));
+            return Err(ConfigError(
+                "models: at least one model must be configured".into(),
+            ));
         }
         let mut names = std::collections::HashSet::new();
         for (i, m) in self.models.iter().enumerate() {
@@ -194,7 +202,9 @@ impl Config {
                 }
             }
             if m.context_length == Some(0) {
-                return Err(ConfigError(format!("models[{i}].context_length must be positive")));
+                return Err(ConfigError(format!(
+                    "models[{i}].context_length must be positive"
+                )));
             }
             crate::devices::DeviceChoice::parse(&m.device)
                 .map_err(|e| ConfigError(format!("models[{i}].device: {e}")))?;
@@ -230,7 +240,11 @@ mod tests {
         assert!(e.contains("prot"), "{e}");
         let mut c = Config::default();
         c.server.max_body_bytes = 10;
-        assert!(c.validate().unwrap_err().0.contains("server.max_body_bytes"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .0
+            .contains("server.max_body_bytes"));
         let mut c = Config::default();
         c.models.push(c.models[0].clone());
         assert!(c.validate().unwrap_err().0.contains("models[1]"));
@@ -252,6 +266,10 @@ mod tests {
         assert_eq!(c.models[0].name, "other");
         assert_eq!(c.models[0].path, "/tmp/x/other.gguf");
         let bad = |k: &str| (k == "AIOS_PORT").then(|| "eighty".to_string());
-        assert!(Config::default().apply_env(bad).unwrap_err().0.contains("AIOS_PORT"));
+        assert!(Config::default()
+            .apply_env(bad)
+            .unwrap_err()
+            .0
+            .contains("AIOS_PORT"));
     }
 }

@@ -57,6 +57,11 @@ mod tests {
         assert_eq!(DeviceChoice::parse("cuda:1"), Ok(DeviceChoice::Cuda(1)));
         assert_eq!(DeviceChoice::parse("auto"), Ok(DeviceChoice::Auto));
         assert!(DeviceChoice::parse("cuda:x").is_err());
-        assert_eq!(DeviceChoice::Auto.open().is_ok(), true);
+        assert!(DeviceChoice::Auto.open().is_ok());
+        #[cfg(not(feature = "cuda"))]
+        assert!(DeviceChoice::Cuda(0)
+            .open()
+            .unwrap_err()
+            .contains("--features cuda"));
     }
 }

@@ -34,7 +34,8 @@ pub fn load_configured(m: &ModelConfig) -> Result<LoadedModel, String> {
     let path = model::resolve::resolve(&m.path).map_err(|e| e.to_string())?;
     let chat_template = match &m.chat_template {
         Some(p) => Some(
-            std::fs::read_to_string(p).map_err(|e| format!("chat_template {}: {e}", p.display()))?,
+            std::fs::read_to_string(p)
+                .map_err(|e| format!("chat_template {}: {e}", p.display()))?,
         ),
         None => None,
     };
@@ -83,7 +84,10 @@ pub fn start_loading(cfg: &Config) -> Arc<AppState> {
                     SlotState::Failed(e)
                 }
             };
-            *state.models[i].state.write().unwrap_or_else(|p| p.into_inner()) = next;
+            *state.models[i]
+                .state
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = next;
         });
     }
     state

@@ -10,7 +10,11 @@ use aios::config::Config;
 use aios::engine::{Event, GenRequest, SamplingParams};
 
 #[derive(Parser)]
-#[command(name = "aios", version, about = "An inference kernel for AI agents, speaking the OpenAI API")]
+#[command(
+    name = "aios",
+    version,
+    about = "An inference kernel for AI agents, speaking the OpenAI API"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -202,7 +206,10 @@ fn chat(cfg: Config, temperature: f32, max_tokens: usize, system: Option<String>
         let prompt_text = template.render(&messages, None, true)?;
         let prompt = info.tokenizer.encode(&prompt_text, true)?;
         if prompt.len() + 1 >= info.context_length {
-            bail!("the conversation no longer fits the context ({} tokens)", info.context_length);
+            bail!(
+                "the conversation no longer fits the context ({} tokens)",
+                info.context_length
+            );
         }
         let req = GenRequest {
             max_tokens: max_tokens.min(info.context_length - prompt.len()),

@@ -19,14 +19,23 @@ fn chat_body(content: &str, extra: Value) -> Value {
 }
 
 fn assert_serving() {
-    let (s, v) = post("/v1/completions", &json!({"prompt": "1, 2, 3,", "max_tokens": 3, "temperature": 0}));
+    let (s, v) = post(
+        "/v1/completions",
+        &json!({"prompt": "1, 2, 3,", "max_tokens": 3, "temperature": 0}),
+    );
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["usage"]["completion_tokens"], 3);
 }
 
 #[test]
 fn capital_of_france_answers_paris() {
-    let (s, v) = post("/v1/chat/completions", &chat_body("What is the capital of France? Answer in one sentence.", json!({})));
+    let (s, v) = post(
+        "/v1/chat/completions",
+        &chat_body(
+            "What is the capital of France? Answer in one sentence.",
+            json!({}),
+        ),
+    );
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["object"], "chat.completion");
     assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
@@ -37,7 +46,10 @@ fn capital_of_france_answers_paris() {
     let text = msg["content"].as_str().unwrap();
     assert!(text.contains("Paris"), "answer was {text:?}");
     // The reference conversation renders to 37 tokens with llama.cpp.
-    let (_, r) = post("/v1/chat/completions", &chat_body("What is the capital of France?", json!({"max_tokens": 1})));
+    let (_, r) = post(
+        "/v1/chat/completions",
+        &chat_body("What is the capital of France?", json!({"max_tokens": 1})),
+    );
     assert_eq!(r["usage"]["prompt_tokens"], 37);
     let u = &v["usage"];
     assert_eq!(
@@ -57,7 +69,11 @@ fn greedy_completions_match_llama_cpp() {
         );
         assert_eq!(s, 200, "{v}");
         assert_eq!(v["object"], "text_completion");
-        assert_eq!(v["choices"][0]["text"], case["text"], "prompt {}", case["prompt"]);
+        assert_eq!(
+            v["choices"][0]["text"], case["text"],
+            "prompt {}",
+            case["prompt"]
+        );
         assert_eq!(v["choices"][0]["finish_reason"], "length");
     }
 }
@@ -93,11 +109,20 @@ fn streaming_equals_non_streaming_under_greedy() {
     assert_eq!(chunks.last().unwrap(), "[DONE]");
     assert_eq!(chunks[0]["object"], "chat.completion.chunk");
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    let ids: std::collections::HashSet<_> = chunks[..chunks.len() - 1].iter().map(|c| c["id"].clone()).collect();
+    let ids: std::collections::HashSet<_> = chunks[..chunks.len() - 1]
+        .iter()
+        .map(|c| c["id"].clone())
+        .collect();
     assert_eq!(ids.len(), 1, "one id for every chunk");
     let (text, finish) = joined_chat_stream(&chunks);
-    assert_eq!(text, whole["choices"][0]["message"]["content"].as_str().unwrap());
-    assert_eq!(finish.as_deref(), whole["choices"][0]["finish_reason"].as_str());
+    assert_eq!(
+        text,
+        whole["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    assert_eq!(
+        finish.as_deref(),
+        whole["choices"][0]["finish_reason"].as_str()
+    );
     // Last chunk before [DONE] carries the usage and no choices.
     let usage_chunk = &chunks[chunks.len() - 2];
     assert_eq!(usage_chunk["choices"].as_array().unwrap().len(), 0);
@@ -112,7 +137,14 @@ fn streaming_equals_non_streaming_under_greedy() {
     let text: String = chunks
         .iter()
         .filter(|c| *c != "[DONE]")
-        .flat_map(|c| c["choices"].as_array().unwrap().iter().map(|ch| ch["text"].as_str().unwrap().to_string()).collect::<Vec<_>>())
+        .flat_map(|c| {
+            c["choices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|ch| ch["text"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        })
         .collect();
     assert_eq!(text, whole["choices"][0]["text"].as_str().unwrap());
 }
@@ -138,7 +170,13 @@ fn stop_strings_end_output_and_are_not_emitted() {
 
 #[test]
 fn max_tokens_gives_length() {
-    let (s, v) = post("/v1/chat/completions", &chat_body("Tell me a long story about dragons.", json!({"max_tokens": 7})));
+    let (s, v) = post(
+        "/v1/chat/completions",
+        &chat_body(
+            "Tell me a long story about dragons.",
+            json!({"max_tokens": 7}),
+        ),
+    );
     assert_eq!(s, 200);
     assert_eq!(v["choices"][0]["finish_reason"], "length");
     assert_eq!(v["usage"]["completion_tokens"], 7);
@@ -146,12 +184,22 @@ fn max_tokens_gives_length() {
 
 #[test]
 fn seeded_sampling_is_reproducible_and_n_gives_choices() {
-    let body = |seed: u64| chat_body("Invent a name for a cat.", json!({"temperature": 1.0, "seed": seed, "max_tokens": 16, "n": 2}));
+    let body = |seed: u64| {
+        chat_body(
+            "Invent a name for a cat.",
+            json!({"temperature": 1.0, "seed": seed, "max_tokens": 16, "n": 2}),
+        )
+    };
     let (s, a) = post("/v1/chat/completions", &body(42));
     assert_eq!(s, 200, "{a}");
     let (_, b) = post("/v1/chat/completions", &body(42));
     let texts = |v: &Value| -> Vec<String> {
-        v["choices"].as_array().unwrap().iter().map(|c| c["message"]["content"].as_str().unwrap().to_string()).collect()
+        v["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["message"]["content"].as_str().unwrap().to_string())
+            .collect()
     };
     assert_eq!(texts(&a).len(), 2);
     assert_eq!(a["choices"][1]["index"], 1);
@@ -169,11 +217,17 @@ fn seeded_sampling_is_reproducible_and_n_gives_choices() {
 fn logprobs_are_reported() {
     let (s, v) = post(
         "/v1/chat/completions",
-        &chat_body("Say hello.", json!({"logprobs": true, "top_logprobs": 3, "max_tokens": 5})),
+        &chat_body(
+            "Say hello.",
+            json!({"logprobs": true, "top_logprobs": 3, "max_tokens": 5}),
+        ),
     );
     assert_eq!(s, 200, "{v}");
     let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
-    assert_eq!(content.len() as u64, v["usage"]["completion_tokens"].as_u64().unwrap());
+    assert_eq!(
+        content.len() as u64,
+        v["usage"]["completion_tokens"].as_u64().unwrap()
+    );
     for e in content {
         let lp = e["logprob"].as_f64().unwrap();
         assert!(lp <= 0.0);
@@ -185,7 +239,10 @@ fn logprobs_are_reported() {
         assert!(top[0]["logprob"].as_f64() >= top[1]["logprob"].as_f64());
         assert!(e["bytes"].is_array());
     }
-    let (s, v) = post("/v1/completions", &json!({"prompt": "The capital of France is", "max_tokens": 3, "temperature": 0, "logprobs": 2}));
+    let (s, v) = post(
+        "/v1/completions",
+        &json!({"prompt": "The capital of France is", "max_tokens": 3, "temperature": 0, "logprobs": 2}),
+    );
     assert_eq!(s, 200, "{v}");
     let lp = &v["choices"][0]["logprobs"];
     assert_eq!(lp["tokens"].as_array().unwrap().len(), 3);
@@ -198,23 +255,55 @@ fn logprobs_are_reported() {
 fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
     let long_prompt = "hello ".repeat(9000);
     let cases: Vec<(Value, u16, &str)> = vec![
-        (chat_body("hi", json!({"model": "no-such-model"})), 404, "model_not_found"),
+        (
+            chat_body("hi", json!({"model": "no-such-model"})),
+            404,
+            "model_not_found",
+        ),
         (json!({"model": "smollm2", "messages": []}), 400, "messages"),
-        (json!({"messages": [{"role": "wizard", "content": "hi"}]}), 400, "role"),
+        (
+            json!({"messages": [{"role": "wizard", "content": "hi"}]}),
+            400,
+            "role",
+        ),
         (json!({"messages": [{"content": "hi"}]}), 400, "role"),
         (json!({"messages": "hi"}), 400, "messages"),
         (chat_body("hi", json!({"max_tokens": 0})), 400, "max_tokens"),
-        (chat_body("hi", json!({"max_tokens": -5})), 400, "max_tokens"),
-        (chat_body("hi", json!({"temperature": 3.5})), 400, "temperature"),
+        (
+            chat_body("hi", json!({"max_tokens": -5})),
+            400,
+            "max_tokens",
+        ),
+        (
+            chat_body("hi", json!({"temperature": 3.5})),
+            400,
+            "temperature",
+        ),
         (chat_body("hi", json!({"top_p": 1.5})), 400, "top_p"),
         (chat_body("hi", json!({"n": 0})), 400, "n"),
-        (chat_body("hi", json!({"max_tokens": 8190})), 400, "context_length_exceeded"),
-        (chat_body(&long_prompt, json!({})), 400, "context_length_exceeded"),
-        (json!({"prompt": "x", "max_tokens": "ten"}), 400, "max_tokens"),
+        (
+            chat_body("hi", json!({"max_tokens": 8190})),
+            400,
+            "context_length_exceeded",
+        ),
+        (
+            chat_body(&long_prompt, json!({})),
+            400,
+            "context_length_exceeded",
+        ),
+        (
+            json!({"prompt": "x", "max_tokens": "ten"}),
+            400,
+            "max_tokens",
+        ),
         (json!({"prompt": [1, 2, 99999999]}), 400, "prompt"),
     ];
     for (body, status, needle) in cases {
-        let path = if body.get("prompt").is_some() { "/v1/completions" } else { "/v1/chat/completions" };
+        let path = if body.get("prompt").is_some() {
+            "/v1/completions"
+        } else {
+            "/v1/chat/completions"
+        };
         let (s, v) = post(path, &body);
         assert_eq!(s, status, "{body} -> {v}");
         let err = &v["error"];
@@ -224,7 +313,11 @@ fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
         assert_serving();
     }
     // Malformed JSON, invalid UTF-8, not an object.
-    for raw in [b"{\"messages\": [".to_vec(), b"{\"prompt\": \"\xff\xfe\"}".to_vec(), b"[1,2]".to_vec()] {
+    for raw in [
+        b"{\"messages\": [".to_vec(),
+        b"{\"prompt\": \"\xff\xfe\"}".to_vec(),
+        b"[1,2]".to_vec(),
+    ] {
         let (s, v) = post_raw("/v1/chat/completions", raw);
         assert_eq!(s, 400, "{v}");
         assert!(v["error"]["message"].is_string());
@@ -257,12 +350,20 @@ fn health_and_models() {
     let c = common::client();
     let r = c.get(format!("{}/health", server())).send().unwrap();
     assert_eq!(r.status(), 200);
-    let r: Value = c.get(format!("{}/v1/models", server())).send().unwrap().json().unwrap();
+    let r: Value = c
+        .get(format!("{}/v1/models", server()))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
     assert_eq!(r["object"], "list");
     assert_eq!(r["data"][0]["id"], "smollm2");
     assert_eq!(r["data"][0]["object"], "model");
     assert_eq!(r["data"][0]["max_model_len"], 8192);
-    let r = c.get(format!("{}/v1/models/nope", server())).send().unwrap();
+    let r = c
+        .get(format!("{}/v1/models/nope", server()))
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 404);
     let r = c.get(format!("{}/v1/nothing", server())).send().unwrap();
     assert_eq!(r.status(), 404);

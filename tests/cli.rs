@@ -19,7 +19,9 @@ fn serve(args: &[&str]) -> (std::process::Child, String) {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let url = line.trim().rsplit(' ').next().unwrap().to_string();
     assert!(url.starts_with("http://127.0.0.1:"), "{line}");
     (child, url)
@@ -40,7 +42,12 @@ fn serve_answers_then_shuts_down_cleanly_on_sigterm() {
     let (child, url) = serve(&["--model", model.to_str().unwrap()]);
     common::wait_healthy(&url);
     let c = common::client();
-    let models: Value = c.get(format!("{url}/v1/models")).send().unwrap().json().unwrap();
+    let models: Value = c
+        .get(format!("{url}/v1/models"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
     // --model PATH serves the file under its stem, plus the default alias for the default file.
     assert_eq!(models["data"][0]["id"], "SmolLM2-135M-Instruct.Q4_1");
     let r: Value = c
@@ -50,7 +57,13 @@ fn serve_answers_then_shuts_down_cleanly_on_sigterm() {
         .unwrap()
         .json()
         .unwrap();
-    assert!(r["choices"][0]["message"]["content"].as_str().unwrap().contains("Paris"), "{r}");
+    assert!(
+        r["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("Paris"),
+        "{r}"
+    );
     assert!(stop(child).success());
 }
 
@@ -82,7 +95,10 @@ fn a_broken_model_file_is_reported_and_the_server_stays_up() {
         .unwrap();
     assert_eq!(r.status(), 503);
     let v: Value = r.json().unwrap();
-    assert!(v["error"]["message"].as_str().unwrap().contains("cut.gguf"), "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("cut.gguf"),
+        "{v}"
+    );
     assert!(stop(child).success());
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -93,11 +109,18 @@ fn bad_config_names_the_field() {
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("bad.toml");
     std::fs::write(&cfg, "[server]\nport = 8000\nthreadz = 2\n").unwrap();
-    let out = Command::new(BIN).args(["serve", "--config", cfg.to_str().unwrap()]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("threadz"), "{err}");
-    let out = Command::new(BIN).args(["serve"]).env("AIOS_PORT", "eighty").output().unwrap();
+    let out = Command::new(BIN)
+        .args(["serve"])
+        .env("AIOS_PORT", "eighty")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("AIOS_PORT"));
     std::fs::remove_dir_all(dir).unwrap();
@@ -106,28 +129,48 @@ fn bad_config_names_the_field() {
 #[test]
 fn models_lists_what_is_configured_and_found() {
     let out = Command::new(BIN)
-        .args(["models", "--config", concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml")])
+        .args([
+            "models",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"),
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("smollm2"), "{text}");
-    assert!(text.contains("found: models/SmolLM2-135M-Instruct.Q4_1.gguf"), "{text}");
+    assert!(
+        text.contains("found: models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        "{text}"
+    );
 }
 
 #[test]
 fn chat_talks_in_the_terminal() {
     use std::io::Write;
     let mut child = Command::new(BIN)
-        .args(["chat", "--temperature", "0", "--max-tokens", "20", "--threads", "2"])
+        .args([
+            "chat",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "20",
+            "--threads",
+            "2",
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    child.stdin.as_mut().unwrap().write_all(b"What is the capital of France? Answer in one sentence.\n\n").unwrap();
+    child
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"What is the capital of France? Answer in one sentence.\n\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);

@@ -23,7 +23,11 @@ fn our_logits(tokens: &[u32]) -> (Vec<f32>, KvSeq) {
     let mut kv = KvSeq::new(m.llama.kv_layout(), tokens.len());
     let out = m
         .llama
-        .forward(&mut [SeqInput { tokens, kv: &mut kv, want_logits: true }])
+        .forward(&mut [SeqInput {
+            tokens,
+            kv: &mut kv,
+            want_logits: true,
+        }])
         .unwrap()
         .unwrap();
     (out.squeeze(0).unwrap().to_vec1().unwrap(), kv)
@@ -34,14 +38,20 @@ fn argmax(v: &[f32]) -> u32 {
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
 fn a_batch_gives_each_sequence_what_it_gets_alone() {
     let m = model();
     let a = m.tokenizer.encode("Once upon a time", false).unwrap();
-    let b = m.tokenizer.encode("def fibonacci(n):\n    return", false).unwrap();
+    let b = m
+        .tokenizer
+        .encode("def fibonacci(n):\n    return", false)
+        .unwrap();
     let (alone_a, mut kv_a) = our_logits(&a);
     let (alone_b, _) = our_logits(&b);
     // Batch: a's next decode token together with b's whole prefill.
@@ -51,14 +61,28 @@ fn a_batch_gives_each_sequence_what_it_gets_alone() {
     let out = m
         .llama
         .forward(&mut [
-            SeqInput { tokens: &[next], kv: &mut kv_a, want_logits: true },
-            SeqInput { tokens: &b, kv: &mut kv_b, want_logits: true },
+            SeqInput {
+                tokens: &[next],
+                kv: &mut kv_a,
+                want_logits: true,
+            },
+            SeqInput {
+                tokens: &b,
+                kv: &mut kv_b,
+                want_logits: true,
+            },
         ])
         .unwrap()
         .unwrap();
     let rows: Vec<Vec<f32>> = out.to_vec2().unwrap();
-    assert!(max_abs_diff(&rows[0], &ref_next) < 0.05, "decode row differs from a full prefill");
-    assert!(max_abs_diff(&rows[1], &alone_b) < 0.05, "prefill row differs in a batch");
+    assert!(
+        max_abs_diff(&rows[0], &ref_next) < 0.05,
+        "decode row differs from a full prefill"
+    );
+    assert!(
+        max_abs_diff(&rows[1], &alone_b) < 0.05,
+        "prefill row differs in a batch"
+    );
     assert_eq!(kv_a.len(), a.len() + 1);
     assert_eq!(kv_b.len(), b.len());
 }
@@ -71,7 +95,10 @@ fn tokenizer_matches_llama_cpp() {
         let text = case["text"].as_str().unwrap();
         let want: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
         assert_eq!(tok.encode(text, true).unwrap(), want, "ids of {text:?}");
-        assert_eq!(tok.decode(&want), text.replace("<|im_start|>", "").replace("<|im_end|>", ""));
+        assert_eq!(
+            tok.decode(&want),
+            text.replace("<|im_start|>", "").replace("<|im_end|>", "")
+        );
     }
 }
 
@@ -79,7 +106,10 @@ fn tokenizer_matches_llama_cpp() {
 fn chat_template_matches_llama_cpp() {
     let reference = common::reference();
     let m = model();
-    let t = m.template.as_ref().expect("the default model has a chat template");
+    let t = m
+        .template
+        .as_ref()
+        .expect("the default model has a chat template");
     for key in ["chat_template", "chat_template_multi"] {
         let case = &reference[key];
         let messages: Vec<Value> = case["messages"].as_array().unwrap().clone();
@@ -111,7 +141,10 @@ fn truncated_or_garbage_model_files_give_errors_naming_the_file() {
         };
         assert!(err.contains(name), "{name}: {err}");
     }
-    let err = load_model(&dir.join("missing.gguf"), &LoadOptions::default()).err().unwrap().to_string();
+    let err = load_model(&dir.join("missing.gguf"), &LoadOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("missing.gguf"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -27,17 +27,40 @@ fn logits_and_32_greedy_tokens_match_candle_transformers() {
     let ours = load_model(&path, &LoadOptions::default()).unwrap();
     let mut f = std::fs::File::open(&path).unwrap();
     let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
-    let mut oracle =
-        candle_transformers::models::quantized_llama::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap();
+    let mut oracle = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
+        ct,
+        &mut f,
+        &Device::Cpu,
+    )
+    .unwrap();
     let dev = Device::Cpu;
-    let prompts = ["The capital of France is", "Once upon a time", "def add(a, b):\n   "];
+    let prompts = [
+        "The capital of France is",
+        "Once upon a time",
+        "def add(a, b):\n   ",
+    ];
     for prompt in prompts {
         let ids = ours.tokenizer.encode(prompt, false).unwrap();
-        let x = Tensor::new(ids.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
+        let x = Tensor::new(ids.as_slice(), &dev)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let mut theirs_l = row(oracle.forward(&x, 0).unwrap());
         let mut kv = KvSeq::new(ours.llama.kv_layout(), ids.len());
-        let mut ours_l = row(ours.llama.forward(&mut [SeqInput { tokens: &ids, kv: &mut kv, want_logits: true }]).unwrap().unwrap());
-        let diff = ours_l.iter().zip(&theirs_l).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        let mut ours_l = row(ours
+            .llama
+            .forward(&mut [SeqInput {
+                tokens: &ids,
+                kv: &mut kv,
+                want_logits: true,
+            }])
+            .unwrap()
+            .unwrap());
+        let diff = ours_l
+            .iter()
+            .zip(&theirs_l)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
         assert!(diff < 0.05, "{prompt:?}: max |logit difference| = {diff}");
         let (mut a, mut b) = (vec![], vec![]);
         for i in 0..32 {
@@ -46,8 +69,22 @@ fn logits_and_32_greedy_tokens_match_candle_transformers() {
             b.push(tb);
             let x = Tensor::new(&[tb], &dev).unwrap().unsqueeze(0).unwrap();
             theirs_l = row(oracle.forward(&x, ids.len() + i).unwrap());
-            ours_l = row(ours.llama.forward(&mut [SeqInput { tokens: &[ta], kv: &mut kv, want_logits: true }]).unwrap().unwrap());
+            ours_l = row(ours
+                .llama
+                .forward(&mut [SeqInput {
+                    tokens: &[ta],
+                    kv: &mut kv,
+                    want_logits: true,
+                }])
+                .unwrap()
+                .unwrap());
         }
-        assert_eq!(a, b, "{prompt:?}: {:?} vs {:?}", ours.tokenizer.decode(&a), ours.tokenizer.decode(&b));
+        assert_eq!(
+            a,
+            b,
+            "{prompt:?}: {:?} vs {:?}",
+            ours.tokenizer.decode(&a),
+            ours.tokenizer.decode(&b)
+        );
     }
 }

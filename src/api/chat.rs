@@ -34,7 +34,12 @@ fn prepare(state: &AppState, bytes: &[u8]) -> Result<(Job, ChatFormat), ApiError
                     format!("response_format type {other:?} is not supported yet"),
                 ))
             }
-            None => return Err(ApiError::param("response_format", "response_format.type is required")),
+            None => {
+                return Err(ApiError::param(
+                    "response_format",
+                    "response_format.type is required",
+                ))
+            }
         }
     }
     let tools = b.get("tools");
@@ -45,7 +50,10 @@ fn prepare(state: &AppState, bytes: &[u8]) -> Result<(Job, ChatFormat), ApiError
     let logprobs = b.bool("logprobs")?.unwrap_or(false);
     let top = b.int("top_logprobs", 0, 20)?;
     if top.is_some() && !logprobs {
-        return Err(ApiError::param("top_logprobs", "top_logprobs requires logprobs: true"));
+        return Err(ApiError::param(
+            "top_logprobs",
+            "top_logprobs requires logprobs: true",
+        ));
     }
     if logprobs {
         params.sampling.logprobs = Some(top.unwrap_or(0) as usize);
@@ -85,7 +93,9 @@ fn prepare(state: &AppState, bytes: &[u8]) -> Result<(Job, ChatFormat), ApiError
 fn read_messages(b: &Body) -> Result<Vec<Value>, ApiError> {
     let list = match b.get("messages") {
         Some(Value::Array(a)) if !a.is_empty() => a,
-        Some(Value::Array(_)) => return Err(ApiError::param("messages", "messages must not be empty")),
+        Some(Value::Array(_)) => {
+            return Err(ApiError::param("messages", "messages must not be empty"))
+        }
         Some(_) => return Err(ApiError::param("messages", "messages must be a list")),
         None => return Err(ApiError::param("messages", "messages is required")),
     };
@@ -96,7 +106,10 @@ fn read_messages(b: &Body) -> Result<Vec<Value>, ApiError> {
             .as_object()
             .ok_or_else(|| ApiError::param(&param, format!("{param} must be an object")))?;
         let role = obj.get("role").and_then(Value::as_str).ok_or_else(|| {
-            ApiError::param(&param, format!("{param}.role is required and must be a string"))
+            ApiError::param(
+                &param,
+                format!("{param}.role is required and must be a string"),
+            )
         })?;
         let role = match role {
             "system" | "user" | "assistant" | "tool" => role,
@@ -104,7 +117,9 @@ fn read_messages(b: &Body) -> Result<Vec<Value>, ApiError> {
             other => {
                 return Err(ApiError::param(
                     &param,
-                    format!("{param}.role {other:?} is not one of system, developer, user, assistant, tool"),
+                    format!(
+                    "{param}.role {other:?} is not one of system, developer, user, assistant, tool"
+                ),
                 ))
             }
         };
@@ -113,12 +128,18 @@ fn read_messages(b: &Body) -> Result<Vec<Value>, ApiError> {
             Some(Value::Array(parts)) => {
                 let mut text = String::new();
                 for p in parts {
-                    match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                    match (
+                        p.get("type").and_then(Value::as_str),
+                        p.get("text").and_then(Value::as_str),
+                    ) {
                         (Some("text"), Some(t)) => text.push_str(t),
                         (kind, _) => {
                             return Err(ApiError::param(
                                 &param,
-                                format!("{param}.content part of type {:?} is not supported (text only)", kind.unwrap_or("?")),
+                                format!(
+                                "{param}.content part of type {:?} is not supported (text only)",
+                                kind.unwrap_or("?")
+                            ),
                             ))
                         }
                     }

@@ -30,29 +30,47 @@ fn prepare(state: &AppState, bytes: &[u8]) -> Result<(Job, CompletionFormat), Ap
     let (name, engine) = state.engine_for(params.model.as_deref())?;
     let info = engine.model.clone();
     if b.get("suffix").is_some_and(|s| s.as_str() != Some("")) {
-        return Err(ApiError::param("suffix", "suffix (fill-in-the-middle) is not supported"));
+        return Err(ApiError::param(
+            "suffix",
+            "suffix (fill-in-the-middle) is not supported",
+        ));
     }
     if let Some(best_of) = b.int("best_of", 1, super::params::MAX_N)? {
         if best_of as usize != params.n {
-            return Err(ApiError::param("best_of", "best_of other than n is not supported"));
+            return Err(ApiError::param(
+                "best_of",
+                "best_of other than n is not supported",
+            ));
         }
     }
     let echo = b.bool("echo")?.unwrap_or(false);
     let logprobs = b.int("logprobs", 0, 20)?;
     if echo && logprobs.is_some() {
-        return Err(ApiError::param("echo", "echo together with logprobs is not supported"));
+        return Err(ApiError::param(
+            "echo",
+            "echo together with logprobs is not supported",
+        ));
     }
     params.sampling.logprobs = logprobs.map(|l| l as usize);
     let tok = &info.tokenizer;
-    let encode = |s: &str| tok.encode(s, true).map_err(|e| ApiError::internal(e.to_string()));
-    let ids = |a: &[Value]| -> Option<Vec<u32>> {
-        a.iter().map(|v| v.as_u64().and_then(|x| u32::try_from(x).ok())).collect()
+    let encode = |s: &str| {
+        tok.encode(s, true)
+            .map_err(|e| ApiError::internal(e.to_string()))
     };
-    let bad = || ApiError::param("prompt", "prompt must be a string, a list of strings, a list of token ids, or a list of lists of token ids");
+    let ids = |a: &[Value]| -> Option<Vec<u32>> {
+        a.iter()
+            .map(|v| v.as_u64().and_then(|x| u32::try_from(x).ok()))
+            .collect()
+    };
+    let bad = || {
+        ApiError::param("prompt", "prompt must be a string, a list of strings, a list of token ids, or a list of lists of token ids")
+    };
     let prompts: Vec<Vec<u32>> = match b.get("prompt") {
         None => return Err(ApiError::param("prompt", "prompt is required")),
         Some(Value::String(s)) => vec![encode(s)?],
-        Some(Value::Array(a)) if a.is_empty() => return Err(ApiError::param("prompt", "prompt must not be empty")),
+        Some(Value::Array(a)) if a.is_empty() => {
+            return Err(ApiError::param("prompt", "prompt must not be empty"))
+        }
         Some(Value::Array(a)) => match &a[0] {
             Value::String(_) => a
                 .iter()
@@ -72,7 +90,10 @@ fn prepare(state: &AppState, bytes: &[u8]) -> Result<(Job, CompletionFormat), Ap
     }
     for p in &prompts {
         if let Some(t) = p.iter().find(|&&t| t as usize >= info.vocab_size) {
-            return Err(ApiError::param("prompt", format!("token id {t} is outside the vocabulary")));
+            return Err(ApiError::param(
+                "prompt",
+                format!("token id {t} is outside the vocabulary"),
+            ));
         }
     }
     let echo_text = if echo {
@@ -148,7 +169,10 @@ impl CompletionFormat {
     }
 
     fn echo(&self, index: usize) -> &str {
-        self.echo_text.get(index / self.n.max(1)).map(String::as_str).unwrap_or("")
+        self.echo_text
+            .get(index / self.n.max(1))
+            .map(String::as_str)
+            .unwrap_or("")
     }
 }
 

@@ -140,7 +140,9 @@ impl Job {
                         break;
                     }
                     Some(Event::Error(e)) => return ApiError::internal(e).into_response(),
-                    None => return ApiError::internal("the engine dropped the request").into_response(),
+                    None => {
+                        return ApiError::internal("the engine dropped the request").into_response()
+                    }
                 }
             }
             choices.push(c);

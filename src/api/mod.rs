@@ -88,12 +88,17 @@ async fn json_errors(resp: Response) -> Response {
     let is_json = resp
         .headers()
         .get(axum::http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json") || v.as_bytes().starts_with(b"text/event-stream"));
+        .is_some_and(|v| {
+            v.as_bytes().starts_with(b"application/json")
+                || v.as_bytes().starts_with(b"text/event-stream")
+        });
     if status.is_success() || is_json {
         return resp;
     }
     let message = match status {
-        StatusCode::PAYLOAD_TOO_LARGE => "request body is larger than the configured limit".to_string(),
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            "request body is larger than the configured limit".to_string()
+        }
         StatusCode::METHOD_NOT_ALLOWED => "method not allowed on this route".to_string(),
         s => s.canonical_reason().unwrap_or("error").to_string(),
     };
@@ -101,7 +106,11 @@ async fn json_errors(resp: Response) -> Response {
 }
 
 async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "no such route")
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "no such route",
+    )
 }
 
 fn model_json(m: &ModelSlot) -> serde_json::Value {
@@ -155,7 +164,11 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (code, axum::Json(json!({"status": status, "models": models}))).into_response()
+    (
+        code,
+        axum::Json(json!({"status": status, "models": models})),
+    )
+        .into_response()
 }
 
 pub fn unix_now() -> u64 {

@@ -12,13 +12,14 @@ pub struct Body(pub Map<String, Value>);
 impl Body {
     /// Parse raw bytes: invalid UTF-8, malformed JSON and non-objects are 400s.
     pub fn parse(bytes: &[u8]) -> Result<Self, ApiError> {
-        let text = std::str::from_utf8(bytes).map_err(|e| {
-            ApiError::invalid(format!("request body is not valid UTF-8: {e}"))
-        })?;
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| ApiError::invalid(format!("request body is not valid UTF-8: {e}")))?;
         match serde_json::from_str::<Value>(text) {
             Ok(Value::Object(m)) => Ok(Self(m)),
             Ok(_) => Err(ApiError::invalid("request body must be a JSON object")),
-            Err(e) => Err(ApiError::invalid(format!("request body is not valid JSON: {e}"))),
+            Err(e) => Err(ApiError::invalid(format!(
+                "request body is not valid JSON: {e}"
+            ))),
         }
     }
 
@@ -113,7 +114,9 @@ impl GenParams {
                 .iter()
                 .map(|v| v.as_str().map(String::from))
                 .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| ApiError::param("stop", "stop must be a string or a list of strings"))?,
+                .ok_or_else(|| {
+                    ApiError::param("stop", "stop must be a string or a list of strings")
+                })?,
             Some(_) => {
                 return Err(ApiError::param(
                     "stop",
@@ -128,10 +131,16 @@ impl GenParams {
                 .map(|v| v.as_u64().and_then(|x| u32::try_from(x).ok()))
                 .collect::<Option<Vec<_>>>()
                 .ok_or_else(|| {
-                    ApiError::param("stop_token_ids", "stop_token_ids must be a list of token ids")
+                    ApiError::param(
+                        "stop_token_ids",
+                        "stop_token_ids must be a list of token ids",
+                    )
                 })?,
             Some(_) => {
-                return Err(ApiError::param("stop_token_ids", "stop_token_ids must be a list"))
+                return Err(ApiError::param(
+                    "stop_token_ids",
+                    "stop_token_ids must be a list",
+                ))
             }
         };
         let mut logit_bias = std::collections::HashMap::new();
@@ -141,20 +150,35 @@ impl GenParams {
                 .ok_or_else(|| ApiError::param("logit_bias", "logit_bias must be an object"))?;
             for (k, v) in obj {
                 let id: u32 = k.parse().map_err(|_| {
-                    ApiError::param("logit_bias", format!("logit_bias key {k:?} is not a token id"))
+                    ApiError::param(
+                        "logit_bias",
+                        format!("logit_bias key {k:?} is not a token id"),
+                    )
                 })?;
-                let bias = v.as_f64().filter(|x| (-100.0..=100.0).contains(x)).ok_or_else(|| {
-                    ApiError::param("logit_bias", "logit_bias values must be numbers in [-100, 100]")
-                })?;
+                let bias = v
+                    .as_f64()
+                    .filter(|x| (-100.0..=100.0).contains(x))
+                    .ok_or_else(|| {
+                        ApiError::param(
+                            "logit_bias",
+                            "logit_bias values must be numbers in [-100, 100]",
+                        )
+                    })?;
                 logit_bias.insert(id, bias as f32);
             }
         }
         let stream = b.bool("stream")?.unwrap_or(false);
         let include_usage = match b.get("stream_options") {
             None => false,
-            Some(Value::Object(o)) => o.get("include_usage").and_then(Value::as_bool).unwrap_or(false),
+            Some(Value::Object(o)) => o
+                .get("include_usage")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             Some(_) => {
-                return Err(ApiError::param("stream_options", "stream_options must be an object"))
+                return Err(ApiError::param(
+                    "stream_options",
+                    "stream_options must be an object",
+                ))
             }
         };
         let sampling = SamplingParams {

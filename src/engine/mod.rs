@@ -184,11 +184,7 @@ impl Engine {
     }
 
     fn step(&mut self) {
-        let mut inputs: Vec<SeqInput> = self
-            .running
-            .iter_mut()
-            .map(|s| s.next_input())
-            .collect();
+        let mut inputs: Vec<SeqInput> = self.running.iter_mut().map(|s| s.next_input()).collect();
         let result = self.llama.forward(&mut inputs);
         drop(inputs);
         let logits = match result {

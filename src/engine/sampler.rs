@@ -229,7 +229,9 @@ mod tests {
     use super::*;
 
     fn logits() -> Vec<f32> {
-        (0..1000).map(|i| ((i * 7919) % 1000) as f32 / 100.0).collect()
+        (0..1000)
+            .map(|i| ((i * 7919) % 1000) as f32 / 100.0)
+            .collect()
     }
 
     #[test]
@@ -262,7 +264,9 @@ mod tests {
         };
         let run = || {
             let mut s = Sampler::new(params.clone(), &[]);
-            (0..50).map(|_| s.sample(&mut logits()).0).collect::<Vec<_>>()
+            (0..50)
+                .map(|_| s.sample(&mut logits()).0)
+                .collect::<Vec<_>>()
         };
         let a = run();
         assert_eq!(a, run());
@@ -278,8 +282,16 @@ mod tests {
         base[10] = 5.0;
         base[20] = 5.0;
         for params in [
-            SamplingParams { top_p: 0.9, seed: Some(1), ..Default::default() },
-            SamplingParams { min_p: 0.5, seed: Some(1), ..Default::default() },
+            SamplingParams {
+                top_p: 0.9,
+                seed: Some(1),
+                ..Default::default()
+            },
+            SamplingParams {
+                min_p: 0.5,
+                seed: Some(1),
+                ..Default::default()
+            },
         ] {
             let mut s = Sampler::new(params, &[]);
             for _ in 0..40 {

@@ -110,11 +110,7 @@ impl Sequence {
         {
             finish = Some(FinishReason::Length);
         }
-        let sent = self.events.send(Event::Token {
-            id,
-            text,
-            logprobs,
-        });
+        let sent = self.events.send(Event::Token { id, text, logprobs });
         if sent.is_err() {
             self.finished = true;
             return;

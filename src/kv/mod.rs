@@ -136,7 +136,12 @@ impl KvSeq {
 
     /// The first `upto` rows of K and V for one layer and KV head, as segments of whole rows.
     /// Contiguous storage yields one segment; paged storage yields one per block.
-    pub fn segments(&self, layer: usize, kv_head: usize, upto: usize) -> [(&[KvElem], &[KvElem]); 1] {
+    pub fn segments(
+        &self,
+        layer: usize,
+        kv_head: usize,
+        upto: usize,
+    ) -> [(&[KvElem], &[KvElem]); 1] {
         let d = self.layout.head_dim;
         let at = kv_head * self.capacity * d;
         [(

@@ -53,7 +53,10 @@ impl LlamaConfig {
             })
         };
         let need = |key: &str| int(key).ok_or_else(|| bad(format!("missing {arch}.{key}")));
-        let float = |key: &str| md.get(&format!("{arch}.{key}")).and_then(|v| v.to_f32().ok());
+        let float = |key: &str| {
+            md.get(&format!("{arch}.{key}"))
+                .and_then(|v| v.to_f32().ok())
+        };
         let hidden = need("embedding_length")?;
         let n_heads = need("attention.head_count")?;
         let head_dim = int("attention.key_length").unwrap_or(hidden / n_heads.max(1));
@@ -61,7 +64,7 @@ impl LlamaConfig {
             Some(G::Array(a)) => a.len(),
             _ => need("vocab_size")?,
         };
-        Ok(Self {
+        Self {
             vocab_size,
             hidden,
             intermediate: need("feed_forward_length")?,
@@ -75,7 +78,7 @@ impl LlamaConfig {
             context_length: int("context_length").unwrap_or(4096),
             arch,
         }
-        .validated(path)?)
+        .validated(path)
     }
 
     pub fn from_hf_json(v: &Value, path: &str) -> Result<Self, ModelError> {
@@ -93,7 +96,7 @@ impl LlamaConfig {
         let need = |k: &str| int(k).ok_or_else(|| bad(format!("missing {k}")));
         let hidden = need("hidden_size")?;
         let n_heads = need("num_attention_heads")?;
-        Ok(Self {
+        Self {
             vocab_size: need("vocab_size")?,
             hidden,
             intermediate: need("intermediate_size")?,
@@ -107,15 +110,15 @@ impl LlamaConfig {
             context_length: int("max_position_embeddings").unwrap_or(4096),
             arch,
         }
-        .validated(path)?)
+        .validated(path)
     }
 
     fn validated(self, path: &str) -> Result<Self, ModelError> {
         let ok = self.n_heads > 0
             && self.n_kv_heads > 0
-            && self.n_heads % self.n_kv_heads == 0
+            && self.n_heads.is_multiple_of(self.n_kv_heads)
             && self.head_dim > 0
-            && self.head_dim % 2 == 0
+            && self.head_dim.is_multiple_of(2)
             && self.n_layers > 0
             && self.vocab_size > 0
             && self.context_length > 0;

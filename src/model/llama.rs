@@ -131,13 +131,19 @@ impl Llama {
             let mut k = layer.wk.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
             let v = layer.wv.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
             for (t, &pos) in positions.iter().enumerate() {
-                self.rope.apply(&mut q[t * q_width..][..q_width], cfg.head_dim, pos);
-                self.rope.apply(&mut k[t * kv_width..][..kv_width], cfg.head_dim, pos);
+                self.rope
+                    .apply(&mut q[t * q_width..][..q_width], cfg.head_dim, pos);
+                self.rope
+                    .apply(&mut k[t * kv_width..][..kv_width], cfg.head_dim, pos);
             }
             let mut row = 0;
             for s in seqs.iter_mut() {
                 let m = s.tokens.len();
-                s.kv.write(li, &k[row * kv_width..(row + m) * kv_width], &v[row * kv_width..(row + m) * kv_width]);
+                s.kv.write(
+                    li,
+                    &k[row * kv_width..(row + m) * kv_width],
+                    &v[row * kv_width..(row + m) * kv_width],
+                );
                 row += m;
             }
             let mut attn_seqs = Vec::with_capacity(seqs.len());

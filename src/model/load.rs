@@ -135,7 +135,12 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelError>
     let template = template_src
         .map(|s| ChatTemplate::new(&s, tokenizer.special_tokens()))
         .transpose()?;
-    let rope = Rope::new(cfg.rope_style, cfg.head_dim, cfg.rope_theta, cfg.context_length);
+    let rope = Rope::new(
+        cfg.rope_style,
+        cfg.head_dim,
+        cfg.rope_theta,
+        cfg.context_length,
+    );
     let format = format!("gguf {}", kinds.into_iter().collect::<Vec<_>>().join("+"));
     let embed = Embedding::Quantized(embed);
     Ok(LoadedModel {
@@ -246,11 +251,19 @@ fn load_safetensors(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel, Model
         .unwrap_or_else(|| dir.join("tokenizer.json"));
     let tokenizer = Tokenizer::from_json_file(&tok_path)?;
     check_vocab(&cfg, &tokenizer, &dir_s)?;
-    let template_src = opts.chat_template.clone().or_else(|| template_from_dir(dir));
+    let template_src = opts
+        .chat_template
+        .clone()
+        .or_else(|| template_from_dir(dir));
     let template = template_src
         .map(|s| ChatTemplate::new(&s, tokenizer.special_tokens()))
         .transpose()?;
-    let rope = Rope::new(cfg.rope_style, cfg.head_dim, cfg.rope_theta, cfg.context_length);
+    let rope = Rope::new(
+        cfg.rope_style,
+        cfg.head_dim,
+        cfg.rope_theta,
+        cfg.context_length,
+    );
     Ok(LoadedModel {
         llama: Llama {
             embed: Embedding::Dense(embed),
@@ -264,7 +277,10 @@ fn load_safetensors(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel, Model
         tokenizer,
         template,
         source: dir_s,
-        format: format!("safetensors {}", dtypes.into_iter().collect::<Vec<_>>().join("+")),
+        format: format!(
+            "safetensors {}",
+            dtypes.into_iter().collect::<Vec<_>>().join("+")
+        ),
     })
 }
 

@@ -25,7 +25,9 @@ pub fn resolve(spec: &str) -> Result<PathBuf, ModelError> {
             hf_hub::Cache::from_env().path().display()
         )));
     }
-    Err(ModelError::NotFound(format!("no such file or directory: {spec}")))
+    Err(ModelError::NotFound(format!(
+        "no such file or directory: {spec}"
+    )))
 }
 
 pub fn looks_like_repo_id(s: &str) -> bool {

@@ -78,11 +78,15 @@ impl Tokenizer {
             texts.push(inner.id_to_token(id).unwrap_or_default());
             special.push(added.get(&id).map(|t| t.special).unwrap_or(false));
         }
-        Ok(Self::assemble(inner, texts, special, spelling, eos, bos, add_bos))
+        Ok(Self::assemble(
+            inner, texts, special, spelling, eos, bos, add_bos,
+        ))
     }
 
     /// Build the tokenizer from GGUF metadata (`tokenizer.ggml.*`).
-    pub fn from_gguf(md: &HashMap<String, candle_core::quantized::gguf_file::Value>) -> Result<Self, ModelError> {
+    pub fn from_gguf(
+        md: &HashMap<String, candle_core::quantized::gguf_file::Value>,
+    ) -> Result<Self, ModelError> {
         use candle_core::quantized::gguf_file::Value as G;
         let err = |reason: String| ModelError::Tokenizer {
             path: "GGUF metadata".into(),
@@ -92,7 +96,11 @@ impl Tokenizer {
             match md.get(key) {
                 Some(G::Array(a)) => a
                     .iter()
-                    .map(|v| v.to_string().cloned().map_err(|e| err(format!("{key}: {e}"))))
+                    .map(|v| {
+                        v.to_string()
+                            .cloned()
+                            .map_err(|e| err(format!("{key}: {e}")))
+                    })
                     .collect(),
                 _ => Err(err(format!("missing {key}"))),
             }
@@ -108,7 +116,10 @@ impl Tokenizer {
             .unwrap_or_else(|| "default".into());
         let tokens = strings("tokenizer.ggml.tokens")?;
         let types: Vec<i64> = match md.get("tokenizer.ggml.token_type") {
-            Some(G::Array(a)) => a.iter().map(|v| v.to_i32().map(i64::from).unwrap_or(1)).collect(),
+            Some(G::Array(a)) => a
+                .iter()
+                .map(|v| v.to_i32().map(i64::from).unwrap_or(1))
+                .collect(),
             _ => vec![1; tokens.len()],
         };
         // llama.cpp token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
@@ -172,7 +183,9 @@ impl Tokenizer {
                 // fallback approximates SentencePiece's BPE closely; a tokenizer.json beside the
                 // GGUF file takes precedence when exact ids matter.
                 let scores: Vec<f64> = match md.get("tokenizer.ggml.scores") {
-                    Some(G::Array(a)) => a.iter().map(|v| v.to_f32().unwrap_or(0.0) as f64).collect(),
+                    Some(G::Array(a)) => {
+                        a.iter().map(|v| v.to_f32().unwrap_or(0.0) as f64).collect()
+                    }
                     _ => vec![0.0; tokens.len()],
                 };
                 let vocab: Vec<Value> = tokens
@@ -210,14 +223,18 @@ impl Tokenizer {
         };
         let inner = tokenizers::Tokenizer::from_bytes(spec.to_string().as_bytes())
             .map_err(|e| err(format!("building the tokenizer: {e}")))?;
-        let special = (0..tokens.len()).map(|i| types.get(i) == Some(&3)).collect();
+        let special = (0..tokens.len())
+            .map(|i| types.get(i) == Some(&3))
+            .collect();
         let eos = u32_of("tokenizer.ggml.eos_token_id");
         let bos = u32_of("tokenizer.ggml.bos_token_id");
         let add_bos = md
             .get("tokenizer.ggml.add_bos_token")
             .and_then(|v| v.to_bool().ok())
             .unwrap_or(model == "llama");
-        Ok(Self::assemble(inner, tokens, special, spelling, eos, bos, add_bos))
+        Ok(Self::assemble(
+            inner, tokens, special, spelling, eos, bos, add_bos,
+        ))
     }
 
     fn assemble(
@@ -244,8 +261,14 @@ impl Tokenizer {
         // End-of-generation tokens: the declared EOS plus the control tokens that end a turn
         // in common chat formats (as llama.cpp does).
         const EOG: [&str; 8] = [
-            "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<end_of_turn>",
-            "<|end_of_text|>", "<|eom_id|>",
+            "<|endoftext|>",
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<|end|>",
+            "</s>",
+            "<end_of_turn>",
+            "<|end_of_text|>",
+            "<|eom_id|>",
         ];
         let mut eog: Vec<u32> = eos.into_iter().collect();
         for (i, t) in texts.iter().enumerate() {
@@ -288,13 +311,19 @@ impl Tokenizer {
 
     /// Output text of `ids` (control tokens skipped, invalid UTF-8 replaced).
     pub fn decode(&self, ids: &[u32]) -> String {
-        let bytes: Vec<u8> = ids.iter().flat_map(|&i| self.token_bytes(i).iter().copied()).collect();
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&i| self.token_bytes(i).iter().copied())
+            .collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
     /// The raw bytes `id` contributes to output text.
     pub fn token_bytes(&self, id: u32) -> &[u8] {
-        self.token_bytes.get(id as usize).map(|v| v.as_slice()).unwrap_or(&[])
+        self.token_bytes
+            .get(id as usize)
+            .map(|v| v.as_slice())
+            .unwrap_or(&[])
     }
 
     /// How the token reads in logprobs: its output text, or its own spelling for control tokens.

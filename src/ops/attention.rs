@@ -215,9 +215,8 @@ mod tests {
         let v: Vec<f32> = (0..total * 32).map(|_| rand()).collect();
         let q: Vec<f32> = (0..total * 96).map(|_| rand()).collect();
         // Round K/V through f16 so the reference sees what the cache stores.
-        let r16 = |x: &Vec<f32>| -> Vec<f32> {
-            x.iter().map(|a| f16::from_f32(*a).to_f32()).collect()
-        };
+        let r16 =
+            |x: &Vec<f32>| -> Vec<f32> { x.iter().map(|a| f16::from_f32(*a).to_f32()).collect() };
         let (k16, v16) = (r16(&k), r16(&v));
         let want = reference(&q, &k16, &v16, total, 0, h);
 

@@ -99,7 +99,13 @@ mod tests {
         // permutation: interleaved index 2i <- i, 2i+1 <- i + d/2
         let perm = |v: &[f32]| -> Vec<f32> {
             (0..d)
-                .map(|j| if j % 2 == 0 { v[j / 2] } else { v[j / 2 + d / 2] })
+                .map(|j| {
+                    if j % 2 == 0 {
+                        v[j / 2]
+                    } else {
+                        v[j / 2 + d / 2]
+                    }
+                })
                 .collect()
         };
         let mut xi = perm(&x);

@@ -19,7 +19,8 @@ pub fn default_model_path() -> PathBuf {
 }
 
 pub fn reference() -> Value {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/smollm2-llamacpp.json");
+    let p =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/smollm2-llamacpp.json");
     let p = if p.exists() {
         p
     } else {
@@ -68,7 +69,10 @@ pub fn wait_healthy(url: &str) {
                 return;
             }
         }
-        assert!(Instant::now() < deadline, "server at {url} never became healthy");
+        assert!(
+            Instant::now() < deadline,
+            "server at {url} never became healthy"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
