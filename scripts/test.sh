@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-model.sh
-cargo test --all-targets
+cargo test
 python3 tests/python/run_openai_client.py

@@ -167,7 +167,7 @@ fn models(cfg: Config) -> Result<()> {
         };
         println!("  {}{aliases}\n    path: {}\n    {found}", m.name, m.path);
     }
-    let cache = hf_hub::Cache::from_env();
+    let cache = aios::model::resolve::hf_cache();
     let repos = aios::model::resolve::list_hf_cache(&cache);
     println!("Hugging Face cache ({}):", cache.path().display());
     if repos.is_empty() {

@@ -5,6 +5,17 @@ use std::path::{Path, PathBuf};
 
 use super::ModelError;
 
+/// The local Hugging Face cache, found as huggingface_hub finds it: `HF_HUB_CACHE`, then
+/// `HUGGINGFACE_HUB_CACHE`, then `HF_HOME/hub`, then `~/.cache/huggingface/hub`.
+pub fn hf_cache() -> hf_hub::Cache {
+    for var in ["HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"] {
+        if let Some(p) = std::env::var_os(var).filter(|p| !p.is_empty()) {
+            return hf_hub::Cache::new(PathBuf::from(p));
+        }
+    }
+    hf_hub::Cache::from_env()
+}
+
 /// Resolve `spec` to a file or directory that [`super::load_model`] accepts.
 pub fn resolve(spec: &str) -> Result<PathBuf, ModelError> {
     let p = Path::new(spec);
@@ -16,13 +27,13 @@ pub fn resolve(spec: &str) -> Result<PathBuf, ModelError> {
         None => (spec, None),
     };
     if looks_like_repo_id(repo) {
-        if let Some(found) = from_hf_cache(&hf_hub::Cache::from_env(), repo, file) {
+        if let Some(found) = from_hf_cache(&hf_cache(), repo, file) {
             return Ok(found);
         }
         return Err(ModelError::NotFound(format!(
             "'{spec}' is neither a path nor a repo in the local Hugging Face cache ({}); \
              aios does not download models",
-            hf_hub::Cache::from_env().path().display()
+            hf_cache().path().display()
         )));
     }
     Err(ModelError::NotFound(format!(

@@ -335,6 +335,16 @@ impl Tokenizer {
         }
     }
 
+    /// Write the tokenizer as a `tokenizer.json`.
+    pub fn save_json(&self, path: &Path) -> Result<(), ModelError> {
+        self.inner
+            .save(path, false)
+            .map_err(|e| ModelError::Tokenizer {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.token_bytes.len()
     }
