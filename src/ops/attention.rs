@@ -32,52 +32,123 @@ pub struct Heads {
 const Q_CHUNK: usize = 16;
 /// K/V rows converted to f32 at a time.
 const KV_CHUNK: usize = 64;
+/// Fewest K/V rows worth a task of their own when a long context is split across threads.
+const MIN_SPLIT_ROWS: usize = 256;
+
+/// One unit of work: query rows `t0..t0 + n` of sequence `s` and the heads sharing KV head
+/// `g`, against K/V rows `lo..hi`.
+#[derive(Clone, Copy)]
+struct Task {
+    s: usize,
+    g: usize,
+    t0: usize,
+    n: usize,
+    lo: usize,
+    hi: usize,
+}
 
 /// `q` is `[n_rows][n_heads][head_dim]` (RoPE applied); the K/V rows of every new token must
 /// already be written to `layer`. Returns the attention output in the same layout as `q`.
+///
+/// Work is split by sequence, KV head and query chunk; when that leaves threads idle (decode
+/// of a few sequences), long contexts are also split by K/V rows and the partial softmax
+/// results merged, so every core has work.
 pub fn attention(q: &[f32], seqs: &[AttnSeq], layer: usize, h: Heads) -> Vec<f32> {
     let width = h.n_heads * h.head_dim;
     let group = h.n_heads / h.n_kv_heads;
-    let mut tasks = Vec::new();
+    let mut base = Vec::new();
     for (s, seq) in seqs.iter().enumerate() {
         for g in 0..h.n_kv_heads {
-            let mut t = 0;
-            while t < seq.n_tokens {
-                let n = Q_CHUNK.min(seq.n_tokens - t);
-                tasks.push((s, g, t, n));
-                t += n;
+            for t0 in (0..seq.n_tokens).step_by(Q_CHUNK) {
+                let n = Q_CHUNK.min(seq.n_tokens - t0);
+                let hi = seq.first_pos + t0 + n;
+                base.push(Task { s, g, t0, n, lo: 0, hi });
             }
         }
     }
-    let results: Vec<Vec<f32>> = tasks
+    let want = 4 * rayon::current_num_threads();
+    let splits_wanted = want.div_ceil(base.len().max(1));
+    let mut tasks = Vec::with_capacity(base.len());
+    for t in base {
+        let splits = splits_wanted.min(t.hi / MIN_SPLIT_ROWS).max(1);
+        let step = t.hi.div_ceil(splits);
+        for lo in (0..t.hi).step_by(step) {
+            tasks.push(Task { lo, hi: (lo + step).min(t.hi), ..t });
+        }
+    }
+    let parts: Vec<Partial> = tasks
         .par_iter()
-        .map(|&(s, g, t0, n)| {
-            let seq = &seqs[s];
-            let mut qs = Vec::with_capacity(n * group * h.head_dim);
-            for t in t0..t0 + n {
-                let row = &q[(seq.row + t) * width..][..width];
-                qs.extend_from_slice(&row[g * group * h.head_dim..][..group * h.head_dim]);
+        .map(|t| {
+            let seq = &seqs[t.s];
+            let mut qs = Vec::with_capacity(t.n * group * h.head_dim);
+            for i in t.t0..t.t0 + t.n {
+                let row = &q[(seq.row + i) * width..][..width];
+                qs.extend_from_slice(&row[t.g * group * h.head_dim..][..group * h.head_dim]);
             }
-            let first = seq.first_pos + t0;
-            attend_group(&qs, n, group, first, seq.kv, layer, g, h.head_dim)
+            let first = seq.first_pos + t.t0;
+            attend_range(&qs, t.n, group, first, seq.kv, layer, t.g, h.head_dim, t.lo, t.hi)
         })
         .collect();
     let mut out = vec![0f32; q.len()];
-    for (&(s, g, t0, n), res) in tasks.iter().zip(results) {
-        let seq = &seqs[s];
-        for i in 0..n {
-            let dst = (seq.row + t0 + i) * width + g * group * h.head_dim;
-            let src = &res[i * group * h.head_dim..][..group * h.head_dim];
+    let mut i = 0;
+    while i < tasks.len() {
+        // Tasks of one (sequence, KV head, query chunk) are adjacent: merge their partials.
+        let t = tasks[i];
+        let mut merged = parts[i].clone();
+        i += 1;
+        while i < tasks.len() && (tasks[i].s, tasks[i].g, tasks[i].t0) == (t.s, t.g, t.t0) {
+            merged.merge(&parts[i], h.head_dim);
+            i += 1;
+        }
+        let res = merged.finish(h.head_dim);
+        let seq = &seqs[t.s];
+        for r in 0..t.n {
+            let dst = (seq.row + t.t0 + r) * width + t.g * group * h.head_dim;
+            let src = &res[r * group * h.head_dim..][..group * h.head_dim];
             out[dst..dst + src.len()].copy_from_slice(src);
         }
     }
     out
 }
 
+/// Softmax attention over part of the rows, not yet normalised: per query the running max
+/// score, the sum of `exp(score - max)`, and the value rows weighted by the same.
+#[derive(Clone)]
+struct Partial {
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+impl Partial {
+    fn merge(&mut self, other: &Partial, d: usize) {
+        for j in 0..self.max.len() {
+            let m = self.max[j].max(other.max[j]);
+            if m == f32::NEG_INFINITY {
+                continue;
+            }
+            let (a, b) = ((self.max[j] - m).exp(), (other.max[j] - m).exp());
+            self.sum[j] = self.sum[j] * a + other.sum[j] * b;
+            for (x, y) in self.acc[j * d..][..d].iter_mut().zip(&other.acc[j * d..][..d]) {
+                *x = *x * a + y * b;
+            }
+            self.max[j] = m;
+        }
+    }
+
+    fn finish(mut self, d: usize) -> Vec<f32> {
+        for (j, s) in self.sum.iter().enumerate() {
+            let inv = if *s > 0.0 { 1.0 / s } else { 0.0 };
+            self.acc[j * d..][..d].iter_mut().for_each(|x| *x *= inv);
+        }
+        self.acc
+    }
+}
+
 /// Attention for `n` consecutive tokens (first at position `first`) and the `group` query heads
-/// that share KV head `g`. `qs` is `[n][group][d]`; returns the same layout.
+/// that share KV head `g`, against K/V rows `lo..hi` only. `qs` is `[n][group][d]`.
 #[allow(clippy::too_many_arguments)]
-fn attend_group(
+fn attend_range(
     qs: &[f32],
     n: usize,
     group: usize,
@@ -86,70 +157,77 @@ fn attend_group(
     layer: usize,
     g: usize,
     d: usize,
-) -> Vec<f32> {
+    lo: usize,
+    hi: usize,
+) -> Partial {
     let scale = 1.0 / (d as f32).sqrt();
-    let total = first + n; // rows visible to the last token
     let nq = n * group;
-    let mut scores = vec![f32::NEG_INFINITY; nq * total];
+    let width = hi - lo;
+    // Rows query j sees, relative to `lo`.
+    let visible = |j: usize| (first + j / group + 1).min(hi).saturating_sub(lo);
+    let mut scores = vec![0f32; nq * width];
     let mut kf = vec![0f32; KV_CHUNK * d];
-    let mut out = vec![0f32; nq * d];
     let mut base = 0;
-    for (k_seg, _) in kv.segments(layer, g, total) {
+    for (k_seg, _) in kv.segments(layer, g, hi) {
         let seg_rows = k_seg.len() / d;
-        // Scores: q . k for every visible row.
-        for c0 in (0..seg_rows).step_by(KV_CHUNK) {
-            let rows = KV_CHUNK.min(seg_rows - c0);
-            convert(&k_seg[c0 * d..(c0 + rows) * d], &mut kf[..rows * d]);
+        let (from, to) = (lo.max(base), hi.min(base + seg_rows));
+        let mut c0 = from;
+        while c0 < to {
+            let rows = KV_CHUNK.min(to - c0);
+            let at = (c0 - base) * d;
+            convert(&k_seg[at..at + rows * d], &mut kf[..rows * d]);
             for j in 0..nq {
-                let limit = first + j / group + 1; // rows visible to this query
                 let q = &qs[j * d..][..d];
-                let srow = &mut scores[j * total..][..total];
-                for r in 0..rows {
-                    let pos = base + c0 + r;
-                    if pos >= limit {
-                        break;
-                    }
-                    srow[pos] = dot(q, &kf[r * d..][..d]) * scale;
+                let srow = &mut scores[j * width..][..width];
+                let end = visible(j).min(c0 - lo + rows);
+                for r in (c0 - lo)..end {
+                    srow[r] = dot(q, &kf[(r + lo - c0) * d..][..d]) * scale;
                 }
             }
+            c0 += rows;
         }
         base += seg_rows;
     }
-    // Softmax over each query's visible rows.
+    let mut p = Partial {
+        max: vec![f32::NEG_INFINITY; nq],
+        sum: vec![0.0; nq],
+        acc: vec![0.0; nq * d],
+    };
     for j in 0..nq {
-        let limit = first + j / group + 1;
-        let srow = &mut scores[j * total..][..limit];
+        let srow = &mut scores[j * width..][..visible(j)];
+        if srow.is_empty() {
+            continue;
+        }
         let max = srow.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0.0;
         for s in srow.iter_mut() {
             *s = (*s - max).exp();
             sum += *s;
         }
-        let inv = 1.0 / sum;
-        srow.iter_mut().for_each(|s| *s *= inv);
+        p.max[j] = max;
+        p.sum[j] = sum;
     }
-    // Weighted sum of V rows.
     let mut base = 0;
-    for (_, v_seg) in kv.segments(layer, g, total) {
+    for (_, v_seg) in kv.segments(layer, g, hi) {
         let seg_rows = v_seg.len() / d;
-        for c0 in (0..seg_rows).step_by(KV_CHUNK) {
-            let rows = KV_CHUNK.min(seg_rows - c0);
-            convert(&v_seg[c0 * d..(c0 + rows) * d], &mut kf[..rows * d]);
+        let (from, to) = (lo.max(base), hi.min(base + seg_rows));
+        let mut c0 = from;
+        while c0 < to {
+            let rows = KV_CHUNK.min(to - c0);
+            let at = (c0 - base) * d;
+            convert(&v_seg[at..at + rows * d], &mut kf[..rows * d]);
             for j in 0..nq {
-                let limit = first + j / group + 1;
-                let o = &mut out[j * d..][..d];
-                for r in 0..rows {
-                    let pos = base + c0 + r;
-                    if pos >= limit {
-                        break;
-                    }
-                    axpy(o, scores[j * total + pos], &kf[r * d..][..d]);
+                let o = &mut p.acc[j * d..][..d];
+                let end = visible(j).min(c0 - lo + rows);
+                for r in (c0 - lo)..end {
+                    axpy(o, scores[j * width + r], &kf[(r + lo - c0) * d..][..d]);
                 }
             }
+            c0 += rows;
         }
         base += seg_rows;
     }
-    out
+    p
 }
 
 fn convert(src: &[crate::kv::KvElem], dst: &mut [f32]) {
@@ -193,6 +271,12 @@ mod tests {
 
     #[test]
     fn matches_reference_for_prefill_then_decode() {
+        check(150, 149);
+        // Long enough that a decode step is split across threads and merged.
+        check(1100, 1098);
+    }
+
+    fn check(total: usize, prefill: usize) {
         let h = Heads {
             n_heads: 6,
             n_kv_heads: 2,
@@ -203,7 +287,6 @@ mod tests {
             n_kv_heads: 2,
             head_dim: 16,
         };
-        let total = 150; // spans several KV chunks and query chunks
         let mut rng = 12345u64;
         let mut rand = move || {
             rng ^= rng << 13;
@@ -221,7 +304,6 @@ mod tests {
         let want = reference(&q, &k16, &v16, total, 0, h);
 
         let mut kv = KvSeq::new(layout, 8);
-        let prefill = 149;
         kv.reserve(prefill);
         kv.write(0, &k[..prefill * 32], &v[..prefill * 32]);
         let seqs = [AttnSeq {
@@ -232,16 +314,19 @@ mod tests {
         }];
         let got = attention(&q[..prefill * 96], &seqs, 0, h);
         kv.advance(prefill);
-        kv.reserve(1);
-        kv.write(0, &k[prefill * 32..], &v[prefill * 32..]);
-        let seqs = [AttnSeq {
-            kv: &kv,
-            row: 0,
-            n_tokens: 1,
-            first_pos: prefill,
-        }];
-        let got_last = attention(&q[prefill * 96..], &seqs, 0, h);
-        let got: Vec<f32> = got.into_iter().chain(got_last).collect();
+        let mut got = got;
+        for pos in prefill..total {
+            kv.reserve(1);
+            kv.write(0, &k[pos * 32..(pos + 1) * 32], &v[pos * 32..(pos + 1) * 32]);
+            let seqs = [AttnSeq {
+                kv: &kv,
+                row: 0,
+                n_tokens: 1,
+                first_pos: pos,
+            }];
+            got.extend(attention(&q[pos * 96..(pos + 1) * 96], &seqs, 0, h));
+            kv.advance(1);
+        }
         for (i, (a, b)) in got.iter().zip(&want).enumerate() {
             assert!((a - b).abs() < 1e-4, "row {i}: {a} vs {b}");
         }
