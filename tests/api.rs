@@ -368,3 +368,46 @@ fn health_and_models() {
     let r = c.get(format!("{}/v1/nothing", server())).send().unwrap();
     assert_eq!(r.status(), 404);
 }
+
+#[test]
+fn a_model_still_loading_gives_503_and_health_says_so() {
+    use aios::api::{AppState, ModelSlot, Server, SlotState};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let state = std::sync::Arc::new(AppState {
+        models: vec![ModelSlot {
+            name: "slow".into(),
+            aliases: vec![],
+            created: 0,
+            state: std::sync::RwLock::new(SlotState::Loading),
+        }],
+    });
+    let server = rt
+        .block_on(Server::start(state, "127.0.0.1", 0, 1 << 16))
+        .unwrap();
+    let url = format!("http://{}", server.addr);
+    let c = common::client();
+    let r = c.get(format!("{url}/health")).send().unwrap();
+    let (hs, health) = (r.status().as_u16(), r.json::<Value>().unwrap());
+    let r = c
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&json!({"messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .unwrap();
+    let (cs, chat) = (r.status().as_u16(), r.json::<Value>().unwrap());
+    assert_eq!(hs, 503);
+    assert_eq!(health["status"], "loading");
+    assert_eq!(health["models"]["slow"], "loading");
+    assert_eq!(cs, 503);
+    assert!(
+        chat["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("loading"),
+        "{chat}"
+    );
+    rt.block_on(server.stop());
+}

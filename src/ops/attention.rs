@@ -62,7 +62,14 @@ pub fn attention(q: &[f32], seqs: &[AttnSeq], layer: usize, h: Heads) -> Vec<f32
             for t0 in (0..seq.n_tokens).step_by(Q_CHUNK) {
                 let n = Q_CHUNK.min(seq.n_tokens - t0);
                 let hi = seq.first_pos + t0 + n;
-                base.push(Task { s, g, t0, n, lo: 0, hi });
+                base.push(Task {
+                    s,
+                    g,
+                    t0,
+                    n,
+                    lo: 0,
+                    hi,
+                });
             }
         }
     }
@@ -73,7 +80,11 @@ pub fn attention(q: &[f32], seqs: &[AttnSeq], layer: usize, h: Heads) -> Vec<f32
         let splits = splits_wanted.min(t.hi / MIN_SPLIT_ROWS).max(1);
         let step = t.hi.div_ceil(splits);
         for lo in (0..t.hi).step_by(step) {
-            tasks.push(Task { lo, hi: (lo + step).min(t.hi), ..t });
+            tasks.push(Task {
+                lo,
+                hi: (lo + step).min(t.hi),
+                ..t
+            });
         }
     }
     let parts: Vec<Partial> = tasks
@@ -86,7 +97,9 @@ pub fn attention(q: &[f32], seqs: &[AttnSeq], layer: usize, h: Heads) -> Vec<f32
                 qs.extend_from_slice(&row[t.g * group * h.head_dim..][..group * h.head_dim]);
             }
             let first = seq.first_pos + t.t0;
-            attend_range(&qs, t.n, group, first, seq.kv, layer, t.g, h.head_dim, t.lo, t.hi)
+            attend_range(
+                &qs, t.n, group, first, seq.kv, layer, t.g, h.head_dim, t.lo, t.hi,
+            )
         })
         .collect();
     let mut out = vec![0f32; q.len()];
@@ -129,7 +142,10 @@ impl Partial {
             }
             let (a, b) = ((self.max[j] - m).exp(), (other.max[j] - m).exp());
             self.sum[j] = self.sum[j] * a + other.sum[j] * b;
-            for (x, y) in self.acc[j * d..][..d].iter_mut().zip(&other.acc[j * d..][..d]) {
+            for (x, y) in self.acc[j * d..][..d]
+                .iter_mut()
+                .zip(&other.acc[j * d..][..d])
+            {
                 *x = *x * a + y * b;
             }
             self.max[j] = m;
@@ -317,7 +333,11 @@ mod tests {
         let mut got = got;
         for pos in prefill..total {
             kv.reserve(1);
-            kv.write(0, &k[pos * 32..(pos + 1) * 32], &v[pos * 32..(pos + 1) * 32]);
+            kv.write(
+                0,
+                &k[pos * 32..(pos + 1) * 32],
+                &v[pos * 32..(pos + 1) * 32],
+            );
             let seqs = [AttnSeq {
                 kv: &kv,
                 row: 0,
