@@ -21,6 +21,8 @@ pub struct LlamaConfig {
     pub rms_eps: f32,
     pub rope_theta: f32,
     pub rope_style: RopeStyle,
+    /// Per-pair RoPE frequency divisors (Llama 3 / linear scaling); `None`: unscaled.
+    pub rope_freq_divisors: Option<Vec<f32>>,
     pub context_length: usize,
 }
 
@@ -60,6 +62,20 @@ impl LlamaConfig {
         let hidden = need("embedding_length")?;
         let n_heads = need("attention.head_count")?;
         let head_dim = int("attention.key_length").unwrap_or(hidden / n_heads.max(1));
+        let rope_dim = int("rope.dimension_count").unwrap_or(head_dim);
+        let rope_freq_divisors = match md
+            .get(&format!("{arch}.rope.scaling.type"))
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str)
+        {
+            None | Some("none") => None,
+            Some("linear") => float("rope.scaling.factor").map(|f| vec![f; rope_dim / 2]),
+            Some(other) => {
+                return Err(ModelError::Unsupported(format!(
+                    "{path}: RoPE scaling '{other}' (linear and llama3 are supported)"
+                )))
+            }
+        };
         let vocab_size = match md.get("tokenizer.ggml.tokens") {
             Some(G::Array(a)) => a.len(),
             _ => need("vocab_size")?,
@@ -75,6 +91,7 @@ impl LlamaConfig {
             rms_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
             rope_theta: float("rope.freq_base").unwrap_or(10000.0),
             rope_style,
+            rope_freq_divisors,
             context_length: int("context_length").unwrap_or(4096),
             arch,
         }
@@ -96,6 +113,30 @@ impl LlamaConfig {
         let need = |k: &str| int(k).ok_or_else(|| bad(format!("missing {k}")));
         let hidden = need("hidden_size")?;
         let n_heads = need("num_attention_heads")?;
+        let head_dim = int("head_dim").unwrap_or(hidden / n_heads.max(1));
+        let rope_theta = v["rope_theta"].as_f64().unwrap_or(10000.0) as f32;
+        let scaling = &v["rope_scaling"];
+        let kind = scaling["rope_type"].as_str().or(scaling["type"].as_str());
+        let num = |k: &str, d: f64| scaling[k].as_f64().unwrap_or(d) as f32;
+        let rope_freq_divisors = match kind {
+            None | Some("default") => None,
+            Some("linear") => Some(vec![num("factor", 1.0); head_dim / 2]),
+            Some("llama3") => Some(crate::ops::rope::llama3_divisors(
+                head_dim,
+                rope_theta,
+                num("factor", 8.0),
+                num("low_freq_factor", 1.0),
+                num("high_freq_factor", 4.0),
+                scaling["original_max_position_embeddings"]
+                    .as_u64()
+                    .unwrap_or(8192) as usize,
+            )),
+            Some(other) => {
+                return Err(ModelError::Unsupported(format!(
+                    "{path}: rope_scaling type '{other}' (linear and llama3 are supported)"
+                )))
+            }
+        };
         Self {
             vocab_size: need("vocab_size")?,
             hidden,
@@ -103,10 +144,11 @@ impl LlamaConfig {
             n_layers: need("num_hidden_layers")?,
             n_heads,
             n_kv_heads: int("num_key_value_heads").unwrap_or(n_heads),
-            head_dim: int("head_dim").unwrap_or(hidden / n_heads.max(1)),
+            head_dim,
             rms_eps: v["rms_norm_eps"].as_f64().unwrap_or(1e-5) as f32,
-            rope_theta: v["rope_theta"].as_f64().unwrap_or(10000.0) as f32,
+            rope_theta,
             rope_style: RopeStyle::Neox,
+            rope_freq_divisors,
             context_length: int("max_position_embeddings").unwrap_or(4096),
             arch,
         }

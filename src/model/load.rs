@@ -122,6 +122,11 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelError>
         });
     }
     let norm = dense(qtensor("output_norm.weight")?)?;
+    // Llama 3.1+ GGUF files carry their RoPE scaling as per-pair frequency divisors.
+    if ct.tensor_infos.contains_key("rope_freqs.weight") {
+        let f = dense(qtensor("rope_freqs.weight")?)?;
+        cfg.rope_freq_divisors = Some(f.flatten_all()?.to_vec1::<f32>()?);
+    }
     let tokenizer = match &opts.tokenizer {
         Some(p) => Tokenizer::from_json_file(p)?,
         None => Tokenizer::from_gguf(&ct.metadata)?,
@@ -140,6 +145,7 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelError>
         cfg.head_dim,
         cfg.rope_theta,
         cfg.context_length,
+        cfg.rope_freq_divisors.as_deref(),
     );
     let format = format!("gguf {}", kinds.into_iter().collect::<Vec<_>>().join("+"));
     let embed = Embedding::Quantized(embed);
@@ -263,6 +269,7 @@ fn load_safetensors(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel, Model
         cfg.head_dim,
         cfg.rope_theta,
         cfg.context_length,
+        cfg.rope_freq_divisors.as_deref(),
     );
     Ok(LoadedModel {
         llama: Llama {
