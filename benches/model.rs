@@ -69,6 +69,32 @@ fn main() {
     let tg128 = ours_decode(&mut kv_short, 128);
     let tg_at2000 = ours_decode(&mut kv2000, 64);
 
+    // Attention alone: one decode token against 2,000 positions, every layer.
+    let heads = aios::ops::attention::Heads {
+        n_heads: m.llama.cfg.n_heads,
+        n_kv_heads: m.llama.cfg.n_kv_heads,
+        head_dim: m.llama.cfg.head_dim,
+    };
+    let q = vec![0.1f32; heads.n_heads * heads.head_dim];
+    let t = Instant::now();
+    let reps = 20;
+    for _ in 0..reps {
+        for layer in 0..layout.n_layers {
+            let seqs = [aios::ops::attention::AttnSeq {
+                kv: &kv2000,
+                row: 0,
+                n_tokens: 1,
+                first_pos: kv2000.len() - 1,
+            }];
+            std::hint::black_box(aios::ops::attention::attention(&q, &seqs, layer, heads));
+        }
+    }
+    let attn_ms = t.elapsed().as_secs_f64() * 1000.0 / reps as f64;
+    println!(
+        "attention of one token at {} ctx, all layers: {attn_ms:.2} ms",
+        kv2000.len()
+    );
+
     // Stock candle on the same file.
     let mut f = std::fs::File::open(&path).unwrap();
     let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();

@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use super::{axpy, dot};
+use super::{axpy, dot, exp_nonpositive};
 use crate::kv::{widen, KvSeq};
 
 /// One sequence's part of a batch, as attention sees it.
@@ -217,7 +217,7 @@ fn attend_range(
         let max = srow.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0.0;
         for s in srow.iter_mut() {
-            *s = (*s - max).exp();
+            *s = exp_nonpositive(*s - max);
             sum += *s;
         }
         p.max[j] = max;
