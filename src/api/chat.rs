@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::generate::{ChoiceOut, Format, Job, OutToken};
+use super::generate::{ChoiceOut, Envelope, Format, Job, OutToken};
 use super::params::{Body, GenParams};
 use super::{new_id, unix_now, AppState};
 use crate::engine::{FinishReason, ModelInfo};
@@ -72,9 +72,11 @@ fn prepare(state: &AppState, bytes: &[u8]) -> Result<(Job, ChatFormat), ApiError
         .encode(&text, true)
         .map_err(|e| ApiError::internal(e.to_string()))?;
     let format = ChatFormat {
-        id: new_id("chatcmpl"),
-        created: unix_now(),
-        model: name,
+        env: Envelope {
+            id: new_id("chatcmpl"),
+            created: unix_now(),
+            model: name,
+        },
         info,
         logprobs,
         include_usage: params.include_usage,
@@ -163,9 +165,7 @@ fn read_messages(b: &Body) -> Result<Vec<Value>, ApiError> {
 }
 
 pub struct ChatFormat {
-    id: String,
-    created: u64,
-    model: String,
+    env: Envelope,
     info: Arc<ModelInfo>,
     logprobs: bool,
     include_usage: bool,
@@ -173,10 +173,7 @@ pub struct ChatFormat {
 
 impl ChatFormat {
     fn chunk(&self, choice: Value) -> Value {
-        let mut v = json!({
-            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
-            "model": self.model, "system_fingerprint": super::FINGERPRINT, "choices": [choice],
-        });
+        let mut v = self.env.object("chat.completion.chunk", json!([choice]));
         if self.include_usage {
             v["usage"] = Value::Null;
         }
@@ -226,10 +223,7 @@ impl Format for ChatFormat {
     }
 
     fn usage_chunk(&self, usage: Value) -> Value {
-        json!({
-            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
-            "model": self.model, "system_fingerprint": super::FINGERPRINT, "choices": [], "usage": usage,
-        })
+        self.env.usage_chunk("chat.completion.chunk", usage)
     }
 
     fn response(&self, choices: Vec<ChoiceOut>, usage: Value) -> Value {
@@ -245,10 +239,8 @@ impl Format for ChatFormat {
                 })
             })
             .collect();
-        json!({
-            "id": self.id, "object": "chat.completion", "created": self.created,
-            "model": self.model, "system_fingerprint": super::FINGERPRINT,
-            "choices": choices, "usage": usage,
-        })
+        let mut v = self.env.object("chat.completion", json!(choices));
+        v["usage"] = usage;
+        v
     }
 }

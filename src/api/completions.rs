@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::generate::{ChoiceOut, Format, Job, OutToken};
+use super::generate::{ChoiceOut, Envelope, Format, Job, OutToken};
 use super::params::{Body, GenParams};
 use super::{new_id, unix_now, AppState};
 use crate::engine::{FinishReason, ModelInfo};
@@ -102,9 +102,11 @@ fn prepare(state: &AppState, bytes: &[u8]) -> Result<(Job, CompletionFormat), Ap
         vec![]
     };
     let format = CompletionFormat {
-        id: new_id("cmpl"),
-        created: unix_now(),
-        model: name,
+        env: Envelope {
+            id: new_id("cmpl"),
+            created: unix_now(),
+            model: name,
+        },
         info,
         logprobs: logprobs.is_some(),
         include_usage: params.include_usage,
@@ -122,9 +124,7 @@ fn prepare(state: &AppState, bytes: &[u8]) -> Result<(Job, CompletionFormat), Ap
 }
 
 pub struct CompletionFormat {
-    id: String,
-    created: u64,
-    model: String,
+    env: Envelope,
     info: Arc<ModelInfo>,
     logprobs: bool,
     include_usage: bool,
@@ -135,10 +135,7 @@ pub struct CompletionFormat {
 
 impl CompletionFormat {
     fn object(&self, choices: Value) -> Value {
-        let mut v = json!({
-            "id": self.id, "object": "text_completion", "created": self.created,
-            "model": self.model, "system_fingerprint": super::FINGERPRINT, "choices": choices,
-        });
+        let mut v = self.env.object("text_completion", choices);
         if self.include_usage {
             v["usage"] = Value::Null;
         }
@@ -196,10 +193,7 @@ impl Format for CompletionFormat {
     }
 
     fn usage_chunk(&self, usage: Value) -> Value {
-        json!({
-            "id": self.id, "object": "text_completion", "created": self.created,
-            "model": self.model, "system_fingerprint": super::FINGERPRINT, "choices": [], "usage": usage,
-        })
+        self.env.usage_chunk("text_completion", usage)
     }
 
     fn response(&self, choices: Vec<ChoiceOut>, usage: Value) -> Value {

@@ -31,6 +31,30 @@ pub struct ChoiceOut {
     pub usage: Usage,
 }
 
+/// What every response object and chunk of one request carries.
+pub struct Envelope {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+}
+
+impl Envelope {
+    /// An object of type `object` (e.g. `chat.completion.chunk`) holding `choices`.
+    pub fn object(&self, object: &str, choices: Value) -> Value {
+        json!({
+            "id": self.id, "object": object, "created": self.created, "model": self.model,
+            "system_fingerprint": super::FINGERPRINT, "choices": choices,
+        })
+    }
+
+    /// The trailing usage chunk of a stream: no choices.
+    pub fn usage_chunk(&self, object: &str, usage: Value) -> Value {
+        let mut v = self.object(object, json!([]));
+        v["usage"] = usage;
+        v
+    }
+}
+
 /// How an endpoint writes its objects.
 pub trait Format: Send + Sync + 'static {
     /// The chunk sent before any token of choice `index` (chat sends the role), if any.

@@ -131,39 +131,70 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelError>
         Some(p) => Tokenizer::from_json_file(p)?,
         None => Tokenizer::from_gguf(&ct.metadata)?,
     };
-    check_vocab(&cfg, &tokenizer, &pstr)?;
     let template_src = opts.chat_template.clone().or_else(|| {
         ct.metadata
             .get("tokenizer.chat_template")
             .and_then(|v| v.to_string().ok().cloned())
     });
-    let template = template_src
-        .map(|s| ChatTemplate::new(&s, tokenizer.special_tokens()))
-        .transpose()?;
-    let rope = Rope::new(
-        cfg.rope_style,
-        cfg.head_dim,
-        cfg.rope_theta,
-        cfg.context_length,
-        cfg.rope_freq_divisors.as_deref(),
-    );
     let format = format!("gguf {}", kinds.into_iter().collect::<Vec<_>>().join("+"));
-    let embed = Embedding::Quantized(embed);
-    Ok(LoadedModel {
-        llama: Llama {
-            embed,
-            layers,
-            norm,
-            lm_head: QMatMul::from_arc(lm_head)?,
-            rope,
-            device: dev.clone(),
-            cfg,
-        },
-        tokenizer,
-        template,
-        source: pstr,
-        format,
-    })
+    let lm_head = QMatMul::from_arc(lm_head)?;
+    let parts = Parts {
+        cfg,
+        embed: Embedding::Quantized(embed),
+        layers,
+        norm,
+        lm_head,
+    };
+    parts.finish(dev, tokenizer, template_src, pstr, format)
+}
+
+/// The weights of a model, before the pieces every format shares are added.
+struct Parts {
+    cfg: LlamaConfig,
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: QMatMul,
+}
+
+impl Parts {
+    /// Add the chat template and RoPE tables, and assemble the model.
+    fn finish(
+        self,
+        dev: &Device,
+        tokenizer: Tokenizer,
+        template_src: Option<String>,
+        source: String,
+        format: String,
+    ) -> Result<LoadedModel, ModelError> {
+        check_vocab(&self.cfg, &tokenizer, &source)?;
+        let template = template_src
+            .map(|s| ChatTemplate::new(&s, tokenizer.special_tokens()))
+            .transpose()?;
+        let cfg = self.cfg;
+        let rope = Rope::new(
+            cfg.rope_style,
+            cfg.head_dim,
+            cfg.rope_theta,
+            cfg.context_length,
+            cfg.rope_freq_divisors.as_deref(),
+        );
+        Ok(LoadedModel {
+            llama: Llama {
+                embed: self.embed,
+                layers: self.layers,
+                norm: self.norm,
+                lm_head: self.lm_head,
+                rope,
+                device: dev.clone(),
+                cfg,
+            },
+            tokenizer,
+            template,
+            source,
+            format,
+        })
+    }
 }
 
 fn check_vocab(cfg: &LlamaConfig, tok: &Tokenizer, path: &str) -> Result<(), ModelError> {
@@ -256,39 +287,22 @@ fn load_safetensors(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel, Model
         .clone()
         .unwrap_or_else(|| dir.join("tokenizer.json"));
     let tokenizer = Tokenizer::from_json_file(&tok_path)?;
-    check_vocab(&cfg, &tokenizer, &dir_s)?;
     let template_src = opts
         .chat_template
         .clone()
         .or_else(|| template_from_dir(dir));
-    let template = template_src
-        .map(|s| ChatTemplate::new(&s, tokenizer.special_tokens()))
-        .transpose()?;
-    let rope = Rope::new(
-        cfg.rope_style,
-        cfg.head_dim,
-        cfg.rope_theta,
-        cfg.context_length,
-        cfg.rope_freq_divisors.as_deref(),
+    let format = format!(
+        "safetensors {}",
+        dtypes.into_iter().collect::<Vec<_>>().join("+")
     );
-    Ok(LoadedModel {
-        llama: Llama {
-            embed: Embedding::Dense(embed),
-            layers,
-            norm,
-            lm_head: QMatMul::Tensor(lm_head),
-            rope,
-            device: dev.clone(),
-            cfg,
-        },
-        tokenizer,
-        template,
-        source: dir_s,
-        format: format!(
-            "safetensors {}",
-            dtypes.into_iter().collect::<Vec<_>>().join("+")
-        ),
-    })
+    let parts = Parts {
+        cfg,
+        embed: Embedding::Dense(embed),
+        layers,
+        norm,
+        lm_head: QMatMul::Tensor(lm_head),
+    };
+    parts.finish(dev, tokenizer, template_src, dir_s, format)
 }
 
 /// `chat_template.jinja`, or `chat_template` in `tokenizer_config.json`.
