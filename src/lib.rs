@@ -5,6 +5,7 @@
 //! [`model`] (loading, tokenizer, forward pass) → [`kv`] and [`ops`].
 
 pub mod api;
+pub mod bench;
 pub mod config;
 pub mod devices;
 pub mod engine;

@@ -26,6 +26,8 @@ enum Cmd {
     Serve(Common),
     /// List the configured models, whether their files are found, and models in the HF cache.
     Models(Common),
+    /// Measure TTFT, inter-token latency and throughput of aios or any OpenAI-compatible server.
+    Bench(BenchArgs),
     /// Chat with the default model in the terminal.
     Chat {
         #[command(flatten)]
@@ -40,6 +42,37 @@ enum Cmd {
         #[arg(long)]
         system: Option<String>,
     },
+}
+
+#[derive(Args, Clone)]
+struct BenchArgs {
+    /// Server base URL (with or without /v1).
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    url: String,
+    /// Model name to request (default: the server's first listed model).
+    #[arg(long)]
+    model: Option<String>,
+    /// Concurrency levels, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    concurrency: Vec<usize>,
+    /// Requests per concurrency level.
+    #[arg(long, default_value_t = 32)]
+    requests: usize,
+    /// Prompt length in random words (about 1.3 tokens each).
+    #[arg(long, default_value_t = 100)]
+    prompt_words: usize,
+    /// Output tokens per request (EOS ignored where the server allows).
+    #[arg(long, default_value_t = 64)]
+    output_tokens: usize,
+    /// Seed for the random prompts (default: a fresh one per run).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Bearer token, if the server wants one (also from OPENAI_API_KEY).
+    #[arg(long, env = "OPENAI_API_KEY")]
+    api_key: Option<String>,
+    /// Also write the reports as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -97,6 +130,7 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Serve(c) => serve(c.config()?),
         Cmd::Models(c) => models(c.config()?),
+        Cmd::Bench(b) => bench(b),
         Cmd::Chat {
             common,
             temperature,
@@ -151,6 +185,41 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+fn bench(b: BenchArgs) -> Result<()> {
+    if b.concurrency.is_empty()
+        || b.concurrency.contains(&0)
+        || b.requests == 0
+        || b.output_tokens == 0
+    {
+        bail!("--concurrency levels, --requests and --output-tokens must be positive");
+    }
+    let cfg = aios::bench::BenchConfig {
+        url: b.url,
+        model: b.model,
+        concurrency: b.concurrency,
+        requests: b.requests,
+        prompt_words: b.prompt_words,
+        output_tokens: b.output_tokens,
+        seed: b.seed.unwrap_or_else(rand::random),
+        api_key: b.api_key,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let reports = rt.block_on(aios::bench::run(&cfg))?;
+    println!(
+        "{} requests per level, ~{} prompt words, {} output tokens, seed {}",
+        cfg.requests, cfg.prompt_words, cfg.output_tokens, cfg.seed
+    );
+    print!("{}", aios::bench::table(&reports));
+    if let Some(path) = b.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&reports)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn models(cfg: Config) -> Result<()> {

@@ -176,3 +176,58 @@ fn chat_talks_in_the_terminal() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("Paris"), "{text}");
 }
+
+#[test]
+fn bench_measures_a_running_server() {
+    let model = common::default_model_path();
+    let (child, url) = serve(&["--model", model.to_str().unwrap()]);
+    common::wait_healthy(&url);
+    let json = std::env::temp_dir().join(format!("aios-bench-{}.json", std::process::id()));
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "--url",
+            &format!("{url}/v1"),
+            "--concurrency",
+            "1,3",
+            "--requests",
+            "6",
+        ])
+        .args([
+            "--prompt-words",
+            "12",
+            "--output-tokens",
+            "8",
+            "--seed",
+            "7",
+            "--json",
+            json.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("TTFT"), "{table}");
+    let reports: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let reports = reports.as_array().unwrap();
+    assert_eq!(reports.len(), 2);
+    for (r, conc) in reports.iter().zip([1, 3]) {
+        assert_eq!(r["concurrency"], conc);
+        assert_eq!(r["completed"], 6, "{r}");
+        assert_eq!(r["failed"], 0);
+        // EOS is ignored: every request produces exactly the requested tokens.
+        assert_eq!(r["output_tokens"], 48);
+        assert!(r["prompt_tokens"].as_u64().unwrap() >= 6 * 12);
+        let ttft = &r["ttft_ms"];
+        assert!(ttft["mean"].as_f64().unwrap() > 0.0);
+        assert!(ttft["p50"].as_f64() <= ttft["p99"].as_f64());
+        assert!(r["itl_ms"]["mean"].as_f64().unwrap() > 0.0);
+        assert!(r["output_tokens_per_s"].as_f64().unwrap() > 0.0);
+    }
+    std::fs::remove_file(json).unwrap();
+    assert!(stop(child).success());
+}
