@@ -13,7 +13,31 @@ pub const DEFAULT_MODEL_NAME: &str = "smollm2";
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
+    pub engine: EngineSection,
     pub models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineSection {
+    /// Most tokens one engine step feeds the model (decode tokens first, then prompt chunks).
+    pub max_batched_tokens: usize,
+}
+
+impl Default for EngineSection {
+    fn default() -> Self {
+        Self {
+            max_batched_tokens: crate::engine::EngineConfig::default().max_batched_tokens,
+        }
+    }
+}
+
+impl EngineSection {
+    pub fn engine_config(&self) -> crate::engine::EngineConfig {
+        crate::engine::EngineConfig {
+            max_batched_tokens: self.max_batched_tokens,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -72,6 +96,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             server: ServerConfig::default(),
+            engine: EngineSection::default(),
             models: vec![ModelConfig::for_path(
                 DEFAULT_MODEL_NAME,
                 DEFAULT_MODEL_PATH,
@@ -181,6 +206,12 @@ impl Config {
                 s.max_body_bytes
             )));
         }
+        if self.engine.max_batched_tokens < 16 {
+            return Err(ConfigError(format!(
+                "engine.max_batched_tokens = {} is below the minimum of 16",
+                self.engine.max_batched_tokens
+            )));
+        }
         if self.models.is_empty() {
             return Err(ConfigError(
                 "models: at least one model must be configured".into(),
@@ -227,6 +258,7 @@ mod tests {
         let mut want = Config::default();
         want.models[0].context_length = cfg.models[0].context_length;
         assert_eq!(cfg.server, want.server);
+        assert_eq!(cfg.engine, want.engine);
         assert_eq!(cfg.models[0].name, want.models[0].name);
         assert_eq!(cfg.models[0].path, want.models[0].path);
         cfg.validate().unwrap();

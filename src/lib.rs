@@ -65,6 +65,7 @@ pub fn start_loading(cfg: &Config) -> Arc<AppState> {
             })
             .collect(),
     });
+    let engine_cfg = cfg.engine.engine_config();
     for (i, m) in cfg.models.iter().cloned().enumerate() {
         let state = state.clone();
         std::thread::spawn(move || {
@@ -78,7 +79,7 @@ pub fn start_loading(cfg: &Config) -> Arc<AppState> {
                         loaded.format,
                         t0.elapsed().as_secs_f64()
                     );
-                    SlotState::Ready(engine::spawn(loaded))
+                    SlotState::Ready(engine::spawn(loaded, engine_cfg))
                 }
                 Err(e) => {
                     tracing::error!("model '{}' failed to load: {e}", m.name);

@@ -105,8 +105,24 @@ impl EngineHandle {
     }
 }
 
+/// How the engine forms its steps.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineConfig {
+    /// Most tokens one step feeds the model. Decode tokens of running sequences come first; the
+    /// rest goes to prompts, in chunks, so a long prompt never stalls the others.
+    pub max_batched_tokens: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_batched_tokens: 512,
+        }
+    }
+}
+
 /// Start the engine thread for a loaded model.
-pub fn spawn(model: LoadedModel) -> EngineHandle {
+pub fn spawn(model: LoadedModel, cfg: EngineConfig) -> EngineHandle {
     let LoadedModel {
         llama,
         tokenizer,
@@ -126,7 +142,7 @@ pub fn spawn(model: LoadedModel) -> EngineHandle {
     let thread_info = info.clone();
     std::thread::Builder::new()
         .name("aios-engine".into())
-        .spawn(move || Engine::new(llama, thread_info).run(rx))
+        .spawn(move || Engine::new(llama, thread_info, cfg).run(rx))
         .expect("spawn engine thread");
     EngineHandle { tx, model: info }
 }
@@ -134,14 +150,16 @@ pub fn spawn(model: LoadedModel) -> EngineHandle {
 struct Engine {
     llama: crate::model::Llama,
     info: Arc<ModelInfo>,
+    cfg: EngineConfig,
     running: Vec<Sequence>,
 }
 
 impl Engine {
-    fn new(llama: crate::model::Llama, info: Arc<ModelInfo>) -> Self {
+    fn new(llama: crate::model::Llama, info: Arc<ModelInfo>, cfg: EngineConfig) -> Self {
         Self {
             llama,
             info,
+            cfg,
             running: Vec::new(),
         }
     }
@@ -183,8 +201,41 @@ impl Engine {
         }
     }
 
+    /// Token budget per sequence for the next step: every decode first, then prompt chunks in
+    /// arrival order while the budget lasts.
+    fn plan(&self) -> Vec<usize> {
+        let mut left = self.cfg.max_batched_tokens.max(1);
+        let mut plan: Vec<usize> = self
+            .running
+            .iter()
+            .map(|s| {
+                let decode = usize::from(s.pending() == 1);
+                left = left.saturating_sub(decode);
+                decode
+            })
+            .collect();
+        for (p, s) in plan.iter_mut().zip(&self.running) {
+            if *p == 0 && left > 0 {
+                *p = s.pending().min(left);
+                left -= *p;
+            }
+        }
+        plan
+    }
+
     fn step(&mut self) {
-        let mut inputs: Vec<SeqInput> = self.running.iter_mut().map(|s| s.next_input()).collect();
+        let plan = self.plan();
+        let mut sampled = Vec::new(); // indices of sequences whose logits row comes back
+        let mut inputs: Vec<SeqInput> = Vec::new();
+        for (i, (s, &n)) in self.running.iter_mut().zip(&plan).enumerate() {
+            if n > 0 {
+                let input = s.next_input(n);
+                if input.want_logits {
+                    sampled.push(i);
+                }
+                inputs.push(input);
+            }
+        }
         let result = self.llama.forward(&mut inputs);
         drop(inputs);
         let logits = match result {
@@ -208,8 +259,8 @@ impl Engine {
             }
         };
         let tok = &self.info.tokenizer;
-        for (seq, mut row) in self.running.iter_mut().zip(rows) {
-            seq.advance(&mut row, tok);
+        for (i, mut row) in sampled.into_iter().zip(rows) {
+            self.running[i].advance(&mut row, tok);
         }
         self.running.retain(|s| !s.finished());
     }

@@ -55,13 +55,20 @@ impl Sequence {
         }
     }
 
-    /// The tokens this sequence feeds the next step: the whole prompt first, then one at a time.
-    pub fn next_input(&mut self) -> SeqInput<'_> {
+    /// Tokens not yet in the KV cache: the rest of the prompt, or the last sampled token.
+    pub fn pending(&self) -> usize {
+        self.tokens.len() - self.kv.len()
+    }
+
+    /// Feed at most `budget` pending tokens to the next step. Logits are wanted only when the
+    /// chunk reaches the last token (a prompt prefilled in several chunks samples once, at its end).
+    pub fn next_input(&mut self, budget: usize) -> SeqInput<'_> {
         let from = self.kv.len();
+        let to = (from + budget).min(self.tokens.len());
         SeqInput {
-            tokens: &self.tokens[from..],
+            tokens: &self.tokens[from..to],
             kv: &mut self.kv,
-            want_logits: true,
+            want_logits: to == self.tokens.len(),
         }
     }
 

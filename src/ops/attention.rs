@@ -32,8 +32,10 @@ pub struct Heads {
 const Q_CHUNK: usize = 16;
 /// K/V rows converted to f32 at a time.
 const KV_CHUNK: usize = 64;
-/// Fewest K/V rows worth a task of their own when a long context is split across threads.
-const MIN_SPLIT_ROWS: usize = 256;
+/// Long contexts are split into ranges of this many K/V rows, at fixed positions, each its own
+/// task; the partial softmax results are merged in order. Fixed boundaries make a sequence's
+/// result independent of how the batch around it is formed (batch invariance).
+const SPLIT_ROWS: usize = 512;
 
 /// One unit of work: query rows `t0..t0 + n` of sequence `s` and the heads sharing KV head
 /// `g`, against K/V rows `lo..hi`.
@@ -50,41 +52,29 @@ struct Task {
 /// `q` is `[n_rows][n_heads][head_dim]` (RoPE applied); the K/V rows of every new token must
 /// already be written to `layer`. Returns the attention output in the same layout as `q`.
 ///
-/// Work is split by sequence, KV head and query chunk; when that leaves threads idle (decode
-/// of a few sequences), long contexts are also split by K/V rows and the partial softmax
-/// results merged, so every core has work.
+/// Work is split by sequence, KV head, query chunk and K/V range, so a single decode stream on
+/// a long context still keeps every core busy.
 pub fn attention(q: &[f32], seqs: &[AttnSeq], layer: usize, h: Heads) -> Vec<f32> {
     let width = h.n_heads * h.head_dim;
     let group = h.n_heads / h.n_kv_heads;
-    let mut base = Vec::new();
+    let mut tasks = Vec::new();
     for (s, seq) in seqs.iter().enumerate() {
         for g in 0..h.n_kv_heads {
             for t0 in (0..seq.n_tokens).step_by(Q_CHUNK) {
                 let n = Q_CHUNK.min(seq.n_tokens - t0);
-                let hi = seq.first_pos + t0 + n;
-                base.push(Task {
-                    s,
-                    g,
-                    t0,
-                    n,
-                    lo: 0,
-                    hi,
-                });
+                let end = seq.first_pos + t0 + n;
+                for lo in (0..end).step_by(SPLIT_ROWS) {
+                    let hi = (lo + SPLIT_ROWS).min(end);
+                    tasks.push(Task {
+                        s,
+                        g,
+                        t0,
+                        n,
+                        lo,
+                        hi,
+                    });
+                }
             }
-        }
-    }
-    let want = 4 * rayon::current_num_threads();
-    let splits_wanted = want.div_ceil(base.len().max(1));
-    let mut tasks = Vec::with_capacity(base.len());
-    for t in base {
-        let splits = splits_wanted.min(t.hi / MIN_SPLIT_ROWS).max(1);
-        let step = t.hi.div_ceil(splits);
-        for lo in (0..t.hi).step_by(step) {
-            tasks.push(Task {
-                lo,
-                hi: (lo + step).min(t.hi),
-                ..t
-            });
         }
     }
     let parts: Vec<Partial> = tasks
