@@ -22,12 +22,25 @@ pub struct Config {
 pub struct EngineSection {
     /// Most tokens one engine step feeds the model (decode tokens first, then prompt chunks).
     pub max_batched_tokens: usize,
+    /// Most sequences served per step; the policy chooses when more are live.
+    pub max_running: usize,
+    /// fifo, round_robin, priority, sjf or fair.
+    pub policy: crate::engine::PolicyKind,
+    /// Tokens per agent turn under round_robin.
+    pub round_robin_quantum: usize,
+    /// Seconds of waiting worth one priority level (priority) or halving a job's length (sjf).
+    pub aging_secs: f64,
 }
 
 impl Default for EngineSection {
     fn default() -> Self {
+        let d = crate::engine::EngineConfig::default();
         Self {
-            max_batched_tokens: crate::engine::EngineConfig::default().max_batched_tokens,
+            max_batched_tokens: d.max_batched_tokens,
+            max_running: d.max_running,
+            policy: d.policy,
+            round_robin_quantum: d.policy_params.quantum,
+            aging_secs: d.policy_params.aging_secs,
         }
     }
 }
@@ -36,6 +49,12 @@ impl EngineSection {
     pub fn engine_config(&self) -> crate::engine::EngineConfig {
         crate::engine::EngineConfig {
             max_batched_tokens: self.max_batched_tokens,
+            max_running: self.max_running,
+            policy: self.policy,
+            policy_params: crate::engine::PolicyParams {
+                quantum: self.round_robin_quantum,
+                aging_secs: self.aging_secs,
+            },
         }
     }
 }
@@ -212,6 +231,17 @@ impl Config {
                 self.engine.max_batched_tokens
             )));
         }
+        if self.engine.max_running == 0 || self.engine.round_robin_quantum == 0 {
+            return Err(ConfigError(
+                "engine.max_running and engine.round_robin_quantum must be positive".into(),
+            ));
+        }
+        if self.engine.aging_secs.is_nan() || self.engine.aging_secs <= 0.0 {
+            return Err(ConfigError(format!(
+                "engine.aging_secs = {} must be positive",
+                self.engine.aging_secs
+            )));
+        }
         if self.models.is_empty() {
             return Err(ConfigError(
                 "models: at least one model must be configured".into(),
@@ -268,6 +298,10 @@ mod tests {
     fn errors_name_the_field() {
         let e = Config::from_toml("[server]\nport = \"x\"").unwrap_err().0;
         assert!(e.contains("port"), "{e}");
+        let e = Config::from_toml("[engine]\npolicy = \"lottery\"")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("policy") && e.contains("lottery"), "{e}");
         let e = Config::from_toml("[server]\nprot = 1").unwrap_err().0;
         assert!(e.contains("prot"), "{e}");
         let mut c = Config::default();

@@ -291,6 +291,8 @@ fn chat(cfg: Config, temperature: f32, max_tokens: usize, system: Option<String>
             stop: vec![],
             stop_token_ids: vec![],
             ignore_eos: false,
+            agent: "terminal".into(),
+            priority: 0,
         };
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         engine.submit(req, tx).map_err(anyhow::Error::msg)?;

@@ -411,3 +411,33 @@ fn a_model_still_loading_gives_503_and_health_says_so() {
     );
     rt.block_on(server.stop());
 }
+
+#[test]
+fn agent_and_priority_headers_are_read_and_checked() {
+    let c = common::client();
+    let body = json!({"prompt": "1, 2, 3,", "max_tokens": 2, "temperature": 0});
+    let r = c
+        .post(format!("{}/v1/completions", server()))
+        .header("X-Priority", "urgent")
+        .json(&body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().unwrap();
+    assert_eq!(v["error"]["param"], "X-Priority");
+    let r = c
+        .post(format!("{}/v1/completions", server()))
+        .header("X-Priority", "7")
+        .header("X-Agent-Id", "coder-1")
+        .json(&body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c
+        .post(format!("{}/v1/completions", server()))
+        .header("X-Agent-Id", "x".repeat(200))
+        .json(&body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}

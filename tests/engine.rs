@@ -3,13 +3,23 @@
 
 mod common;
 
-use aios::engine::{spawn, EngineConfig, EngineHandle, Event, GenRequest, SamplingParams};
+use std::time::Instant;
+
+use aios::engine::{
+    spawn, EngineConfig, EngineHandle, Event, GenRequest, PolicyKind, PolicyParams, SamplingParams,
+};
 use aios::model::{load_model, LoadOptions};
 
 fn engine(max_batched_tokens: usize) -> EngineHandle {
     aios::init_threads(2);
     let m = load_model(&common::default_model_path(), &LoadOptions::default()).unwrap();
-    spawn(m, EngineConfig { max_batched_tokens })
+    spawn(
+        m,
+        EngineConfig {
+            max_batched_tokens,
+            ..Default::default()
+        },
+    )
 }
 
 fn request(e: &EngineHandle, text: &str, max_tokens: usize) -> GenRequest {
@@ -23,6 +33,8 @@ fn request(e: &EngineHandle, text: &str, max_tokens: usize) -> GenRequest {
         stop: vec![],
         stop_token_ids: vec![],
         ignore_eos: true,
+        agent: "test".into(),
+        priority: 0,
     }
 }
 
@@ -106,4 +118,143 @@ fn a_dropped_receiver_cancels_and_the_engine_goes_on() {
     drop(rx);
     let out = collect(submit(&e, request(&e, "1, 2, 3, 4,", 16)));
     assert_eq!(e.model.tokenizer.decode(&out), " 5, 6, 7, 8, 9, ");
+}
+
+/// An engine serving one sequence at a time under `policy`, so the order is the policy's.
+fn one_at_a_time(policy: PolicyKind, quantum: usize, aging_secs: f64) -> EngineHandle {
+    aios::init_threads(2);
+    let m = load_model(&common::default_model_path(), &LoadOptions::default()).unwrap();
+    let cfg = EngineConfig {
+        max_running: 1,
+        policy,
+        policy_params: PolicyParams {
+            quantum,
+            aging_secs,
+        },
+        ..Default::default()
+    };
+    spawn(m, cfg)
+}
+
+fn job(e: &EngineHandle, agent: &str, priority: i32, max_tokens: usize) -> GenRequest {
+    GenRequest {
+        agent: agent.into(),
+        priority,
+        ..request(e, "Once upon a time", max_tokens)
+    }
+}
+
+/// Submit all at once; returns for each the arrival times of its tokens.
+fn run_all(e: &EngineHandle, reqs: Vec<GenRequest>) -> Vec<Vec<Instant>> {
+    let rxs: Vec<Rx> = reqs.into_iter().map(|r| submit(e, r)).collect();
+    let threads: Vec<_> = rxs
+        .into_iter()
+        .map(|mut rx| {
+            std::thread::spawn(move || {
+                let mut times = vec![];
+                while let Some(ev) = rx.blocking_recv() {
+                    match ev {
+                        Event::Token { .. } => times.push(Instant::now()),
+                        Event::Done { .. } => break,
+                        Event::Error(e) => panic!("{e}"),
+                    }
+                }
+                times
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+fn done(times: &[Instant]) -> Instant {
+    *times.last().unwrap()
+}
+
+#[test]
+fn priority_serves_a_late_high_priority_request_first() {
+    let e = one_at_a_time(PolicyKind::Priority, 32, 1e6);
+    let r = run_all(
+        &e,
+        vec![
+            job(&e, "a", 0, 12),
+            job(&e, "b", 0, 12),
+            job(&e, "c", 0, 12),
+            job(&e, "vip", 5, 12),
+        ],
+    );
+    assert!(
+        done(&r[3]) < done(&r[1]) && done(&r[3]) < done(&r[2]),
+        "the high-priority request was not served first"
+    );
+}
+
+/// A low-priority request, then a sustained stream of high-priority ones (one every 50 ms,
+/// each queued behind the last). Returns (low done, last high done).
+fn low_under_high_stream(aging_secs: f64) -> (Instant, Instant) {
+    let e = one_at_a_time(PolicyKind::Priority, 32, aging_secs);
+    let watch = |rx: Rx| {
+        std::thread::spawn(move || {
+            collect(rx);
+            Instant::now()
+        })
+    };
+    let low = watch(submit(&e, job(&e, "low", 0, 8)));
+    let mut highs = vec![];
+    for i in 0..8 {
+        highs.push(watch(submit(&e, job(&e, &format!("high{i}"), 1, 16))));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let last = highs.into_iter().map(|h| h.join().unwrap()).max().unwrap();
+    (low.join().unwrap(), last)
+}
+
+#[test]
+fn priority_aging_lets_low_priority_work_finish_under_a_high_priority_stream() {
+    let (low, last_high) = low_under_high_stream(1e6);
+    assert!(
+        low > last_high,
+        "without aging the low-priority request should wait for the stream"
+    );
+    let (low, last_high) = low_under_high_stream(0.05);
+    assert!(
+        low < last_high,
+        "with aging the low-priority request must not starve"
+    );
+}
+
+#[test]
+fn sjf_runs_the_short_job_first() {
+    let e = one_at_a_time(PolicyKind::Sjf, 32, 1e6);
+    let r = run_all(&e, vec![job(&e, "long", 0, 60), job(&e, "short", 0, 4)]);
+    assert!(done(&r[1]) < done(&r[0]));
+}
+
+#[test]
+fn fair_share_does_not_let_a_busy_agent_crowd_out_a_quiet_one() {
+    let e = one_at_a_time(PolicyKind::Fair, 32, 30.0);
+    let mut reqs: Vec<GenRequest> = (0..10).map(|_| job(&e, "busy", 0, 8)).collect();
+    reqs.push(job(&e, "quiet", 0, 8));
+    let r = run_all(&e, reqs);
+    let quiet_done = done(&r[10]);
+    let busy_before = r[..10].iter().filter(|t| done(t) < quiet_done).count();
+    // FIFO would finish all ten first; fair share serves the quiet agent after at most two.
+    assert!(
+        busy_before <= 2,
+        "{busy_before} busy requests finished before the quiet one"
+    );
+}
+
+#[test]
+fn round_robin_interleaves_agents() {
+    let e = one_at_a_time(PolicyKind::RoundRobin, 4, 30.0);
+    let r = run_all(&e, vec![job(&e, "a", 0, 24), job(&e, "b", 0, 24)]);
+    let mut all: Vec<(Instant, char)> = r[0]
+        .iter()
+        .map(|t| (*t, 'a'))
+        .chain(r[1].iter().map(|t| (*t, 'b')))
+        .collect();
+    all.sort();
+    let order: String = all.iter().map(|x| x.1).collect();
+    let switches = order.as_bytes().windows(2).filter(|w| w[0] != w[1]).count();
+    assert!(switches >= 6, "agents did not take turns: {order}");
 }

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
@@ -13,16 +14,24 @@ use super::params::{Body, GenParams};
 use super::{new_id, unix_now, AppState};
 use crate::engine::{FinishReason, ModelInfo};
 
-pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
-    match prepare(&state, &body) {
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match prepare(&state, &headers, &body) {
         Ok((job, format)) => job.respond(format).await,
         Err(e) => e.into_response(),
     }
 }
 
-fn prepare(state: &AppState, bytes: &[u8]) -> Result<(Job, ChatFormat), ApiError> {
+fn prepare(
+    state: &AppState,
+    headers: &HeaderMap,
+    bytes: &[u8],
+) -> Result<(Job, ChatFormat), ApiError> {
     let b = Body::parse(bytes)?;
-    let mut params = GenParams::read(&b, &["max_completion_tokens", "max_tokens"])?;
+    let mut params = GenParams::read(&b, headers, &["max_completion_tokens", "max_tokens"])?;
     let (name, engine) = state.engine_for(params.model.as_deref())?;
     let messages = read_messages(&b)?;
     if let Some(rf) = b.get("response_format") {

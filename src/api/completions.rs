@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
@@ -13,17 +14,25 @@ use super::params::{Body, GenParams};
 use super::{new_id, unix_now, AppState};
 use crate::engine::{FinishReason, ModelInfo};
 
-pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
-    match prepare(&state, &body) {
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match prepare(&state, &headers, &body) {
         Ok((job, format)) => job.respond(format).await,
         Err(e) => e.into_response(),
     }
 }
 
-fn prepare(state: &AppState, bytes: &[u8]) -> Result<(Job, CompletionFormat), ApiError> {
+fn prepare(
+    state: &AppState,
+    headers: &HeaderMap,
+    bytes: &[u8],
+) -> Result<(Job, CompletionFormat), ApiError> {
     let b = Body::parse(bytes)?;
     // OpenAI's default for completions is 16 tokens.
-    let mut params = GenParams::read(&b, &["max_tokens"])?;
+    let mut params = GenParams::read(&b, headers, &["max_tokens"])?;
     if b.get("max_tokens").is_none() {
         params.max_tokens = Some(16);
     }

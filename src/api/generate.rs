@@ -117,6 +117,8 @@ impl Job {
                     stop: self.params.stop.clone(),
                     stop_token_ids: self.params.stop_token_ids.clone(),
                     ignore_eos: self.params.ignore_eos,
+                    agent: self.params.agent.clone(),
+                    priority: self.params.priority,
                 };
                 let (tx, rx) = mpsc::unbounded_channel();
                 self.engine.submit(req, tx).map_err(ApiError::unavailable)?;

@@ -1,6 +1,7 @@
 //! Reading and checking the request fields chat and completions share. Every error names the
 //! parameter, with OpenAI's ranges.
 
+use axum::http::HeaderMap;
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
@@ -89,6 +90,57 @@ pub struct GenParams {
     pub ignore_eos: bool,
     pub stream: bool,
     pub include_usage: bool,
+    /// Who is asking: `X-Agent-Id`, else the body's `user`, else the API key, else "anonymous".
+    pub agent: String,
+    /// `X-Priority` (higher first under the priority policy); 0 when absent.
+    pub priority: i32,
+}
+
+/// The agent a request belongs to, and its priority, from headers and body.
+fn identity(b: &Body, headers: &HeaderMap) -> Result<(String, i32), ApiError> {
+    let header = |name: &str| -> Result<Option<&str>, ApiError> {
+        headers
+            .get(name)
+            .map(|v| {
+                v.to_str()
+                    .map(str::trim)
+                    .map_err(|_| ApiError::param(name, format!("{name} must be visible ASCII")))
+            })
+            .transpose()
+    };
+    let agent = match header("x-agent-id")? {
+        Some(a) if !a.is_empty() => {
+            if a.len() > 128 {
+                return Err(ApiError::param(
+                    "X-Agent-Id",
+                    "X-Agent-Id is longer than 128 characters",
+                ));
+            }
+            a.to_string()
+        }
+        _ => match b.string("user")? {
+            Some(u) if !u.is_empty() => u.chars().take(128).collect(),
+            _ => match header("authorization")?.and_then(|v| v.strip_prefix("Bearer ")) {
+                Some(key) if !key.trim().is_empty() => {
+                    use std::hash::{Hash, Hasher};
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    key.trim().hash(&mut h);
+                    format!("key-{:016x}", h.finish())
+                }
+                _ => "anonymous".to_string(),
+            },
+        },
+    };
+    let priority = match header("x-priority")? {
+        None => 0,
+        Some(p) => p.parse::<i32>().map_err(|_| {
+            ApiError::param(
+                "X-Priority",
+                format!("X-Priority must be an integer, got {p:?}"),
+            )
+        })?,
+    };
+    Ok((agent, priority))
 }
 
 /// Most choices one request may ask for.
@@ -97,8 +149,9 @@ pub const MAX_N: i64 = 16;
 impl GenParams {
     /// Read the shared fields. `max_tokens_keys` are tried in order (chat also accepts
     /// `max_completion_tokens`).
-    pub fn read(b: &Body, max_tokens_keys: &[&str]) -> Result<Self, ApiError> {
+    pub fn read(b: &Body, headers: &HeaderMap, max_tokens_keys: &[&str]) -> Result<Self, ApiError> {
         let model = b.string("model")?.map(String::from);
+        let (agent, priority) = identity(b, headers)?;
         let mut max_tokens = None;
         for key in max_tokens_keys {
             if let Some(m) = b.int(key, 1, i64::MAX)? {
@@ -216,6 +269,8 @@ impl GenParams {
             ignore_eos: b.bool("ignore_eos")?.unwrap_or(false),
             stream,
             include_usage,
+            agent,
+            priority,
         })
     }
 }

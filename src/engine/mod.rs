@@ -4,6 +4,7 @@
 //! Each step runs the new tokens of every running sequence (one decode token each, or a whole
 //! prompt for a sequence that just arrived) through the model as one batch, then samples.
 
+pub mod policy;
 pub mod sampler;
 mod sequence;
 pub mod text;
@@ -14,6 +15,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
+pub use policy::{PolicyKind, PolicyParams};
 pub use sampler::{SamplingParams, TokenLogprobs};
 use sequence::Sequence;
 
@@ -46,6 +48,10 @@ pub struct GenRequest {
     pub stop: Vec<String>,
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
+    /// Who asked (for fair share and round robin).
+    pub agent: String,
+    /// Higher runs first under the `priority` policy.
+    pub priority: i32,
 }
 
 /// What the engine streams back for one sequence.
@@ -111,12 +117,22 @@ pub struct EngineConfig {
     /// Most tokens one step feeds the model. Decode tokens of running sequences come first; the
     /// rest goes to prompts, in chunks, so a long prompt never stalls the others.
     pub max_batched_tokens: usize,
+    /// Most sequences served in one step; the policy picks which when more are live.
+    pub max_running: usize,
+    pub policy: PolicyKind,
+    pub policy_params: PolicyParams,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             max_batched_tokens: 512,
+            max_running: 16,
+            policy: PolicyKind::Fifo,
+            policy_params: PolicyParams {
+                quantum: 32,
+                aging_secs: 30.0,
+            },
         }
     }
 }
@@ -151,7 +167,10 @@ struct Engine {
     llama: crate::model::Llama,
     info: Arc<ModelInfo>,
     cfg: EngineConfig,
+    policy: Box<dyn policy::Policy>,
+    /// Every live sequence, whether it ran in the last step or was paused by the policy.
     running: Vec<Sequence>,
+    next_id: u64,
 }
 
 impl Engine {
@@ -159,8 +178,10 @@ impl Engine {
         Self {
             llama,
             info,
+            policy: cfg.policy.build(cfg.policy_params),
             cfg,
             running: Vec::new(),
+            next_id: 0,
         }
     }
 
@@ -195,29 +216,38 @@ impl Engine {
                     return;
                 }
                 let layout = self.llama.kv_layout();
-                self.running
-                    .push(Sequence::new(req, events, layout, ctx, Instant::now()));
+                self.next_id += 1;
+                self.running.push(Sequence::new(
+                    self.next_id,
+                    req,
+                    events,
+                    layout,
+                    ctx,
+                    Instant::now(),
+                ));
             }
         }
     }
 
-    /// Token budget per sequence for the next step: every decode first, then prompt chunks in
-    /// arrival order while the budget lasts.
-    fn plan(&self) -> Vec<usize> {
+    /// Token budget per sequence for the next step. The policy ranks every live sequence; the
+    /// first `max_running` are served: all their decode tokens first, then prompt chunks in rank
+    /// order while the budget lasts. The others pause, keeping their KV.
+    fn plan(&mut self) -> Vec<usize> {
+        let cands: Vec<_> = self.running.iter().map(Sequence::candidate).collect();
+        let order = self.policy.rank(&cands, Instant::now());
+        let chosen = &order[..order.len().min(self.cfg.max_running.max(1))];
         let mut left = self.cfg.max_batched_tokens.max(1);
-        let mut plan: Vec<usize> = self
-            .running
-            .iter()
-            .map(|s| {
-                let decode = usize::from(s.pending() == 1);
-                left = left.saturating_sub(decode);
-                decode
-            })
-            .collect();
-        for (p, s) in plan.iter_mut().zip(&self.running) {
-            if *p == 0 && left > 0 {
-                *p = s.pending().min(left);
-                left -= *p;
+        let mut plan = vec![0; self.running.len()];
+        for &i in chosen {
+            if self.running[i].pending() == 1 && left > 0 {
+                plan[i] = 1;
+                left -= 1;
+            }
+        }
+        for &i in chosen {
+            if plan[i] == 0 && left > 0 {
+                plan[i] = self.running[i].pending().min(left);
+                left -= plan[i];
             }
         }
         plan
@@ -258,6 +288,15 @@ impl Engine {
                 return;
             }
         };
+        for (i, (s, &n)) in self.running.iter().zip(&plan).enumerate() {
+            if n > 0 {
+                let served = policy::Served {
+                    input: if s.generated() > 0 { 0 } else { n },
+                    output: usize::from(sampled.contains(&i)),
+                };
+                self.policy.served(s.agent(), served);
+            }
+        }
         let tok = &self.info.tokenizer;
         for (i, mut row) in sampled.into_iter().zip(rows) {
             self.running[i].advance(&mut row, tok);

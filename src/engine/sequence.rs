@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::policy::Candidate;
 use super::sampler::Sampler;
 use super::text::{StopCheck, StopMatcher, Utf8Stream};
 use super::{Event, FinishReason, GenRequest, Usage};
@@ -12,6 +13,9 @@ use crate::kv::{KvLayout, KvSeq};
 use crate::model::{SeqInput, Tokenizer};
 
 pub struct Sequence {
+    id: u64,
+    agent: String,
+    priority: i32,
     tokens: Vec<u32>,
     prompt_len: usize,
     max_tokens: usize,
@@ -24,12 +28,12 @@ pub struct Sequence {
     stops: StopMatcher,
     events: UnboundedSender<Event>,
     finished: bool,
-    #[allow(dead_code)]
     arrived: Instant,
 }
 
 impl Sequence {
     pub fn new(
+        id: u64,
         req: GenRequest,
         events: UnboundedSender<Event>,
         layout: KvLayout,
@@ -39,6 +43,9 @@ impl Sequence {
         // Room for the prompt and a first stretch of output; KvSeq grows beyond that.
         let capacity = (req.prompt.len() + req.max_tokens.min(256)).min(context_length);
         Self {
+            id,
+            agent: req.agent,
+            priority: req.priority,
             prompt_len: req.prompt.len(),
             sampler: Sampler::new(req.sampling, &req.prompt),
             tokens: req.prompt,
@@ -52,6 +59,27 @@ impl Sequence {
             events,
             finished: false,
             arrived,
+        }
+    }
+
+    /// Output tokens sampled so far.
+    pub fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    pub fn agent(&self) -> &str {
+        &self.agent
+    }
+
+    /// What the scheduling policy sees of this sequence.
+    pub fn candidate(&self) -> Candidate {
+        let generated = self.generated();
+        Candidate {
+            id: self.id,
+            agent: self.agent.clone(),
+            priority: self.priority,
+            arrived: self.arrived,
+            remaining: self.pending() + self.max_tokens.saturating_sub(generated),
         }
     }
 
