@@ -24,6 +24,8 @@ pub struct EngineSection {
     pub max_batched_tokens: usize,
     /// Most sequences served per step; the policy chooses when more are live.
     pub max_running: usize,
+    /// Most sequences waiting beyond max_running; past it requests get 503 with Retry-After.
+    pub max_queued: usize,
     /// fifo, round_robin, priority, sjf or fair.
     pub policy: crate::engine::PolicyKind,
     /// Tokens per agent turn under round_robin.
@@ -38,6 +40,7 @@ impl Default for EngineSection {
         Self {
             max_batched_tokens: d.max_batched_tokens,
             max_running: d.max_running,
+            max_queued: d.max_queued,
             policy: d.policy,
             round_robin_quantum: d.policy_params.quantum,
             aging_secs: d.policy_params.aging_secs,
@@ -50,6 +53,7 @@ impl EngineSection {
         crate::engine::EngineConfig {
             max_batched_tokens: self.max_batched_tokens,
             max_running: self.max_running,
+            max_queued: self.max_queued,
             policy: self.policy,
             policy_params: crate::engine::PolicyParams {
                 quantum: self.round_robin_quantum,

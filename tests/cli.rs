@@ -231,3 +231,61 @@ fn bench_measures_a_running_server() {
     std::fs::remove_file(json).unwrap();
     assert!(stop(child).success());
 }
+
+#[test]
+fn a_full_queue_answers_503_with_retry_after() {
+    let dir = std::env::temp_dir().join(format!("aios-full-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("tiny.toml");
+    let model = common::default_model_path();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[engine]\nmax_running = 1\nmax_queued = 0\n\n[[models]]\nname = \"smollm2\"\npath = {:?}\n",
+            model.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let (child, url) = serve(&["--config", cfg.to_str().unwrap()]);
+    common::wait_healthy(&url);
+    let c = common::client();
+    let long = json!({"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": true, "stream": true});
+    let mut stream = c
+        .post(format!("{url}/v1/completions"))
+        .json(&long)
+        .send()
+        .unwrap();
+    let mut first = [0u8; 64];
+    use std::io::Read;
+    stream.read_exact(&mut first).unwrap(); // the long request is running
+    let short = json!({"prompt": "1, 2, 3,", "max_tokens": 2});
+    let r = c
+        .post(format!("{url}/v1/completions"))
+        .json(&short)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let v: Value = r.json().unwrap();
+    assert_eq!(v["error"]["code"], "server_overloaded");
+    drop(stream); // the client goes away: its place comes back within a step or two
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let r = c
+            .post(format!("{url}/v1/completions"))
+            .json(&short)
+            .send()
+            .unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert_eq!(r.status(), 503);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cancelled stream never gave its place back"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(stop(child).success());
+    std::fs::remove_dir_all(dir).unwrap();
+}

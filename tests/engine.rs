@@ -258,3 +258,44 @@ fn round_robin_interleaves_agents() {
     let switches = order.as_bytes().windows(2).filter(|w| w[0] != w[1]).count();
     assert!(switches >= 6, "agents did not take turns: {order}");
 }
+
+#[test]
+fn the_queue_is_bounded_and_places_come_back() {
+    aios::init_threads(2);
+    let m = load_model(&common::default_model_path(), &LoadOptions::default()).unwrap();
+    let e = spawn(
+        m,
+        EngineConfig {
+            max_running: 1,
+            max_queued: 1,
+            ..Default::default()
+        },
+    );
+    let long = || request(&e, "Once upon a time", 4000);
+    let a = submit(&e, long());
+    let b = submit(&e, long());
+    assert_eq!(e.live(), 2);
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    assert!(matches!(
+        e.submit(long(), tx),
+        Err(aios::engine::SubmitError::Full(2))
+    ));
+    // All or nothing: two more do not fit even after one place frees up.
+    drop(a);
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    while e.live() > 1 {
+        assert!(
+            Instant::now() < deadline,
+            "a cancelled sequence kept its place"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let pair = (0..2)
+        .map(|_| (long(), tokio::sync::mpsc::unbounded_channel().0))
+        .collect();
+    assert!(e.submit_all(pair).is_err());
+    assert_eq!(e.live(), 1);
+    drop(b);
+    let out = collect(submit(&e, request(&e, "1, 2, 3, 4,", 16)));
+    assert_eq!(e.model.tokenizer.decode(&out), " 5, 6, 7, 8, 9, ");
+}

@@ -13,7 +13,9 @@ use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 
 use super::error::ApiError;
 use super::params::GenParams;
-use crate::engine::{EngineHandle, Event, FinishReason, GenRequest, TokenLogprobs, Usage};
+use crate::engine::{
+    EngineHandle, Event, FinishReason, GenRequest, SubmitError, TokenLogprobs, Usage,
+};
 
 /// One output token with what the client may want to know about it.
 #[derive(Debug, Clone)]
@@ -102,9 +104,10 @@ impl Job {
         Ok(())
     }
 
-    /// Queue every choice; returns one event stream per choice, in choice order.
+    /// Queue every choice (all or none); returns one event stream per choice, in order.
     fn submit(&self) -> Result<Vec<mpsc::UnboundedReceiver<Event>>, ApiError> {
         let ctx = self.engine.model.context_length;
+        let mut reqs = Vec::new();
         let mut out = Vec::new();
         for prompt in &self.prompts {
             for j in 0..self.params.n {
@@ -121,10 +124,14 @@ impl Job {
                     priority: self.params.priority,
                 };
                 let (tx, rx) = mpsc::unbounded_channel();
-                self.engine.submit(req, tx).map_err(ApiError::unavailable)?;
+                reqs.push((req, tx));
                 out.push(rx);
             }
         }
+        self.engine.submit_all(reqs).map_err(|e| match e {
+            SubmitError::Full(_) => ApiError::overloaded(e.to_string()),
+            SubmitError::Stopped => ApiError::unavailable(e.to_string()),
+        })?;
         Ok(out)
     }
 

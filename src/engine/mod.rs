@@ -9,6 +9,7 @@ pub mod sampler;
 mod sequence;
 pub mod text;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -82,7 +83,26 @@ pub struct Usage {
 }
 
 enum Command {
-    Submit(GenRequest, UnboundedSender<Event>),
+    Submit(GenRequest, UnboundedSender<Event>, LiveSlot),
+}
+
+/// One place among the engine's live sequences; dropping it (when the sequence ends, however it
+/// ends) gives the place back.
+pub struct LiveSlot(Arc<AtomicUsize>);
+
+impl Drop for LiveSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Why a request was not queued.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the server is at capacity ({0} sequences running or queued); retry shortly")]
+    Full(usize),
+    #[error("the engine has stopped")]
+    Stopped,
 }
 
 /// The cheap, cloneable side of an engine that HTTP handlers hold.
@@ -90,6 +110,8 @@ enum Command {
 pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
     pub model: Arc<ModelInfo>,
+    live: Arc<AtomicUsize>,
+    max_live: usize,
 }
 
 /// What the rest of the server needs to know about the model an engine runs.
@@ -103,11 +125,40 @@ pub struct ModelInfo {
 }
 
 impl EngineHandle {
-    /// Queue a request; events arrive on `events`. Fails only if the engine thread is gone.
-    pub fn submit(&self, req: GenRequest, events: UnboundedSender<Event>) -> Result<(), String> {
-        self.tx
-            .send(Command::Submit(req, events))
-            .map_err(|_| "the engine has stopped".to_string())
+    /// Queue a request; events arrive on `events`.
+    pub fn submit(
+        &self,
+        req: GenRequest,
+        events: UnboundedSender<Event>,
+    ) -> Result<(), SubmitError> {
+        self.submit_all(vec![(req, events)])
+    }
+
+    /// Queue several requests (the choices of one API request): all of them, or none when the
+    /// engine's bound on live sequences would be passed.
+    pub fn submit_all(
+        &self,
+        reqs: Vec<(GenRequest, UnboundedSender<Event>)>,
+    ) -> Result<(), SubmitError> {
+        let k = reqs.len();
+        self.live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n + k <= self.max_live).then_some(n + k)
+            })
+            .map_err(|_| SubmitError::Full(self.max_live))?;
+        let mut slots: Vec<LiveSlot> = (0..k).map(|_| LiveSlot(self.live.clone())).collect();
+        for (req, events) in reqs {
+            let slot = slots.pop().expect("one slot per request");
+            self.tx
+                .send(Command::Submit(req, events, slot))
+                .map_err(|_| SubmitError::Stopped)?;
+        }
+        Ok(())
+    }
+
+    /// Sequences running or queued now.
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Acquire)
     }
 }
 
@@ -119,6 +170,8 @@ pub struct EngineConfig {
     pub max_batched_tokens: usize,
     /// Most sequences served in one step; the policy picks which when more are live.
     pub max_running: usize,
+    /// Most sequences waiting beyond `max_running`; past it requests are refused (503).
+    pub max_queued: usize,
     pub policy: PolicyKind,
     pub policy_params: PolicyParams,
 }
@@ -128,6 +181,7 @@ impl Default for EngineConfig {
         Self {
             max_batched_tokens: 512,
             max_running: 16,
+            max_queued: 256,
             policy: PolicyKind::Fifo,
             policy_params: PolicyParams {
                 quantum: 32,
@@ -160,7 +214,12 @@ pub fn spawn(model: LoadedModel, cfg: EngineConfig) -> EngineHandle {
         .name("aios-engine".into())
         .spawn(move || Engine::new(llama, thread_info, cfg).run(rx))
         .expect("spawn engine thread");
-    EngineHandle { tx, model: info }
+    EngineHandle {
+        tx,
+        model: info,
+        live: Arc::new(AtomicUsize::new(0)),
+        max_live: cfg.max_running + cfg.max_queued,
+    }
 }
 
 struct Engine {
@@ -206,7 +265,7 @@ impl Engine {
 
     fn accept(&mut self, cmd: Command) {
         match cmd {
-            Command::Submit(req, events) => {
+            Command::Submit(req, events, slot) => {
                 let ctx = self.info.context_length;
                 if req.prompt.is_empty() || req.prompt.len() >= ctx {
                     let _ = events.send(Event::Error(format!(
@@ -221,6 +280,7 @@ impl Engine {
                     self.next_id,
                     req,
                     events,
+                    slot,
                     layout,
                     ctx,
                     Instant::now(),

@@ -8,7 +8,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::policy::Candidate;
 use super::sampler::Sampler;
 use super::text::{StopCheck, StopMatcher, Utf8Stream};
-use super::{Event, FinishReason, GenRequest, Usage};
+use super::{Event, FinishReason, GenRequest, LiveSlot, Usage};
 use crate::kv::{KvLayout, KvSeq};
 use crate::model::{SeqInput, Tokenizer};
 
@@ -29,6 +29,8 @@ pub struct Sequence {
     events: UnboundedSender<Event>,
     finished: bool,
     arrived: Instant,
+    /// Held while the sequence lives: bounds the engine's queue.
+    _slot: LiveSlot,
 }
 
 impl Sequence {
@@ -36,6 +38,7 @@ impl Sequence {
         id: u64,
         req: GenRequest,
         events: UnboundedSender<Event>,
+        slot: LiveSlot,
         layout: KvLayout,
         context_length: usize,
         arrived: Instant,
@@ -59,6 +62,7 @@ impl Sequence {
             events,
             finished: false,
             arrived,
+            _slot: slot,
         }
     }
 
