@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use super::{axpy, dot, exp_nonpositive};
+use super::{axpy, axpy4, dot, dot4, exp_nonpositive};
 use crate::kv::{widen, KvSeq};
 
 /// One sequence's part of a batch, as attention sees it.
@@ -186,8 +186,18 @@ fn attend_range(
                 let q = &qs[j * d..][..d];
                 let srow = &mut scores[j * width..][..width];
                 let end = visible(j).min(c0 - lo + rows);
-                for r in (c0 - lo)..end {
-                    srow[r] = dot(q, &kf[(r + lo - c0) * d..][..d]) * scale;
+                let row = |r: usize| &kf[(r + lo - c0) * d..][..d];
+                let mut r = c0 - lo;
+                while r + 4 <= end {
+                    let s4 = dot4(q, [row(r), row(r + 1), row(r + 2), row(r + 3)]);
+                    for (k, x) in s4.iter().enumerate() {
+                        srow[r + k] = x * scale;
+                    }
+                    r += 4;
+                }
+                while r < end {
+                    srow[r] = dot(q, row(r)) * scale;
+                    r += 1;
                 }
             }
             c0 += rows;
@@ -225,8 +235,17 @@ fn attend_range(
             for j in 0..nq {
                 let o = &mut p.acc[j * d..][..d];
                 let end = visible(j).min(c0 - lo + rows);
-                for r in (c0 - lo)..end {
-                    axpy(o, scores[j * width + r], &kf[(r + lo - c0) * d..][..d]);
+                let row = |r: usize| &kf[(r + lo - c0) * d..][..d];
+                let w = &scores[j * width..];
+                let mut r = c0 - lo;
+                while r + 4 <= end {
+                    let ws = [w[r], w[r + 1], w[r + 2], w[r + 3]];
+                    axpy4(o, ws, [row(r), row(r + 1), row(r + 2), row(r + 3)]);
+                    r += 4;
+                }
+                while r < end {
+                    axpy(o, w[r], row(r));
+                    r += 1;
                 }
             }
             c0 += rows;

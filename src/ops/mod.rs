@@ -33,6 +33,44 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// Four dot products of `q` with four rows at once: independent accumulators give the CPU four
+/// reductions to overlap, and `q` is loaded once for all four.
+#[inline]
+pub fn dot4(q: &[f32], rows: [&[f32]; 4]) -> [f32; 4] {
+    let n = q.len();
+    let (cq, _) = q.as_chunks::<8>();
+    let c: [&[[f32; 8]]; 4] = rows.map(|r| r[..n].as_chunks::<8>().0);
+    let mut acc = [[0f32; 8]; 4];
+    for (i, x) in cq.iter().enumerate() {
+        for (a, row) in acc.iter_mut().zip(&c) {
+            let y = &row[i];
+            for l in 0..8 {
+                a[l] = fmadd(x[l], y[l], a[l]);
+            }
+        }
+    }
+    let mut out = acc.map(|a| a.iter().sum::<f32>());
+    for (o, r) in out.iter_mut().zip(rows) {
+        for k in cq.len() * 8..n {
+            *o = fmadd(q[k], r[k], *o);
+        }
+    }
+    out
+}
+
+/// `acc += w[0] * x[0] + ... + w[3] * x[3]`, element-wise: one pass over `acc` for four rows.
+#[inline]
+pub fn axpy4(acc: &mut [f32], w: [f32; 4], x: [&[f32]; 4]) {
+    for (i, a) in acc.iter_mut().enumerate() {
+        let mut v = *a;
+        v = fmadd(w[0], x[0][i], v);
+        v = fmadd(w[1], x[1][i], v);
+        v = fmadd(w[2], x[2][i], v);
+        v = fmadd(w[3], x[3][i], v);
+        *a = v;
+    }
+}
+
 /// `acc += w * x`, element-wise.
 #[inline]
 pub fn axpy(acc: &mut [f32], w: f32, x: &[f32]) {
@@ -87,6 +125,19 @@ mod tests {
         let b: Vec<f32> = (0..67).map(|i| (i as f32).sin()).collect();
         let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
         assert!((dot(&a, &b) - want).abs() < 1e-4);
+        let four = dot4(&a, [&a, &b, &b, &a]);
+        let aa: f32 = a.iter().map(|x| x * x).sum();
+        for (got, want) in four.iter().zip([aa, want, want, aa]) {
+            assert!(
+                (got - want).abs() < 1e-3 * want.abs().max(1.0),
+                "{got} vs {want}"
+            );
+        }
+        let mut acc4 = b.clone();
+        axpy4(&mut acc4, [1.0, 0.5, 0.25, 0.25], [&a, &a, &a, &a]);
+        for i in 0..67 {
+            assert!((acc4[i] - (b[i] + 2.0 * a[i])).abs() < 1e-5);
+        }
         let mut acc = b.clone();
         axpy(&mut acc, 2.0, &a);
         for i in 0..67 {
