@@ -19,7 +19,20 @@ use api::{AppState, ModelSlot, SlotState};
 use config::{Config, ModelConfig};
 use model::{LoadOptions, LoadedModel};
 
-/// Size the compute thread pool once per process (`0` = one thread per core).
+/// Size the compute thread pools once per process (`0` = one thread per physical core).
+///
+/// candle's matmuls and our attention share candle's persistent barrier pool, sized from
+/// `CANDLE_NUM_THREADS` when it is first used; set here for a program that has not started any
+/// other thread yet (`aios` calls this first thing). rayon's pool serves candle's other ops.
+pub fn init_process_threads(threads: usize) {
+    if threads > 0 && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
+    }
+    init_threads(threads);
+}
+
+/// Size rayon's pool (`0` = one thread per core); safe to call from any thread, any number of
+/// times (later calls find the pool built).
 pub fn init_threads(threads: usize) {
     let mut b = rayon::ThreadPoolBuilder::new().thread_name(|i| format!("aios-compute-{i}"));
     if threads > 0 {

@@ -141,7 +141,7 @@ fn main() -> Result<()> {
 }
 
 fn serve(cfg: Config) -> Result<()> {
-    aios::init_threads(cfg.server.threads);
+    aios::init_process_threads(cfg.server.threads);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -249,7 +249,7 @@ fn models(cfg: Config) -> Result<()> {
 }
 
 fn chat(cfg: Config, temperature: f32, max_tokens: usize, system: Option<String>) -> Result<()> {
-    aios::init_threads(cfg.server.threads);
+    aios::init_process_threads(cfg.server.threads);
     let m = &cfg.models[0];
     eprintln!("loading {} ...", m.path);
     let loaded = aios::load_configured(m).map_err(anyhow::Error::msg)?;

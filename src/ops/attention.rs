@@ -2,9 +2,7 @@
 //!
 //! Grouped-query heads read their shared KV head directly (no `repeat_kv` copies); the cost of
 //! a decode step is linear in the context. Work is split over (sequence, KV head, query chunk)
-//! and run on rayon's pool.
-
-use rayon::prelude::*;
+//! and run on candle's persistent thread pool, the one its matmuls use.
 
 use super::{axpy, axpy4, dot, dot4, exp_nonpositive};
 use crate::kv::{widen, KvSeq};
@@ -77,20 +75,30 @@ pub fn attention(q: &[f32], seqs: &[AttnSeq], layer: usize, h: Heads) -> Vec<f32
             }
         }
     }
-    let parts: Vec<Partial> = tasks
-        .par_iter()
-        .map(|t| {
-            let seq = &seqs[t.s];
-            let mut qs = Vec::with_capacity(t.n * group * h.head_dim);
-            for i in t.t0..t.t0 + t.n {
-                let row = &q[(seq.row + i) * width..][..width];
-                qs.extend_from_slice(&row[t.g * group * h.head_dim..][..group * h.head_dim]);
-            }
-            let first = seq.first_pos + t.t0;
-            attend_range(
-                &qs, t.n, group, first, seq.kv, layer, t.g, h.head_dim, t.lo, t.hi,
-            )
-        })
+    let run = |t: &Task| {
+        let seq = &seqs[t.s];
+        let mut qs = Vec::with_capacity(t.n * group * h.head_dim);
+        for i in t.t0..t.t0 + t.n {
+            let row = &q[(seq.row + i) * width..][..width];
+            qs.extend_from_slice(&row[t.g * group * h.head_dim..][..group * h.head_dim]);
+        }
+        let first = seq.first_pos + t.t0;
+        attend_range(
+            &qs, t.n, group, first, seq.kv, layer, t.g, h.head_dim, t.lo, t.hi,
+        )
+    };
+    // candle's persistent pool, the one its matmuls use: one set of threads for the whole step,
+    // none spinning while another pool works.
+    let slots: Vec<std::sync::OnceLock<Partial>> =
+        tasks.iter().map(|_| Default::default()).collect();
+    candle_core::utils::barrier_pool().execute_chunked(tasks.len(), |range| {
+        for i in range {
+            let _ = slots[i].set(run(&tasks[i]));
+        }
+    });
+    let parts: Vec<Partial> = slots
+        .into_iter()
+        .map(|s| s.into_inner().expect("every attention task ran"))
         .collect();
     let mut out = vec![0f32; q.len()];
     let mut i = 0;
