@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-model.sh
 cargo build --release --bin aios
-exec target/release/aios serve "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/aios" serve "$@"
