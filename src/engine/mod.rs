@@ -1,8 +1,8 @@
 //! The engine: one thread per loaded model owns the model and every running sequence. HTTP
 //! handlers submit requests over a channel and receive a stream of [`Event`]s.
 //!
-//! Each step runs the new tokens of every running sequence (one decode token each, or a whole
-//! prompt for a sequence that just arrived) through the model as one batch, then samples.
+//! Each step runs the new tokens of the sequences the policy chose (one decode token each, or a
+//! chunk of a prompt) through the model as one batch, then samples.
 
 pub mod policy;
 pub mod sampler;
@@ -316,13 +316,20 @@ impl Engine {
     fn step(&mut self) {
         let plan = self.plan();
         let mut sampled = Vec::new(); // indices of sequences whose logits row comes back
+        let mut served = Vec::new(); // what each agent gets from this step, for the policy
         let mut inputs: Vec<SeqInput> = Vec::new();
         for (i, (s, &n)) in self.running.iter_mut().zip(&plan).enumerate() {
             if n > 0 {
+                let prefill = s.generated() == 0;
                 let input = s.next_input(n);
                 if input.want_logits {
                     sampled.push(i);
                 }
+                let tokens = policy::Served {
+                    input: if prefill { n } else { 0 },
+                    output: usize::from(input.want_logits),
+                };
+                served.push((i, tokens));
                 inputs.push(input);
             }
         }
@@ -348,14 +355,8 @@ impl Engine {
                 return;
             }
         };
-        for (i, (s, &n)) in self.running.iter().zip(&plan).enumerate() {
-            if n > 0 {
-                let served = policy::Served {
-                    input: if s.generated() > 0 { 0 } else { n },
-                    output: usize::from(sampled.contains(&i)),
-                };
-                self.policy.served(s.agent(), served);
-            }
+        for (i, tokens) in served {
+            self.policy.served(self.running[i].agent(), tokens);
         }
         let tok = &self.info.tokenizer;
         for (i, mut row) in sampled.into_iter().zip(rows) {

@@ -5,7 +5,7 @@
 //! and run on candle's persistent thread pool, the one its matmuls use.
 
 use super::{axpy, axpy4, dot, dot4, exp_nonpositive};
-use crate::kv::{widen, KvSeq};
+use crate::kv::{widen, KvElem, KvSeq};
 
 /// One sequence's part of a batch, as attention sees it.
 pub struct AttnSeq<'a> {
@@ -181,37 +181,27 @@ fn attend_range(
     let visible = |j: usize| (first + j / group + 1).min(hi).saturating_sub(lo);
     let mut scores = vec![0f32; nq * width];
     let mut kf = vec![0f32; KV_CHUNK * d];
-    let mut base = 0;
-    for (k_seg, _) in kv.segments(layer, g, hi) {
-        let seg_rows = k_seg.len() / d;
-        let (from, to) = (lo.max(base), hi.min(base + seg_rows));
-        let mut c0 = from;
-        while c0 < to {
-            let rows = KV_CHUNK.min(to - c0);
-            let at = (c0 - base) * d;
-            convert(&k_seg[at..at + rows * d], &mut kf[..rows * d]);
-            for j in 0..nq {
-                let q = &qs[j * d..][..d];
-                let srow = &mut scores[j * width..][..width];
-                let end = visible(j).min(c0 - lo + rows);
-                let row = |r: usize| &kf[(r + lo - c0) * d..][..d];
-                let mut r = c0 - lo;
-                while r + 4 <= end {
-                    let s4 = dot4(q, [row(r), row(r + 1), row(r + 2), row(r + 3)]);
-                    for (k, x) in s4.iter().enumerate() {
-                        srow[r + k] = x * scale;
-                    }
-                    r += 4;
+    let k_segs = kv.segments(layer, g, hi).map(|(k, _)| k);
+    for_each_widened(k_segs, lo, hi, d, &mut kf, |r0, chunk| {
+        let row = |r: usize| &chunk[(r - r0) * d..][..d];
+        for j in 0..nq {
+            let q = &qs[j * d..][..d];
+            let srow = &mut scores[j * width..][..width];
+            let end = visible(j).min(r0 + chunk.len() / d);
+            let mut r = r0;
+            while r + 4 <= end {
+                let s4 = dot4(q, [row(r), row(r + 1), row(r + 2), row(r + 3)]);
+                for (k, x) in s4.iter().enumerate() {
+                    srow[r + k] = x * scale;
                 }
-                while r < end {
-                    srow[r] = dot(q, row(r)) * scale;
-                    r += 1;
-                }
+                r += 4;
             }
-            c0 += rows;
+            while r < end {
+                srow[r] = dot(q, row(r)) * scale;
+                r += 1;
+            }
         }
-        base += seg_rows;
-    }
+    });
     let mut p = Partial {
         max: vec![f32::NEG_INFINITY; nq],
         sum: vec![0.0; nq],
@@ -231,40 +221,53 @@ fn attend_range(
         p.max[j] = max;
         p.sum[j] = sum;
     }
+    let v_segs = kv.segments(layer, g, hi).map(|(_, v)| v);
+    for_each_widened(v_segs, lo, hi, d, &mut kf, |r0, chunk| {
+        let row = |r: usize| &chunk[(r - r0) * d..][..d];
+        for j in 0..nq {
+            let o = &mut p.acc[j * d..][..d];
+            let end = visible(j).min(r0 + chunk.len() / d);
+            let w = &scores[j * width..];
+            let mut r = r0;
+            while r + 4 <= end {
+                let ws = [w[r], w[r + 1], w[r + 2], w[r + 3]];
+                axpy4(o, ws, [row(r), row(r + 1), row(r + 2), row(r + 3)]);
+                r += 4;
+            }
+            while r < end {
+                axpy(o, w[r], row(r));
+                r += 1;
+            }
+        }
+    });
+    p
+}
+
+/// Walk rows `lo..hi` of a sequence stored as `segments` (whole rows of `d` elements), widening
+/// up to `KV_CHUNK` rows at a time into `buf`; `f` gets the first row's index relative to `lo`
+/// and the widened rows.
+fn for_each_widened<'a>(
+    segments: impl IntoIterator<Item = &'a [KvElem]>,
+    lo: usize,
+    hi: usize,
+    d: usize,
+    buf: &mut [f32],
+    mut f: impl FnMut(usize, &[f32]),
+) {
     let mut base = 0;
-    for (_, v_seg) in kv.segments(layer, g, hi) {
-        let seg_rows = v_seg.len() / d;
+    for seg in segments {
+        let seg_rows = seg.len() / d;
         let (from, to) = (lo.max(base), hi.min(base + seg_rows));
         let mut c0 = from;
         while c0 < to {
             let rows = KV_CHUNK.min(to - c0);
             let at = (c0 - base) * d;
-            convert(&v_seg[at..at + rows * d], &mut kf[..rows * d]);
-            for j in 0..nq {
-                let o = &mut p.acc[j * d..][..d];
-                let end = visible(j).min(c0 - lo + rows);
-                let row = |r: usize| &kf[(r + lo - c0) * d..][..d];
-                let w = &scores[j * width..];
-                let mut r = c0 - lo;
-                while r + 4 <= end {
-                    let ws = [w[r], w[r + 1], w[r + 2], w[r + 3]];
-                    axpy4(o, ws, [row(r), row(r + 1), row(r + 2), row(r + 3)]);
-                    r += 4;
-                }
-                while r < end {
-                    axpy(o, w[r], row(r));
-                    r += 1;
-                }
-            }
+            widen(&seg[at..at + rows * d], &mut buf[..rows * d]);
+            f(c0 - lo, &buf[..rows * d]);
             c0 += rows;
         }
         base += seg_rows;
     }
-    p
-}
-
-fn convert(src: &[crate::kv::KvElem], dst: &mut [f32]) {
-    widen(src, dst);
 }
 
 #[cfg(test)]
