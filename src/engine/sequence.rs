@@ -119,7 +119,7 @@ impl Sequence {
     fn usage(&self) -> Usage {
         Usage {
             prompt_tokens: self.prompt_len,
-            completion_tokens: self.tokens.len() - self.prompt_len,
+            completion_tokens: self.generated(),
         }
     }
 
@@ -128,7 +128,7 @@ impl Sequence {
         logits.truncate(tok.vocab_size());
         let (id, logprobs) = self.sampler.sample(logits);
         self.tokens.push(id);
-        let generated = self.tokens.len() - self.prompt_len;
+        let generated = self.generated();
         let end_token = (!self.ignore_eos && tok.is_eog(id)) || self.stop_token_ids.contains(&id);
         let mut finish = None;
         let mut text = String::new();
