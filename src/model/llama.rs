@@ -4,30 +4,15 @@
 //! `[n_tokens, hidden]` matrix, so the weights are read once per step. Attention is per
 //! sequence, against that sequence's own KV storage, which the caller owns.
 
-use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::config::LlamaConfig;
+use super::linear::{forward_many, Input, Linear};
 use super::ModelError;
 use crate::kv::{KvLayout, KvSeq};
 use crate::ops::attention::{attention, AttnSeq, Heads};
 use crate::ops::rope::Rope;
-
-/// A linear layer: quantised or dense weights, optional bias (Qwen2's QKV).
-pub struct Linear {
-    pub w: QMatMul,
-    pub b: Option<Tensor>,
-}
-
-impl Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.w.forward(x)?;
-        match &self.b {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
-    }
-}
+use crate::ops::{rms_norm, silu_mul};
 
 /// Token embeddings: a quantised table read row by row, or a dense one.
 pub enum Embedding {
@@ -36,12 +21,12 @@ pub enum Embedding {
 }
 
 pub struct Layer {
-    pub attn_norm: Tensor,
+    pub attn_norm: Vec<f32>,
     pub wq: Linear,
     pub wk: Linear,
     pub wv: Linear,
     pub wo: Linear,
-    pub ffn_norm: Tensor,
+    pub ffn_norm: Vec<f32>,
     pub w_gate: Linear,
     pub w_up: Linear,
     pub w_down: Linear,
@@ -51,8 +36,8 @@ pub struct Llama {
     pub cfg: LlamaConfig,
     pub embed: Embedding,
     pub layers: Vec<Layer>,
-    pub norm: Tensor,
-    pub lm_head: QMatMul,
+    pub norm: Vec<f32>,
+    pub lm_head: Linear,
     pub rope: Rope,
     pub device: Device,
 }
@@ -115,21 +100,27 @@ impl Llama {
             )));
         }
         let ids = Tensor::new(tokens.as_slice(), &self.device)?;
-        let mut x = match &self.embed {
+        let x = match &self.embed {
             Embedding::Quantized(q) => q.embedding(&ids)?,
             Embedding::Dense(t) => t.index_select(&ids, 0)?,
         };
+        let mut x: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let dev = &self.device;
+        let hidden = cfg.hidden;
         let heads = Heads {
             n_heads: cfg.n_heads,
             n_kv_heads: cfg.n_kv_heads,
             head_dim: cfg.head_dim,
         };
         let (q_width, kv_width) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
+        let mut h = vec![0f32; n * hidden];
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
-            let mut q = layer.wq.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
-            let mut k = layer.wk.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
-            let v = layer.wv.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+            rms_norm(&x, &layer.attn_norm, cfg.rms_eps, &mut h);
+            let inp = Input::new(&h, n, hidden);
+            let [mut q, mut k, v]: [Vec<f32>; 3] =
+                forward_many(&[&layer.wq, &layer.wk, &layer.wv], &inp, dev)?
+                    .try_into()
+                    .expect("three outputs");
             for (t, &pos) in positions.iter().enumerate() {
                 self.rope
                     .apply(&mut q[t * q_width..][..q_width], cfg.head_dim, pos);
@@ -158,12 +149,19 @@ impl Llama {
                 row += s.tokens.len();
             }
             let att = attention(&q, &attn_seqs, li, heads);
-            let att = Tensor::from_vec(att, (n, q_width), &self.device)?;
-            x = (x + layer.wo.forward(&att)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_eps)?;
-            let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
-            let up = layer.w_up.forward(&h)?;
-            x = (x + layer.w_down.forward(&(gate * up)?)?)?;
+            let o = layer.wo.forward(&Input::new(&att, n, q_width), dev)?;
+            add_assign(&mut x, &o);
+            rms_norm(&x, &layer.ffn_norm, cfg.rms_eps, &mut h);
+            let inp = Input::new(&h, n, hidden);
+            let [mut gate, up]: [Vec<f32>; 2] =
+                forward_many(&[&layer.w_gate, &layer.w_up], &inp, dev)?
+                    .try_into()
+                    .expect("two outputs");
+            silu_mul(&mut gate, &up);
+            let down = layer
+                .w_down
+                .forward(&Input::new(&gate, n, cfg.intermediate), dev)?;
+            add_assign(&mut x, &down);
         }
         for s in seqs.iter_mut() {
             let m = s.tokens.len();
@@ -172,10 +170,25 @@ impl Llama {
         if logit_rows.is_empty() {
             return Ok(None);
         }
-        let rows = Tensor::new(logit_rows.as_slice(), &self.device)?;
-        let last = x.index_select(&rows, 0)?;
-        let last = candle_nn::ops::rms_norm(&last, &self.norm, cfg.rms_eps)?;
-        let logits = self.lm_head.forward(&last)?.to_dtype(DType::F32)?;
-        Ok(Some(logits))
+        let mut last = Vec::with_capacity(logit_rows.len() * hidden);
+        for &r in &logit_rows {
+            last.extend_from_slice(&x[r as usize * hidden..][..hidden]);
+        }
+        let mut normed = vec![0f32; last.len()];
+        rms_norm(&last, &self.norm, cfg.rms_eps, &mut normed);
+        let logits = self
+            .lm_head
+            .forward(&Input::new(&normed, logit_rows.len(), hidden), dev)?;
+        Ok(Some(Tensor::from_vec(
+            logits,
+            (logit_rows.len(), cfg.vocab_size),
+            dev,
+        )?))
+    }
+}
+
+fn add_assign(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
     }
 }

@@ -6,10 +6,11 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{DType, Device, Tensor};
 
-use super::llama::{Embedding, Layer, Linear, Llama};
+use super::linear::Linear;
+use super::llama::{Embedding, Layer, Llama};
 use super::{ChatTemplate, LlamaConfig, LoadedModel, ModelError, Tokenizer};
 use crate::ops::rope::Rope;
 
@@ -104,10 +105,7 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelError>
             } else {
                 None
             };
-            Ok(Linear {
-                w: QMatMul::from_arc(w)?,
-                b,
-            })
+            Ok(Linear::quantized(w, b, dev)?)
         };
         layers.push(Layer {
             wq: lin("attn_q")?,
@@ -117,11 +115,11 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelError>
             w_gate: lin("ffn_gate")?,
             w_up: lin("ffn_up")?,
             w_down: lin("ffn_down")?,
-            attn_norm: dense(qtensor(&format!("blk.{i}.attn_norm.weight"))?)?,
-            ffn_norm: dense(qtensor(&format!("blk.{i}.ffn_norm.weight"))?)?,
+            attn_norm: vec1(dense(qtensor(&format!("blk.{i}.attn_norm.weight"))?)?)?,
+            ffn_norm: vec1(dense(qtensor(&format!("blk.{i}.ffn_norm.weight"))?)?)?,
         });
     }
-    let norm = dense(qtensor("output_norm.weight")?)?;
+    let norm = vec1(dense(qtensor("output_norm.weight")?)?)?;
     // Llama 3.1+ GGUF files carry their RoPE scaling as per-pair frequency divisors.
     if ct.tensor_infos.contains_key("rope_freqs.weight") {
         let f = dense(qtensor("rope_freqs.weight")?)?;
@@ -137,7 +135,7 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelError>
             .and_then(|v| v.to_string().ok().cloned())
     });
     let format = format!("gguf {}", kinds.into_iter().collect::<Vec<_>>().join("+"));
-    let lm_head = QMatMul::from_arc(lm_head)?;
+    let lm_head = Linear::quantized(lm_head, None, dev)?;
     let parts = Parts {
         cfg,
         embed: Embedding::Quantized(embed),
@@ -153,8 +151,13 @@ struct Parts {
     cfg: LlamaConfig,
     embed: Embedding,
     layers: Vec<Layer>,
-    norm: Tensor,
-    lm_head: QMatMul,
+    norm: Vec<f32>,
+    lm_head: Linear,
+}
+
+/// A 1-D weight (norm scales) as plain values.
+fn vec1(t: Tensor) -> Result<Vec<f32>, ModelError> {
+    Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
 }
 
 impl Parts {
@@ -256,14 +259,12 @@ fn load_safetensors(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel, Model
     for i in 0..cfg.n_layers {
         let p = format!("model.layers.{i}");
         let mut lin = |name: &str, bias: bool| -> Result<Linear, ModelError> {
-            Ok(Linear {
-                w: QMatMul::Tensor(take(&format!("{p}.{name}.weight"))?),
-                b: if bias {
-                    Some(take(&format!("{p}.{name}.bias"))?)
-                } else {
-                    None
-                },
-            })
+            let b = if bias {
+                Some(take(&format!("{p}.{name}.bias"))?)
+            } else {
+                None
+            };
+            Ok(Linear::dense(take(&format!("{p}.{name}.weight"))?, b)?)
         };
         layers.push(Layer {
             wq: lin("self_attn.q_proj", has_bias)?,
@@ -273,11 +274,11 @@ fn load_safetensors(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel, Model
             w_gate: lin("mlp.gate_proj", false)?,
             w_up: lin("mlp.up_proj", false)?,
             w_down: lin("mlp.down_proj", false)?,
-            attn_norm: take(&format!("{p}.input_layernorm.weight"))?,
-            ffn_norm: take(&format!("{p}.post_attention_layernorm.weight"))?,
+            attn_norm: vec1(take(&format!("{p}.input_layernorm.weight"))?)?,
+            ffn_norm: vec1(take(&format!("{p}.post_attention_layernorm.weight"))?)?,
         });
     }
-    let norm = take("model.norm.weight")?;
+    let norm = vec1(take("model.norm.weight")?)?;
     let lm_head = match take("lm_head.weight") {
         Ok(t) => t,
         Err(_) => embed.clone(),
@@ -300,7 +301,7 @@ fn load_safetensors(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel, Model
         embed: Embedding::Dense(embed),
         layers,
         norm,
-        lm_head: QMatMul::Tensor(lm_head),
+        lm_head: Linear::dense(lm_head, None)?,
     };
     parts.finish(dev, tokenizer, template_src, dir_s, format)
 }

@@ -6,6 +6,7 @@
 
 pub mod chat_template;
 pub mod config;
+pub mod linear;
 pub mod llama;
 mod load;
 pub mod resolve;

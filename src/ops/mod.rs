@@ -2,6 +2,7 @@
 //! the f16 KV rows of each sequence.
 
 pub mod attention;
+pub mod quant;
 pub mod rope;
 
 /// `a * b + c`, fused where the build target has FMA (a software `fmaf` would be far slower).
@@ -143,5 +144,25 @@ mod tests {
         for i in 0..67 {
             assert!((acc[i] - (b[i] + 2.0 * a[i])).abs() < 1e-5);
         }
+    }
+}
+
+/// RMS normalisation of each row of `x` (rows of `w.len()` values), scaled by `w`, into `out`.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        // Sum of squares in f64, as llama.cpp does: rounding here moves every logit.
+        let ss: f64 = row.iter().map(|&v| (v * v) as f64).sum();
+        let inv = 1.0 / ((ss / d as f64) as f32 + eps).sqrt();
+        for ((o, &v), &g) in o.iter_mut().zip(row).zip(w) {
+            *o = v * inv * g;
+        }
+    }
+}
+
+/// `gate = silu(gate) * up`, the SwiGLU of the feed-forward block.
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
     }
 }

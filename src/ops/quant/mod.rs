@@ -1,0 +1,401 @@
+//! Quantised matrix multiplication on the CPU: GGUF weight blocks (Q4_0, Q4_1, Q8_0, Q4_K,
+//! Q6_K) times activations quantised once per step to 8-bit blocks of 32.
+//!
+//! The weights stay in the GGUF file's block layout (no repacking, no extra memory). The
+//! activations of a step are quantised once ([`QActs`]) and read by every weight matrix that
+//! takes that input (Q, K and V; gate and up). Integer dot products per block of 32 are scaled
+//! to f32 and summed, as llama.cpp does.
+//!
+//! Kernels: AVX2+FMA+F16C (chosen at run time) and a portable scalar path; [`set_isa`] forces
+//! one, so tests cover every path the machine has. Both shapes are served by one tiled driver:
+//! matrix × vector for a single decode stream (four weight rows per pass, for independent
+//! accumulators) and matrix × small matrix for batches and prefill chunks (each weight block is
+//! loaded once and used for up to four activation rows). Work is split by output rows (and by
+//! activation rows for long prefill chunks) on candle's persistent thread pool.
+
+mod avx2;
+mod portable;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use half::f16;
+
+/// Values per activation block (and per block of the 32-value weight formats).
+pub const QK: usize = 32;
+/// Values per super-block of the K formats.
+pub const QK_K: usize = 256;
+
+/// One block of 32 activations: `x[i] ≈ d * qs[i]`.
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub struct ActBlock {
+    pub d: f32,
+    /// `d * Σ qs`, for formats with a per-block offset (Q4_0, Q4_1, Q4_K).
+    pub s: f32,
+    /// `Σ qs` over each half of 16 values (Q6_K's scales cover 16 values).
+    pub half_sums: [i16; 2],
+    pub qs: [i8; QK],
+}
+
+/// A matrix of activations, quantised row by row.
+pub struct QActs {
+    pub rows: usize,
+    pub cols: usize,
+    pub blocks: Vec<ActBlock>,
+}
+
+impl QActs {
+    /// Quantise `rows` rows of `cols` values (`cols` a multiple of 32).
+    pub fn quantize(x: &[f32], rows: usize, cols: usize) -> QActs {
+        assert_eq!(x.len(), rows * cols, "activation shape");
+        assert_eq!(cols % QK, 0, "activation width must be a multiple of {QK}");
+        let blocks = x.chunks_exact(QK).map(quantize_block).collect();
+        QActs { rows, cols, blocks }
+    }
+
+    fn row(&self, j: usize) -> &[ActBlock] {
+        let nb = self.cols / QK;
+        &self.blocks[j * nb..(j + 1) * nb]
+    }
+
+    /// The values these blocks stand for (tests compare kernels against this).
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.blocks
+            .iter()
+            .flat_map(|b| b.qs.map(|q| q as f32 * b.d))
+            .collect()
+    }
+}
+
+/// As llama.cpp's Q8_1: the scale and the sum are kept at f16 precision (the values are
+/// quantised with the f32 scale), so our logits track llama.cpp's to the last bit that matters.
+fn quantize_block(x: &[f32]) -> ActBlock {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut qs = [0i8; QK];
+    for (q, v) in qs.iter_mut().zip(x) {
+        *q = (v * inv).round_ties_even() as i8;
+    }
+    let lo: i32 = qs[..16].iter().map(|&q| q as i32).sum();
+    let hi: i32 = qs[16..].iter().map(|&q| q as i32).sum();
+    ActBlock {
+        d: f16::from_f32(d).to_f32(),
+        s: f16::from_f32(d * (lo + hi) as f32).to_f32(),
+        half_sums: [lo as i16, hi as i16],
+        qs,
+    }
+}
+
+/// The GGUF block formats we have kernels for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QKind {
+    Q4_0,
+    Q4_1,
+    Q8_0,
+    Q4K,
+    Q6K,
+}
+
+impl QKind {
+    pub fn from_ggml(t: GgmlDType) -> Option<QKind> {
+        Some(match t {
+            GgmlDType::Q4_0 => QKind::Q4_0,
+            GgmlDType::Q4_1 => QKind::Q4_1,
+            GgmlDType::Q8_0 => QKind::Q8_0,
+            GgmlDType::Q4K => QKind::Q4K,
+            GgmlDType::Q6K => QKind::Q6K,
+            _ => return None,
+        })
+    }
+
+    /// Values per block.
+    pub fn block_len(self) -> usize {
+        match self {
+            QKind::Q4_0 | QKind::Q4_1 | QKind::Q8_0 => QK,
+            QKind::Q4K | QKind::Q6K => QK_K,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QKind::Q4_0 => 18,
+            QKind::Q4_1 => 20,
+            QKind::Q8_0 => 34,
+            QKind::Q4K => 144,
+            QKind::Q6K => 210,
+        }
+    }
+}
+
+/// A weight matrix `[rows, cols]` (output features × input features) in GGUF blocks, row-major.
+pub struct QWeight {
+    pub kind: QKind,
+    pub rows: usize,
+    pub cols: usize,
+    data: Vec<u8>,
+}
+
+impl QWeight {
+    /// Take a 2-D quantised tensor whose format we have kernels for; `None` otherwise (the
+    /// caller keeps candle's matmul for it).
+    pub fn from_qtensor(t: &QTensor) -> Option<QWeight> {
+        let kind = QKind::from_ggml(t.dtype())?;
+        let (rows, cols) = t.shape().dims2().ok()?;
+        if cols % kind.block_len() != 0 {
+            return None;
+        }
+        let data = t.data().ok()?.into_owned();
+        QWeight::from_bytes(kind, rows, cols, data)
+    }
+
+    /// Wrap raw GGUF blocks; `None` when the shape and byte count disagree.
+    pub fn from_bytes(kind: QKind, rows: usize, cols: usize, data: Vec<u8>) -> Option<QWeight> {
+        if cols % kind.block_len() != 0
+            || data.len() != rows * cols / kind.block_len() * kind.block_bytes()
+        {
+            return None;
+        }
+        Some(QWeight {
+            kind,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.cols / self.kind.block_len() * self.kind.block_bytes()
+    }
+
+    fn row(&self, r: usize) -> &[u8] {
+        let n = self.row_bytes();
+        &self.data[r * n..(r + 1) * n]
+    }
+
+    /// Bytes of weight data (for bandwidth figures).
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// `y = x · Wᵀ`: `[acts.rows, self.rows]`, row-major.
+    pub fn matmul(&self, acts: &QActs) -> Vec<f32> {
+        self.matmul_with(isa(), acts)
+    }
+
+    /// [`QWeight::matmul`] on a given instruction set (one of [`Isa::available`]).
+    pub fn matmul_with(&self, isa: Isa, acts: &QActs) -> Vec<f32> {
+        assert!(Isa::available().contains(&isa), "{isa:?} is not available");
+        let mut out = vec![0f32; acts.rows * self.rows];
+        matmul_many_with(isa, &mut [(self, &mut out[..])], acts);
+        out
+    }
+}
+
+/// Instruction sets the kernels can run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Portable,
+    Avx2,
+}
+
+impl Isa {
+    /// Every path this machine can run, portable first.
+    pub fn available() -> Vec<Isa> {
+        let mut v = vec![Isa::Portable];
+        if avx2::supported() {
+            v.push(Isa::Avx2);
+        }
+        v
+    }
+
+    fn best() -> Isa {
+        if avx2::supported() {
+            Isa::Avx2
+        } else {
+            Isa::Portable
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Isa> {
+        match s {
+            "portable" => Some(Isa::Portable),
+            "avx2" if avx2::supported() => Some(Isa::Avx2),
+            _ => None,
+        }
+    }
+}
+
+/// 0 = not chosen yet; otherwise `1 + Isa as u8`.
+static ISA: AtomicU8 = AtomicU8::new(0);
+
+/// The instruction set the kernels use: forced by [`set_isa`] or `AIOS_CPU_KERNELS`
+/// (`portable`, `avx2`), else the best this CPU has.
+pub fn isa() -> Isa {
+    match ISA.load(Ordering::Relaxed) {
+        1 => Isa::Portable,
+        2 => Isa::Avx2,
+        _ => {
+            let chosen = std::env::var("AIOS_CPU_KERNELS")
+                .ok()
+                .and_then(|s| Isa::parse(&s))
+                .unwrap_or_else(Isa::best);
+            set_isa(chosen);
+            chosen
+        }
+    }
+}
+
+/// Force an instruction set (it must be one of [`Isa::available`]).
+pub fn set_isa(isa: Isa) {
+    assert!(Isa::available().contains(&isa), "{isa:?} is not available");
+    ISA.store(
+        match isa {
+            Isa::Portable => 1,
+            Isa::Avx2 => 2,
+        },
+        Ordering::Relaxed,
+    );
+}
+
+/// Threads of candle's pool (read once: candle re-reads /proc/cpuinfo on every call).
+fn pool_threads() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("CANDLE_NUM_THREADS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(candle_core::utils::get_num_threads)
+            .max(1)
+    })
+}
+
+/// Activation rows per task when a weight's rows alone give too few tasks (long prefill).
+const ACT_ROWS_PER_TASK: usize = 64;
+
+#[derive(Clone, Copy)]
+struct Task {
+    w: usize,
+    r0: usize,
+    r1: usize,
+    j0: usize,
+    j1: usize,
+}
+
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint (row, column) cells of each output.
+unsafe impl Sync for OutPtr {}
+
+/// Several products of the same activations in one parallel pass: for each `(w, out)`,
+/// `out = acts · wᵀ` as `[acts.rows, w.rows]`, row-major.
+pub fn matmul_many(outs: &mut [(&QWeight, &mut [f32])], acts: &QActs) {
+    matmul_many_with(isa(), outs, acts)
+}
+
+fn matmul_many_with(isa: Isa, outs: &mut [(&QWeight, &mut [f32])], acts: &QActs) {
+    let threads = pool_threads();
+    let mut tasks = Vec::new();
+    let total_rows: usize = outs.iter().map(|(w, _)| w.rows).sum();
+    // Aim for a few tasks per thread; rows in multiples of 4 (the decode tile).
+    let per_task = (total_rows / (threads * 4)).clamp(4, 128) & !3;
+    let act_chunk = if acts.rows > ACT_ROWS_PER_TASK && total_rows / per_task < threads * 4 {
+        ACT_ROWS_PER_TASK
+    } else {
+        acts.rows.max(1)
+    };
+    for (wi, (w, out)) in outs.iter().enumerate() {
+        assert_eq!(w.cols, acts.cols, "weight and activation widths differ");
+        assert_eq!(out.len(), acts.rows * w.rows, "output shape");
+        for r0 in (0..w.rows).step_by(per_task) {
+            for j0 in (0..acts.rows).step_by(act_chunk) {
+                tasks.push(Task {
+                    w: wi,
+                    r0,
+                    r1: (r0 + per_task).min(w.rows),
+                    j0,
+                    j1: (j0 + act_chunk).min(acts.rows),
+                });
+            }
+        }
+    }
+    let ptrs: Vec<(&QWeight, OutPtr)> = outs
+        .iter_mut()
+        .map(|(w, o)| (&**w, OutPtr(o.as_mut_ptr())))
+        .collect();
+    let run = |t: &Task| {
+        let (w, out) = (&ptrs[t.w].0, &ptrs[t.w].1);
+        // SAFETY: this task alone writes cells (j, r) with j in j0..j1, r in r0..r1.
+        unsafe { tile(isa, w, t, acts, out.0) };
+    };
+    if tasks.len() == 1 {
+        run(&tasks[0]);
+        return;
+    }
+    candle_core::utils::barrier_pool().execute_chunked(tasks.len(), |range| {
+        for i in range {
+            run(&tasks[i]);
+        }
+    });
+}
+
+/// Compute cells `(j, r)` of one task, writing `out[j * w.rows + r]`.
+///
+/// # Safety
+/// `out` must point to `acts.rows * w.rows` floats, and no other thread may write this task's
+/// cells at the same time.
+unsafe fn tile(isa: Isa, w: &QWeight, t: &Task, acts: &QActs, out: *mut f32) {
+    let mut j = t.j0;
+    while j < t.j1 {
+        let a = (t.j1 - j).min(4);
+        let mut r = t.r0;
+        while r < t.r1 {
+            let rr = if a == 1 { 4 } else { 2 }.min(t.r1 - r);
+            let rr = if rr == 3 { 2 } else { rr };
+            let mut res = [[0f32; 4]; 4];
+            match isa {
+                Isa::Avx2 => avx2::tile(w, r, rr, acts, j, a, &mut res),
+                Isa::Portable => {
+                    for (i, row) in res.iter_mut().enumerate().take(rr) {
+                        for (k, cell) in row.iter_mut().enumerate().take(a) {
+                            *cell = portable::dot(w.kind, w.row(r + i), acts.row(j + k));
+                        }
+                    }
+                }
+            }
+            for (i, row) in res.iter().enumerate().take(rr) {
+                for (k, cell) in row.iter().enumerate().take(a) {
+                    *out.add((j + k) * w.rows + r + i) = *cell;
+                }
+            }
+            r += rr;
+        }
+        j += a;
+    }
+}
+
+#[inline(always)]
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+}
+
+/// Q4_K's 6-bit scale and min of sub-block `j` (0..8) from its 12 packed bytes.
+#[inline(always)]
+fn q4k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        (
+            (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
+    }
+}
