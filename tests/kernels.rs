@@ -25,19 +25,28 @@ fn weight(kind: GgmlDType, rows: usize, cols: usize, seed: u64) -> (QWeight, Vec
         .unwrap()
         .to_vec1::<f32>()
         .unwrap();
-    (QWeight::from_qtensor(&q).expect("supported kind"), reference)
+    let kind = QKind::from_ggml(q.dtype()).expect("supported kind");
+    let data = q.data().unwrap().into_owned();
+    (
+        QWeight::from_bytes(kind, rows, cols, data).unwrap(),
+        reference,
+    )
 }
 
-fn check(kind: GgmlDType, rows: usize, cols: usize, m: usize, isa: Isa) {
+fn check(kind: GgmlDType, rows: usize, cols: usize, m: usize, isa: Isa, interleave: bool) {
     let seed = (rows * 31 + cols * 7 + m) as u64;
     let (w, wf) = weight(kind, rows, cols, seed);
+    let w = if interleave { w.interleaved() } else { w };
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed + 1);
     let x = random(m * cols, &mut rng);
     let acts = QActs::quantize(&x, m, cols);
     let xf = acts.dequantize();
     // Activation quantisation is close to the input (8 bits, per-block scale).
     for (a, b) in xf.iter().zip(&x) {
-        assert!((a - b).abs() <= 1.0 / 127.0 + 1e-6, "activation block error");
+        assert!(
+            (a - b).abs() <= 1.0 / 127.0 + 1e-6,
+            "activation block error"
+        );
     }
     let y = w.matmul_with(isa, &acts);
     assert_eq!(y.len(), m * rows);
@@ -52,7 +61,7 @@ fn check(kind: GgmlDType, rows: usize, cols: usize, m: usize, isa: Isa) {
             let got = y[j * rows + r] as f64;
             assert!(
                 (got - exact).abs() <= 2e-3 * mag + 1e-4,
-                "{kind:?} {isa:?} rows={rows} cols={cols} m={m}: cell ({j},{r}) = {got}, want {exact}"
+                "{kind:?} {isa:?} interleaved={interleave} rows={rows} cols={cols} m={m}: cell ({j},{r}) = {got}, want {exact}"
             );
         }
     }
@@ -62,7 +71,10 @@ fn check(kind: GgmlDType, rows: usize, cols: usize, m: usize, isa: Isa) {
 fn every_kernel_matches_the_dequantised_reference_on_every_path() {
     let small = [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0];
     let k = [GgmlDType::Q4K, GgmlDType::Q6K];
-    for isa in Isa::available() {
+    for (isa, interleave) in Isa::available()
+        .into_iter()
+        .flat_map(|i| [(i, false), (i, true)])
+    {
         for kind in small {
             for (rows, cols, m) in [
                 (1, 32, 1),
@@ -74,7 +86,7 @@ fn every_kernel_matches_the_dequantised_reference_on_every_path() {
                 (9, 1536, 9),
                 (130, 64, 70),
             ] {
-                check(kind, rows, cols, m, isa);
+                check(kind, rows, cols, m, isa, interleave);
             }
         }
         for kind in k {
@@ -85,7 +97,7 @@ fn every_kernel_matches_the_dequantised_reference_on_every_path() {
                 (67, 768, 3),
                 (9, 1536, 70),
             ] {
-                check(kind, rows, cols, m, isa);
+                check(kind, rows, cols, m, isa, interleave);
             }
         }
     }
@@ -103,17 +115,22 @@ fn paths_agree_on_the_default_models_shapes() {
         (GgmlDType::Q4_1, 576, 1536),
         (GgmlDType::Q8_0, 4096, 576),
     ] {
+        let (plain, _) = weight(kind, rows, cols, 7);
         let (w, _) = weight(kind, rows, cols, 7);
+        let w = w.interleaved();
         for m in [1, 16] {
             let mut rng = rand::rngs::StdRng::seed_from_u64(m as u64);
             let acts = QActs::quantize(&random(m * cols, &mut rng), m, cols);
             let outs: Vec<Vec<f32>> = paths
                 .iter()
-                .map(|&isa| w.matmul_with(isa, &acts))
+                .flat_map(|&isa| [w.matmul_with(isa, &acts), plain.matmul_with(isa, &acts)])
                 .collect();
             for o in &outs[1..] {
                 for (a, b) in o.iter().zip(&outs[0]) {
-                    assert!((a - b).abs() <= 1e-3 * (1.0 + b.abs()), "{kind:?} {a} vs {b}");
+                    assert!(
+                        (a - b).abs() <= 1e-3 * (1.0 + b.abs()),
+                        "{kind:?} {a} vs {b}"
+                    );
                 }
             }
         }
@@ -123,6 +140,8 @@ fn paths_agree_on_the_default_models_shapes() {
 #[test]
 fn unsupported_shapes_and_kinds_are_left_to_candle() {
     let w = Tensor::zeros((4, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let q4 = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
+    assert!(QWeight::from_qtensor(&q4).is_some());
     // Q5_0 has no kernel here; K formats need widths in multiples of 256.
     let q5 = QTensor::quantize(&w, GgmlDType::Q5_0).unwrap();
     assert!(QWeight::from_qtensor(&q5).is_none());

@@ -4,7 +4,7 @@
 //! a decode step is linear in the context. Work is split over (sequence, KV head, query chunk)
 //! and run on candle's persistent thread pool, the one its matmuls use.
 
-use super::{axpy, axpy4, dot, dot4, exp_nonpositive};
+use super::{axpy, axpy4, dot, dot4, dot8, exp_nonpositive, sum};
 use crate::kv::{widen, KvElem, KvSeq};
 
 /// One sequence's part of a batch, as attention sees it.
@@ -189,6 +189,13 @@ fn attend_range(
             let srow = &mut scores[j * width..][..width];
             let end = visible(j).min(r0 + chunk.len() / d);
             let mut r = r0;
+            while r + 8 <= end {
+                let s8 = dot8(q, &chunk[(r - r0) * d..(r - r0 + 8) * d]);
+                for (k, x) in s8.iter().enumerate() {
+                    srow[r + k] = x * scale;
+                }
+                r += 8;
+            }
             while r + 4 <= end {
                 let s4 = dot4(q, [row(r), row(r + 1), row(r + 2), row(r + 3)]);
                 for (k, x) in s4.iter().enumerate() {
@@ -213,11 +220,11 @@ fn attend_range(
             continue;
         }
         let max = srow.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
+        // Exponentials first (a vectorised loop), then their sum.
         for s in srow.iter_mut() {
             *s = exp_nonpositive(*s - max);
-            sum += *s;
         }
+        let sum = sum(srow);
         p.max[j] = max;
         p.sum[j] = sum;
     }

@@ -46,6 +46,22 @@ pub fn tile(
     }
 }
 
+/// Fill `res[k]` with the dot products of the eight rows of interleaved group `g` and
+/// activation row `j + k` (`k < a`, `a` 1..=4).
+pub fn tile_x8(w: &QWeight, g: usize, acts: &QActs, j: usize, a: usize, res: &mut [[f32; 8]; 4]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(supported());
+        // SAFETY: as for `tile`; the group holds `nb` interleaved blocks.
+        unsafe { x86::tile_x8(w, g, acts, j, a, res) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (w, g, acts, j, a, res);
+        unreachable!("AVX2 kernels on a non-x86 CPU")
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -96,6 +112,153 @@ mod x86 {
             QKind::Q4K => shapes!(q4k),
             QKind::Q6K => shapes!(q6k),
         }
+    }
+
+    pub unsafe fn tile_x8(
+        w: &QWeight,
+        g: usize,
+        acts: &QActs,
+        j: usize,
+        a: usize,
+        res: &mut [[f32; 8]; 4],
+    ) {
+        let nb = w.cols / QK;
+        let grp = w.group(g).as_ptr();
+        macro_rules! go {
+            ($kern:ident, $A:literal) => {{
+                let ap: [*const ActBlock; $A] = std::array::from_fn(|k| acts.row(j + k).as_ptr());
+                let out = $kern::<$A>(grp, ap, nb);
+                res[..$A].copy_from_slice(&out);
+            }};
+        }
+        macro_rules! acts {
+            ($kern:ident) => {
+                match a {
+                    1 => go!($kern, 1),
+                    2 => go!($kern, 2),
+                    3 => go!($kern, 3),
+                    4 => go!($kern, 4),
+                    _ => unreachable!("{a} activation rows"),
+                }
+            };
+        }
+        match w.kind {
+            QKind::Q4_0 => acts!(q4_0_x8),
+            QKind::Q4_1 => acts!(q4_1_x8),
+            QKind::Q8_0 => acts!(q8_0_x8),
+            k => unreachable!("{k:?} is not interleaved"),
+        }
+    }
+
+    /// Four activation bytes `at..at + 4`, repeated in every 32-bit lane.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn bcast4(ab: &ActBlock, at: usize) -> __m256i {
+        _mm256_set1_epi32((ab.qs.as_ptr().add(at) as *const i32).read_unaligned())
+    }
+
+    /// Eight interleaved rows of 4-bit values against `A` activation rows. Each 32-byte run
+    /// holds, per row (32-bit lane), four bytes: low nibbles are values `4s..4s + 4`, high
+    /// nibbles `16 + 4s..`. Products are summed in 16-bit lanes over the whole block (at most
+    /// 8 · 2 · 15 · 127 = 30,480, no overflow), then once in 32 bits.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_x8<const A: usize, const HAS_MIN: bool>(
+        grp: *const u8,
+        ap: [*const ActBlock; A],
+        nb: usize,
+    ) -> [[f32; 8]; A] {
+        let hdr = if HAS_MIN { 32 } else { 16 };
+        let bytes = hdr + 128;
+        let mask = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); A];
+        for b in 0..nb {
+            let p = grp.add(b * bytes);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+            let m = if HAS_MIN {
+                _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i))
+            } else {
+                _mm256_mul_ps(d, _mm256_set1_ps(-8.0))
+            };
+            let mut isum = [_mm256_setzero_si256(); A];
+            for s in 0..4 {
+                let q = _mm256_loadu_si256(p.add(hdr + 32 * s) as *const __m256i);
+                let lo = _mm256_and_si256(q, mask);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask);
+                for k in 0..A {
+                    let ab = &*ap[k].add(b);
+                    let xl = _mm256_maddubs_epi16(lo, bcast4(ab, 4 * s));
+                    let xh = _mm256_maddubs_epi16(hi, bcast4(ab, 16 + 4 * s));
+                    isum[k] = _mm256_add_epi16(isum[k], _mm256_add_epi16(xl, xh));
+                }
+            }
+            for k in 0..A {
+                let ab = &*ap[k].add(b);
+                let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(isum[k], ones));
+                acc[k] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(ab.d)), dot, acc[k]);
+                acc[k] = _mm256_fmadd_ps(m, _mm256_set1_ps(ab.s), acc[k]);
+            }
+        }
+        let mut out = [[0f32; 8]; A];
+        for k in 0..A {
+            _mm256_storeu_ps(out[k].as_mut_ptr(), acc[k]);
+        }
+        out
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_1_x8<const A: usize>(
+        grp: *const u8,
+        ap: [*const ActBlock; A],
+        nb: usize,
+    ) -> [[f32; 8]; A] {
+        q4_x8::<A, true>(grp, ap, nb)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_0_x8<const A: usize>(
+        grp: *const u8,
+        ap: [*const ActBlock; A],
+        nb: usize,
+    ) -> [[f32; 8]; A] {
+        q4_x8::<A, false>(grp, ap, nb)
+    }
+
+    /// Eight interleaved Q8_0 rows: eight runs of 32 bytes, four values per row each.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_0_x8<const A: usize>(
+        grp: *const u8,
+        ap: [*const ActBlock; A],
+        nb: usize,
+    ) -> [[f32; 8]; A] {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); A];
+        for b in 0..nb {
+            let p = grp.add(b * 272);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+            let mut isum = [_mm256_setzero_si256(); A];
+            for s in 0..8 {
+                let q = _mm256_loadu_si256(p.add(16 + 32 * s) as *const __m256i);
+                let qa = _mm256_sign_epi8(q, q);
+                for k in 0..A {
+                    let ab = &*ap[k].add(b);
+                    let x = _mm256_sign_epi8(bcast4(ab, 4 * s), q);
+                    let p16 = _mm256_maddubs_epi16(qa, x);
+                    isum[k] = _mm256_add_epi32(isum[k], _mm256_madd_epi16(p16, ones));
+                }
+            }
+            for k in 0..A {
+                let ab = &*ap[k].add(b);
+                let dot = _mm256_cvtepi32_ps(isum[k]);
+                acc[k] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(ab.d)), dot, acc[k]);
+            }
+        }
+        let mut out = [[0f32; 8]; A];
+        for k in 0..A {
+            _mm256_storeu_ps(out[k].as_mut_ptr(), acc[k]);
+        }
+        out
     }
 
     #[inline]
@@ -325,8 +488,8 @@ mod x86 {
                         acc[i][k] =
                             _mm256_fmadd_ps(_mm256_set1_ps(dd), _mm256_cvtepi32_ps(p), acc[i][k]);
                         // Values are q − 32: subtract 32 · Σ scale · x over each half.
-                        let corr = scs[i][0] * ab.half_sums[0] as i32
-                            + scs[i][1] * ab.half_sums[1] as i32;
+                        let corr =
+                            scs[i][0] * ab.half_sums[0] as i32 + scs[i][1] * ab.half_sums[1] as i32;
                         off[i][k] -= dd * (32 * corr) as f32;
                     }
                 }

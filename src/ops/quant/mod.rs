@@ -49,7 +49,10 @@ impl QActs {
     /// Quantise `rows` rows of `cols` values (`cols` a multiple of 32).
     pub fn quantize(x: &[f32], rows: usize, cols: usize) -> QActs {
         assert_eq!(x.len(), rows * cols, "activation shape");
-        assert_eq!(cols % QK, 0, "activation width must be a multiple of {QK}");
+        assert!(
+            cols.is_multiple_of(QK),
+            "activation width must be a multiple of {QK}"
+        );
         let blocks = x.chunks_exact(QK).map(quantize_block).collect();
         QActs { rows, cols, blocks }
     }
@@ -130,30 +133,60 @@ impl QKind {
     }
 }
 
-/// A weight matrix `[rows, cols]` (output features × input features) in GGUF blocks, row-major.
+/// A weight matrix `[rows, cols]` (output features × input features) in GGUF blocks.
+///
+/// For the AVX2 kernels, the Q4_0, Q4_1 and Q8_0 rows are stored interleaved in groups of
+/// eight ([`GROUP`]): per block, the eight rows' scales side by side, then their values four
+/// at a time, row after row. One 32-byte load then feeds eight rows at once, each 32-bit lane
+/// one row, and the block's dot products come out as one vector with no horizontal sums. Rows
+/// past the last full group stay in the file's layout. Same bytes, another order.
 pub struct QWeight {
     pub kind: QKind,
     pub rows: usize,
     pub cols: usize,
+    /// Rows `0..packed_rows` in the interleaved layout, then the rest in GGUF layout.
+    packed_rows: usize,
     data: Vec<u8>,
+}
+
+/// Rows per interleaved group.
+pub const GROUP: usize = 8;
+
+impl QKind {
+    /// Bytes of the eight rows' scales (and mins) at the head of an interleaved block.
+    fn group_header(self) -> usize {
+        match self {
+            QKind::Q4_1 => 32,
+            _ => 16,
+        }
+    }
+
+    fn interleaves(self) -> bool {
+        matches!(self, QKind::Q4_0 | QKind::Q4_1 | QKind::Q8_0)
+    }
 }
 
 impl QWeight {
     /// Take a 2-D quantised tensor whose format we have kernels for; `None` otherwise (the
-    /// caller keeps candle's matmul for it).
+    /// caller keeps candle's matmul for it). Interleaved when the kernels in use are AVX2.
     pub fn from_qtensor(t: &QTensor) -> Option<QWeight> {
         let kind = QKind::from_ggml(t.dtype())?;
         let (rows, cols) = t.shape().dims2().ok()?;
-        if cols % kind.block_len() != 0 {
+        if !cols.is_multiple_of(kind.block_len()) {
             return None;
         }
         let data = t.data().ok()?.into_owned();
-        QWeight::from_bytes(kind, rows, cols, data)
+        let w = QWeight::from_bytes(kind, rows, cols, data)?;
+        Some(if isa() == Isa::Avx2 {
+            w.interleaved()
+        } else {
+            w
+        })
     }
 
     /// Wrap raw GGUF blocks; `None` when the shape and byte count disagree.
     pub fn from_bytes(kind: QKind, rows: usize, cols: usize, data: Vec<u8>) -> Option<QWeight> {
-        if cols % kind.block_len() != 0
+        if !cols.is_multiple_of(kind.block_len())
             || data.len() != rows * cols / kind.block_len() * kind.block_bytes()
         {
             return None;
@@ -162,17 +195,75 @@ impl QWeight {
             kind,
             rows,
             cols,
+            packed_rows: 0,
             data,
         })
     }
 
-    fn row_bytes(&self) -> usize {
-        self.cols / self.kind.block_len() * self.kind.block_bytes()
+    /// The same weights with full groups of eight rows interleaved (formats that have an
+    /// interleaved kernel; others are returned unchanged).
+    pub fn interleaved(self) -> QWeight {
+        if !self.kind.interleaves() || self.packed_rows > 0 {
+            return self;
+        }
+        let packed_rows = self.rows / GROUP * GROUP;
+        let mut data = Vec::with_capacity(self.data.len());
+        let nb = self.blocks_per_row();
+        let (bb, hdr) = (self.kind.block_bytes(), self.kind.group_header());
+        let mut block = vec![0u8; bb * GROUP];
+        for g in 0..packed_rows / GROUP {
+            for b in 0..nb {
+                for i in 0..GROUP {
+                    let src = &self.row(g * GROUP + i)[b * bb..][..bb];
+                    interleave_block(self.kind, src, i, &mut block, hdr);
+                }
+                data.extend_from_slice(&block);
+            }
+        }
+        data.extend_from_slice(&self.data[packed_rows * self.row_bytes()..]);
+        QWeight {
+            packed_rows,
+            data,
+            ..self
+        }
     }
 
+    fn blocks_per_row(&self) -> usize {
+        self.cols / self.kind.block_len()
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.blocks_per_row() * self.kind.block_bytes()
+    }
+
+    /// Row `r` (past the interleaved groups) in GGUF layout.
     fn row(&self, r: usize) -> &[u8] {
+        debug_assert!(r >= self.packed_rows);
         let n = self.row_bytes();
-        &self.data[r * n..(r + 1) * n]
+        let at = self.packed_rows * n + (r - self.packed_rows) * n;
+        &self.data[at..at + n]
+    }
+
+    /// Row `r` in GGUF layout, gathered from its group when interleaved.
+    fn gguf_row(&self, r: usize) -> std::borrow::Cow<'_, [u8]> {
+        if r >= self.packed_rows {
+            return self.row(r).into();
+        }
+        let (bb, hdr) = (self.kind.block_bytes(), self.kind.group_header());
+        let (g, i) = (r / GROUP, r % GROUP);
+        let nb = self.blocks_per_row();
+        let mut out = vec![0u8; nb * bb];
+        for b in 0..nb {
+            let group = &self.data[(g * nb + b) * bb * GROUP..][..bb * GROUP];
+            deinterleave_block(self.kind, group, i, &mut out[b * bb..][..bb], hdr);
+        }
+        out.into()
+    }
+
+    /// The interleaved blocks of group `g` (rows `8g..8g + 8`).
+    fn group(&self, g: usize) -> &[u8] {
+        let n = self.row_bytes() * GROUP;
+        &self.data[g * n..(g + 1) * n]
     }
 
     /// Bytes of weight data (for bandwidth figures).
@@ -191,6 +282,39 @@ impl QWeight {
         let mut out = vec![0f32; acts.rows * self.rows];
         matmul_many_with(isa, &mut [(self, &mut out[..])], acts);
         out
+    }
+}
+
+/// Bytes of the values of one block (after its scales) in GGUF layout.
+fn scale_bytes(kind: QKind) -> usize {
+    match kind {
+        QKind::Q4_1 => 4,
+        _ => 2,
+    }
+}
+
+/// Copy GGUF block `src` into slot `i` of an interleaved block: the scale (and min) at
+/// `2i` (and `16 + 2i`), the values in runs of four bytes at `hdr + 32s + 4i`.
+fn interleave_block(kind: QKind, src: &[u8], i: usize, dst: &mut [u8], hdr: usize) {
+    dst[2 * i..2 * i + 2].copy_from_slice(&src[..2]);
+    if kind == QKind::Q4_1 {
+        dst[16 + 2 * i..16 + 2 * i + 2].copy_from_slice(&src[2..4]);
+    }
+    let vals = &src[scale_bytes(kind)..];
+    for (s, run) in vals.chunks_exact(4).enumerate() {
+        dst[hdr + 32 * s + 4 * i..][..4].copy_from_slice(run);
+    }
+}
+
+/// The inverse of [`interleave_block`].
+fn deinterleave_block(kind: QKind, src: &[u8], i: usize, dst: &mut [u8], hdr: usize) {
+    dst[..2].copy_from_slice(&src[2 * i..2 * i + 2]);
+    if kind == QKind::Q4_1 {
+        dst[2..4].copy_from_slice(&src[16 + 2 * i..16 + 2 * i + 2]);
+    }
+    let sb = scale_bytes(kind);
+    for (s, run) in dst[sb..].chunks_exact_mut(4).enumerate() {
+        run.copy_from_slice(&src[hdr + 32 * s + 4 * i..][..4]);
     }
 }
 
@@ -305,8 +429,8 @@ fn matmul_many_with(isa: Isa, outs: &mut [(&QWeight, &mut [f32])], acts: &QActs)
     let threads = pool_threads();
     let mut tasks = Vec::new();
     let total_rows: usize = outs.iter().map(|(w, _)| w.rows).sum();
-    // Aim for a few tasks per thread; rows in multiples of 4 (the decode tile).
-    let per_task = (total_rows / (threads * 4)).clamp(4, 128) & !3;
+    // Aim for a few tasks per thread; rows in whole interleaved groups.
+    let per_task = (total_rows / (threads * 4)).clamp(GROUP, 128) / GROUP * GROUP;
     let act_chunk = if acts.rows > ACT_ROWS_PER_TASK && total_rows / per_task < threads * 4 {
         ACT_ROWS_PER_TASK
     } else {
@@ -353,10 +477,29 @@ fn matmul_many_with(isa: Isa, outs: &mut [(&QWeight, &mut [f32])], acts: &QActs)
 /// `out` must point to `acts.rows * w.rows` floats, and no other thread may write this task's
 /// cells at the same time.
 unsafe fn tile(isa: Isa, w: &QWeight, t: &Task, acts: &QActs, out: *mut f32) {
+    // Interleaved groups first (tasks start on group boundaries), then GGUF-layout rows.
+    let mid = t.r1.min(w.packed_rows).max(t.r0);
     let mut j = t.j0;
     while j < t.j1 {
         let a = (t.j1 - j).min(4);
-        let mut r = t.r0;
+        if isa == Isa::Avx2 {
+            for g in t.r0 / GROUP..mid / GROUP {
+                let mut res = [[0f32; GROUP]; 4];
+                avx2::tile_x8(w, g, acts, j, a, &mut res);
+                for (k, row) in res.iter().enumerate().take(a) {
+                    let dst = out.add((j + k) * w.rows + g * GROUP);
+                    std::ptr::copy_nonoverlapping(row.as_ptr(), dst, GROUP);
+                }
+            }
+        } else {
+            for r in t.r0..mid {
+                let row = w.gguf_row(r);
+                for k in 0..a {
+                    *out.add((j + k) * w.rows + r) = portable::dot(w.kind, &row, acts.row(j + k));
+                }
+            }
+        }
+        let mut r = mid;
         while r < t.r1 {
             let rr = if a == 1 { 4 } else { 2 }.min(t.r1 - r);
             let rr = if rr == 3 { 2 } else { rr };
