@@ -4,8 +4,9 @@
 //!     cargo bench --bench model                 # 2 threads
 //!     AIOS_BENCH_THREADS=1 cargo bench --bench model
 //!
-//! Reports prefill (pp512, and 2,000 tokens) and decode (tg128 after a short prompt, and
-//! 64 tokens after 2,000 tokens of context) in tokens/s.
+//! Reports prefill (pp512, and 2,000 tokens), decode (tg128 after a short prompt, and 64
+//! tokens after 2,000 tokens of context) and batched decode at B = 1..32, in tokens/s, then
+//! the same as one JSON line.
 
 use std::time::Instant;
 
@@ -69,6 +70,43 @@ fn main() {
     let tg128 = ours_decode(&mut kv_short, 128);
     let tg_at2000 = ours_decode(&mut kv2000, 64);
 
+    // Batched decode (as llama-batched-bench's S_TG): B sequences after a 16-token prompt each,
+    // 32 steps, every step one token of each sequence through the model as one batch.
+    let batched: Vec<(usize, f64)> = [1usize, 4, 8, 16, 32]
+        .iter()
+        .map(|&b| {
+            let prompt = tokens(16, &m.tokenizer);
+            let mut kvs: Vec<KvSeq> = (0..b).map(|_| KvSeq::new(layout, 64)).collect();
+            let mut inputs: Vec<SeqInput> = kvs
+                .iter_mut()
+                .map(|kv| SeqInput {
+                    tokens: &prompt,
+                    kv,
+                    want_logits: true,
+                })
+                .collect();
+            m.llama.forward(&mut inputs).unwrap();
+            let steps = 32;
+            let next = [504u32];
+            let t = Instant::now();
+            for _ in 0..steps {
+                let mut inputs: Vec<SeqInput> = kvs
+                    .iter_mut()
+                    .map(|kv| SeqInput {
+                        tokens: &next,
+                        kv,
+                        want_logits: true,
+                    })
+                    .collect();
+                m.llama.forward(&mut inputs).unwrap();
+            }
+            (b, (b * steps) as f64 / t.elapsed().as_secs_f64())
+        })
+        .collect();
+    for (b, tps) in &batched {
+        println!("batched decode B={b:<2}: {tps:>7.1} tokens/s");
+    }
+
     // Attention alone: one decode token against 2,000 positions, every layer.
     let heads = aios::ops::attention::Heads {
         n_heads: m.llama.cfg.n_heads,
@@ -122,6 +160,15 @@ fn main() {
     ] {
         println!("{name:<28} {a:>10.1} {b:>10.1} {:>6.2}x", a / b);
     }
+    // One line for scripts (scripts/bench-vs-llama-cpp.sh).
+    let mut json = serde_json::json!({
+        "pp512": pp512, "pp2000": pp2000, "tg128": tg128, "tg_at2000": tg_at2000,
+        "attention_ms_at_2064": attn_ms,
+    });
+    for (b, tps) in batched {
+        json[format!("batched_b{b}")] = tps.into();
+    }
+    println!("{json}");
 }
 
 type Stock = candle_transformers::models::quantized_llama::ModelWeights;

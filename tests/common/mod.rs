@@ -132,3 +132,55 @@ pub fn post_stream(path: &str, body: &Value) -> Vec<Value> {
         })
         .collect()
 }
+
+/// llama.cpp's greedy continuations, teacher-forced: at every step llama.cpp's token must be
+/// our top token or within `NEAR_TIE` logits of it. Different summation orders move logits by
+/// a few hundredths through 30 layers of 8-bit activations, which can flip a near tie (e.g.
+/// " New" vs " Nova" at 0.05 apart) and send a free-running greedy decode elsewhere; a real
+/// error (a wrong scale, a wrong block layout) moves them by whole units.
+pub fn check_llama_cpp_greedy(m: &aios::model::LoadedModel) {
+    use aios::kv::KvSeq;
+    use aios::model::SeqInput;
+    const NEAR_TIE: f32 = 0.25;
+    let reference = reference();
+    let (mut steps, mut exact) = (0, 0);
+    for case in reference["greedy"].as_array().unwrap() {
+        let prompt = case["prompt"].as_str().unwrap();
+        let text = case["text"].as_str().unwrap();
+        let mut ids = m.tokenizer.encode(prompt, false).unwrap();
+        let cont = m.tokenizer.encode(text, false).unwrap();
+        assert_eq!(m.tokenizer.decode(&cont), text);
+        let mut kv = KvSeq::new(m.llama.kv_layout(), ids.len() + cont.len());
+        let mut feed = ids.clone();
+        for &want in &cont {
+            let logits: Vec<f32> = m
+                .llama
+                .forward(&mut [SeqInput {
+                    tokens: &feed,
+                    kv: &mut kv,
+                    want_logits: true,
+                }])
+                .unwrap()
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let top = aios::engine::sampler::argmax(&logits);
+            let gap = logits[top as usize] - logits[want as usize];
+            assert!(
+                gap <= NEAR_TIE,
+                "after {:?}: llama.cpp chose {:?}, ours {:?} by {gap}",
+                m.tokenizer.decode(&ids),
+                m.tokenizer.decode(&[want]),
+                m.tokenizer.decode(&[top])
+            );
+            steps += 1;
+            exact += usize::from(top == want);
+            ids.push(want);
+            feed = vec![want];
+        }
+    }
+    // Near ties are rare: nearly every step is an exact match.
+    assert!(exact + 2 >= steps, "{exact} of {steps} steps exact");
+}

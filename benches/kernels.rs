@@ -1,0 +1,134 @@
+//! Quantised matmul kernels alone: memory bandwidth for matrix × vector (decode) and
+//! arithmetic rate for matrix × small matrix (batched decode, prefill chunks), against the
+//! memory bandwidth measured in the same run and candle's `QMatMul` on the same weights.
+//!
+//!     cargo bench --bench kernels                 # 2 threads
+//!     AIOS_BENCH_THREADS=1 cargo bench --bench kernels
+//!     AIOS_CPU_KERNELS=portable cargo bench --bench kernels
+//!
+//! The weight matrices (65,536 × 1,024) are larger than the last-level cache, so decode figures
+//! are DRAM figures.
+
+use std::time::Instant;
+
+use aios::ops::quant::{isa, QActs, QWeight};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+
+const ROWS: usize = 65_536;
+const COLS: usize = 1_024;
+
+/// Best of `reps` timings, in seconds.
+fn best(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// Read bandwidth of this machine with `threads` threads streaming a 256 MB buffer.
+fn memory_bandwidth(threads: usize) -> f64 {
+    let words: usize = (256 << 20) >> 3;
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let secs = best(5, || {
+        std::thread::scope(|s| {
+            for part in buf.chunks(words.div_ceil(threads)) {
+                s.spawn(move || {
+                    let (chunks, _) = part.as_chunks::<8>();
+                    let mut acc = [0u64; 8];
+                    for c in chunks {
+                        for i in 0..8 {
+                            acc[i] = acc[i].wrapping_add(c[i]);
+                        }
+                    }
+                    std::hint::black_box(acc);
+                });
+            }
+        })
+    });
+    (words * 8) as f64 / secs / 1e9
+}
+
+fn main() {
+    let threads: usize = std::env::var("AIOS_BENCH_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    // candle's pool (ours too) is sized from this when first used.
+    std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
+    aios::init_threads(threads);
+    let bw = memory_bandwidth(threads);
+    println!(
+        "threads: {threads}, kernels: {}, memory read bandwidth: {bw:.1} GB/s",
+        isa().name()
+    );
+    println!(
+        "{:<6} {:>9} {:>9} {:>7} {:>8} | {:>11} {:>11} {:>8} | {:>11} {:>8}",
+        "format",
+        "MB",
+        "M=1 GB/s",
+        "of bw",
+        "vs cndl",
+        "M=16 GFLOP",
+        "M=64 GFLOP",
+        "vs cndl",
+        "candle M=1",
+        "cndl M=16"
+    );
+    let dev = Device::Cpu;
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    let wf: Vec<f32> = (0..ROWS * COLS).map(|_| next()).collect();
+    let w = Tensor::from_vec(wf, (ROWS, COLS), &dev).unwrap();
+    for kind in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
+    ] {
+        let q = QTensor::quantize(&w, kind).unwrap();
+        let ours = QWeight::from_qtensor(&q).unwrap();
+        let theirs = QMatMul::from_qtensor(q).unwrap();
+        let mb = ours.bytes() as f64 / 1e6;
+        let gflop = |m: usize, secs: f64| 2.0 * (ROWS * COLS * m) as f64 / secs / 1e9;
+        let mut ours_at = |m: usize, reps: usize| {
+            let x: Vec<f32> = (0..m * COLS).map(|_| next()).collect();
+            let acts = QActs::quantize(&x, m, COLS);
+            best(reps, || {
+                std::hint::black_box(ours.matmul(&acts));
+            })
+        };
+        let (o1, o16, o64) = (ours_at(1, 20), ours_at(16, 5), ours_at(64, 3));
+        let theirs_at = |m: usize, reps: usize| {
+            let x = Tensor::ones((m, COLS), candle_core::DType::F32, &dev).unwrap();
+            best(reps, || {
+                std::hint::black_box(theirs.forward(&x).unwrap());
+            })
+        };
+        let (t1, t16) = (theirs_at(1, 10), theirs_at(16, 2));
+        let gbs = ours.bytes() as f64 / o1 / 1e9;
+        println!(
+            "{:<6} {:>9.1} {:>9.1} {:>6.0}% {:>7.2}x | {:>11.1} {:>11.1} {:>7.2}x | {:>11.1} {:>8.1}",
+            format!("{kind:?}"),
+            mb,
+            gbs,
+            100.0 * gbs / bw,
+            t1 / o1,
+            gflop(16, o16),
+            gflop(64, o64),
+            t16 / o16,
+            ours.bytes() as f64 / t1 / 1e9,
+            gflop(16, t16),
+        );
+    }
+}
