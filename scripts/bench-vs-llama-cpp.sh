@@ -10,7 +10,7 @@ threads="${1:-2}"
 model="models/SmolLM2-135M-Instruct.Q4_1.gguf"
 scripts/fetch-model.sh >/dev/null
 if ! .venv-bench/bin/python -c "import llama_cpp" 2>/dev/null; then
-    command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake; }
+    command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake >/dev/null; }
     python3 -m venv .venv-bench
     # Native build for this CPU, like our target-cpu build.
     CMAKE_ARGS="-DGGML_NATIVE=ON" .venv-bench/bin/pip install -q llama-cpp-python

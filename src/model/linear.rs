@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 
-use crate::ops::quant::{matmul_many, QActs, QWeight};
+use crate::ops::quant::{matmul_many, QActs, QKind, QWeight};
 
 pub enum Weight {
     Ours(QWeight),
@@ -61,10 +61,13 @@ impl Linear {
         dev: &Device,
     ) -> candle_core::Result<Linear> {
         let out_features = w.shape().dims()[0];
-        let ours = if dev.is_cpu() && !dequantize_all() {
-            QWeight::from_qtensor(&w)
-        } else {
-            None
+        // Our kernels where they beat candle's (the interleaved formats); candle's Q4_K and
+        // Q6_K paths are faster than our plain K kernels for now (benches/kernels.rs).
+        let ours = match QKind::from_ggml(w.dtype()) {
+            Some(k) if k.interleaves() && dev.is_cpu() && !dequantize_all() => {
+                QWeight::from_qtensor(&w)
+            }
+            _ => None,
         };
         let w = match ours {
             Some(q) => Weight::Ours(q),

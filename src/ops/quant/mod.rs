@@ -161,7 +161,8 @@ impl QKind {
         }
     }
 
-    fn interleaves(self) -> bool {
+    /// Whether this format has the interleaved eight-row kernels (the fastest path).
+    pub fn interleaves(self) -> bool {
         matches!(self, QKind::Q4_0 | QKind::Q4_1 | QKind::Q8_0)
     }
 }
