@@ -14,7 +14,36 @@ pub const DEFAULT_MODEL_NAME: &str = "smollm2";
 pub struct Config {
     pub server: ServerConfig,
     pub engine: EngineSection,
+    pub kv: KvSection,
     pub models: Vec<ModelConfig>,
+}
+
+/// The KV pool of each model: fixed 16-token blocks allocated once, from `bytes` when set,
+/// else from `memory_fraction` of the memory available at start.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KvSection {
+    pub bytes: u64,
+    pub memory_fraction: f64,
+}
+
+impl Default for KvSection {
+    fn default() -> Self {
+        Self {
+            bytes: 0,
+            memory_fraction: 0.25,
+        }
+    }
+}
+
+impl KvSection {
+    pub fn budget(&self) -> crate::engine::KvBudget {
+        if self.bytes > 0 {
+            crate::engine::KvBudget::Bytes(self.bytes)
+        } else {
+            crate::engine::KvBudget::FractionOfFree(self.memory_fraction)
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -48,17 +77,20 @@ impl Default for EngineSection {
     }
 }
 
-impl EngineSection {
+impl Config {
+    /// What the engine of each model runs with.
     pub fn engine_config(&self) -> crate::engine::EngineConfig {
+        let e = &self.engine;
         crate::engine::EngineConfig {
-            max_batched_tokens: self.max_batched_tokens,
-            max_running: self.max_running,
-            max_queued: self.max_queued,
-            policy: self.policy,
+            max_batched_tokens: e.max_batched_tokens,
+            max_running: e.max_running,
+            max_queued: e.max_queued,
+            policy: e.policy,
             policy_params: crate::engine::PolicyParams {
-                quantum: self.round_robin_quantum,
-                aging_secs: self.aging_secs,
+                quantum: e.round_robin_quantum,
+                aging_secs: e.aging_secs,
             },
+            kv: self.kv.budget(),
         }
     }
 }
@@ -120,6 +152,7 @@ impl Default for Config {
         Self {
             server: ServerConfig::default(),
             engine: EngineSection::default(),
+            kv: KvSection::default(),
             models: vec![ModelConfig::for_path(
                 DEFAULT_MODEL_NAME,
                 DEFAULT_MODEL_PATH,
@@ -244,6 +277,12 @@ impl Config {
             return Err(ConfigError(format!(
                 "engine.aging_secs = {} must be positive",
                 self.engine.aging_secs
+            )));
+        }
+        let f = self.kv.memory_fraction;
+        if f.is_nan() || f <= 0.0 || f > 0.95 {
+            return Err(ConfigError(format!(
+                "kv.memory_fraction = {f} must be above 0 and at most 0.95"
             )));
         }
         if self.models.is_empty() {

@@ -78,7 +78,7 @@ pub fn start_loading(cfg: &Config) -> Arc<AppState> {
             })
             .collect(),
     });
-    let engine_cfg = cfg.engine.engine_config();
+    let engine_cfg = cfg.engine_config();
     for (i, m) in cfg.models.iter().cloned().enumerate() {
         let state = state.clone();
         std::thread::spawn(move || {

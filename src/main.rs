@@ -253,7 +253,7 @@ fn chat(cfg: Config, temperature: f32, max_tokens: usize, system: Option<String>
     let m = &cfg.models[0];
     eprintln!("loading {} ...", m.path);
     let loaded = aios::load_configured(m).map_err(anyhow::Error::msg)?;
-    let engine = aios::engine::spawn(loaded, cfg.engine.engine_config());
+    let engine = aios::engine::spawn(loaded, cfg.engine_config());
     let info = engine.model.clone();
     let Some(template) = info.template.as_ref() else {
         bail!("model '{}' has no chat template", m.name);

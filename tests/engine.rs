@@ -6,7 +6,8 @@ mod common;
 use std::time::Instant;
 
 use aios::engine::{
-    spawn, EngineConfig, EngineHandle, Event, GenRequest, PolicyKind, PolicyParams, SamplingParams,
+    spawn, EngineConfig, EngineHandle, Event, GenRequest, KvBudget, PolicyKind, PolicyParams,
+    SamplingParams,
 };
 use aios::model::{load_model, LoadOptions};
 
@@ -298,4 +299,135 @@ fn the_queue_is_bounded_and_places_come_back() {
     drop(b);
     let out = collect(submit(&e, request(&e, "1, 2, 3, 4,", 16)));
     assert_eq!(e.model.tokenizer.decode(&out), " 5, 6, 7, 8, 9, ");
+}
+
+/// An engine whose KV pool holds only `blocks` blocks.
+fn small_pool(blocks: usize, policy: PolicyKind) -> EngineHandle {
+    aios::init_threads(2);
+    let m = load_model(&common::default_model_path(), &LoadOptions::default()).unwrap();
+    let bytes = blocks * m.llama.kv_layout().bytes_per_block();
+    spawn(
+        m,
+        EngineConfig {
+            policy,
+            kv: KvBudget::Bytes(bytes as u64),
+            ..Default::default()
+        },
+    )
+}
+
+#[test]
+fn sequences_preempted_when_blocks_run_out_resume_with_identical_tokens() {
+    // Eight blocks (128 tokens); three sequences of ~8 + 40 tokens need nine between them
+    // once they grow, so the lowest-ranked are swapped out to host memory and back.
+    let e = small_pool(8, PolicyKind::Fifo);
+    assert_eq!(
+        e.model.context_length, 128,
+        "a sequence must fit the pool alone"
+    );
+    let texts = [
+        "Once upon a time",
+        "The capital of France is",
+        "def fibonacci(n):",
+    ];
+    let alone: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| collect(submit(&e, request(&e, t, 40))))
+        .collect();
+    assert_eq!(e.kv_usage().swap_outs, 0, "one at a time fits");
+    let rxs: Vec<Rx> = texts
+        .iter()
+        .map(|t| submit(&e, request(&e, t, 40)))
+        .collect();
+    let together: Vec<Vec<u32>> = rxs.into_iter().map(collect).collect();
+    assert!(e.kv_usage().swap_outs > 0, "nothing was preempted");
+    assert_eq!(alone, together);
+    wait_for_no_blocks(&e);
+}
+
+#[test]
+fn priority_preempts_lower_priority_work_when_blocks_run_out() {
+    let e = small_pool(8, PolicyKind::Priority);
+    // A low-priority sequence that grows to fill the pool: a ~90-token prompt and 30 more.
+    let low_req = GenRequest {
+        agent: "low".into(),
+        ..request(&e, &"The quick brown fox jumps over the lazy dog. ".repeat(9), 30)
+    };
+    assert!(low_req.prompt.len() > 80);
+    let low_alone = collect(submit(&e, low_req.clone()));
+    let low = submit(&e, low_req);
+    // Once its prompt is in the pool, a high-priority request arrives; between them they
+    // need more blocks than there are.
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    while e.kv_usage().blocks_used < 6 {
+        assert!(Instant::now() < deadline, "the low-priority prompt never ran");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let high = submit(&e, job(&e, "high", 5, 40));
+    let high = std::thread::spawn(move || {
+        collect(high);
+        Instant::now()
+    });
+    let low = std::thread::spawn(move || (collect(low), Instant::now()));
+    let high_done = high.join().unwrap();
+    let (low_tokens, low_done) = low.join().unwrap();
+    assert!(high_done < low_done, "the high-priority request waited");
+    assert!(e.kv_usage().swap_outs > 0, "nothing was preempted");
+    assert_eq!(low_tokens, low_alone, "the preempted sequence changed its output");
+    wait_for_no_blocks(&e);
+}
+
+fn wait_for_no_blocks(e: &EngineHandle) {
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let u = e.kv_usage();
+        if u.blocks_used == 0 && u.swapped == 0 && e.live() == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "KV blocks leaked: {u:?}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn no_kv_block_leaks_after_200_requests_with_random_cancellations() {
+    use rand::{Rng, SeedableRng};
+    let e = small_pool(64, PolicyKind::Fifo);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let texts = [
+        "Once upon a time",
+        "1, 2, 3, 4,",
+        "The quick brown fox",
+        "Hello",
+    ];
+    let mut watchers = vec![];
+    for i in 0..200 {
+        let req = request(&e, texts[i % texts.len()], rng.random_range(1..24));
+        let mut rx = submit(&e, req);
+        // A third are dropped: at once, or after a few tokens.
+        let cancel_after = rng.random_bool(1.0 / 3.0).then(|| rng.random_range(0..4));
+        watchers.push(std::thread::spawn(move || {
+            if cancel_after == Some(0) {
+                return;
+            }
+            let mut n = 0;
+            while let Some(ev) = rx.blocking_recv() {
+                match ev {
+                    Event::Token { .. } => n += 1,
+                    Event::Done { .. } => return,
+                    Event::Error(err) => panic!("{err}"),
+                }
+                if Some(n) == cancel_after {
+                    return;
+                }
+            }
+        }));
+        if i % 16 == 15 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    for w in watchers {
+        w.join().unwrap();
+    }
+    wait_for_no_blocks(&e);
 }

@@ -145,9 +145,13 @@ async fn get_model(
 async fn health(State(state): State<Arc<AppState>>) -> Response {
     let mut status = "ok";
     let mut models = serde_json::Map::new();
+    let mut kv = serde_json::Map::new();
     for m in &state.models {
         let s = match &*m.state.read().unwrap_or_else(|p| p.into_inner()) {
-            SlotState::Ready(_) => json!("ready"),
+            SlotState::Ready(h) => {
+                kv.insert(m.name.clone(), json!(h.kv_usage()));
+                json!("ready")
+            }
             SlotState::Loading => {
                 status = "loading";
                 json!("loading")
@@ -166,7 +170,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
     };
     (
         code,
-        axum::Json(json!({"status": status, "models": models})),
+        axum::Json(json!({"status": status, "models": models, "kv": kv})),
     )
         .into_response()
 }

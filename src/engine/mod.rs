@@ -20,6 +20,7 @@ pub use policy::{PolicyKind, PolicyParams};
 pub use sampler::{SamplingParams, TokenLogprobs};
 use sequence::Sequence;
 
+use crate::kv::{KvPool, KvSeq, KvUsage};
 use crate::model::{LoadedModel, SeqInput};
 
 /// Why a sequence ended, in OpenAI's words.
@@ -112,6 +113,7 @@ pub struct EngineHandle {
     pub model: Arc<ModelInfo>,
     live: Arc<AtomicUsize>,
     max_live: usize,
+    kv: Arc<KvPool>,
 }
 
 /// What the rest of the server needs to know about the model an engine runs.
@@ -160,6 +162,11 @@ impl EngineHandle {
     pub fn live(&self) -> usize {
         self.live.load(Ordering::Acquire)
     }
+
+    /// KV blocks in use, free and swapped out.
+    pub fn kv_usage(&self) -> KvUsage {
+        self.kv.usage()
+    }
 }
 
 /// How the engine forms its steps.
@@ -174,6 +181,40 @@ pub struct EngineConfig {
     pub max_queued: usize,
     pub policy: PolicyKind,
     pub policy_params: PolicyParams,
+    /// The KV pool's size.
+    pub kv: KvBudget,
+}
+
+/// How much memory the KV pool takes, allocated once when the engine starts.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum KvBudget {
+    Bytes(u64),
+    /// A fraction of the memory available when the engine starts.
+    FractionOfFree(f64),
+}
+
+impl KvBudget {
+    /// Bytes for the pool on this machine now.
+    pub fn bytes(self) -> u64 {
+        match self {
+            KvBudget::Bytes(b) => b,
+            KvBudget::FractionOfFree(f) => (available_memory() as f64 * f) as u64,
+        }
+    }
+}
+
+/// Memory available for new allocations (`MemAvailable`), or 4 GiB when unknown.
+pub fn available_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(4 << 30)
 }
 
 impl Default for EngineConfig {
@@ -187,6 +228,7 @@ impl Default for EngineConfig {
                 quantum: 32,
                 aging_secs: 30.0,
             },
+            kv: KvBudget::FractionOfFree(0.25),
         }
     }
 }
@@ -200,8 +242,21 @@ pub fn spawn(model: LoadedModel, cfg: EngineConfig) -> EngineHandle {
         source,
         format,
     } = model;
+    let pool = KvPool::with_bytes(llama.kv_layout(), cfg.kv.bytes() as usize);
+    // A sequence must fit the pool alone: serve at most what the pool holds.
+    let mut context_length = llama.context_length();
+    if pool.capacity_tokens() < context_length {
+        tracing::warn!(
+            "KV pool of {} blocks holds {} tokens: serving a context of {} instead of the model's {}",
+            pool.usage().blocks_total,
+            pool.capacity_tokens(),
+            pool.capacity_tokens(),
+            context_length
+        );
+        context_length = pool.capacity_tokens();
+    }
     let info = Arc::new(ModelInfo {
-        context_length: llama.context_length(),
+        context_length,
         vocab_size: llama.cfg.vocab_size,
         tokenizer,
         template,
@@ -210,15 +265,17 @@ pub fn spawn(model: LoadedModel, cfg: EngineConfig) -> EngineHandle {
     });
     let (tx, rx) = mpsc::channel();
     let thread_info = info.clone();
+    let thread_pool = pool.clone();
     std::thread::Builder::new()
         .name("aios-engine".into())
-        .spawn(move || Engine::new(llama, thread_info, cfg).run(rx))
+        .spawn(move || Engine::new(llama, thread_info, cfg, thread_pool).run(rx))
         .expect("spawn engine thread");
     EngineHandle {
         tx,
         model: info,
         live: Arc::new(AtomicUsize::new(0)),
         max_live: cfg.max_running + cfg.max_queued,
+        kv: pool,
     }
 }
 
@@ -230,10 +287,16 @@ struct Engine {
     /// Every live sequence, whether it ran in the last step or was paused by the policy.
     running: Vec<Sequence>,
     next_id: u64,
+    pool: Arc<KvPool>,
 }
 
 impl Engine {
-    fn new(llama: crate::model::Llama, info: Arc<ModelInfo>, cfg: EngineConfig) -> Self {
+    fn new(
+        llama: crate::model::Llama,
+        info: Arc<ModelInfo>,
+        cfg: EngineConfig,
+        pool: Arc<KvPool>,
+    ) -> Self {
         Self {
             llama,
             info,
@@ -241,6 +304,7 @@ impl Engine {
             cfg,
             running: Vec::new(),
             next_id: 0,
+            pool,
         }
     }
 
@@ -274,14 +338,13 @@ impl Engine {
                     )));
                     return;
                 }
-                let layout = self.llama.kv_layout();
                 self.next_id += 1;
                 self.running.push(Sequence::new(
                     self.next_id,
                     req,
                     events,
                     slot,
-                    layout,
+                    KvSeq::in_pool(self.pool.clone()),
                     ctx,
                     Instant::now(),
                 ));
@@ -292,6 +355,11 @@ impl Engine {
     /// Token budget per sequence for the next step. The policy ranks every live sequence; the
     /// first `max_running` are served: all their decode tokens first, then prompt chunks in rank
     /// order while the budget lasts. The others pause, keeping their KV.
+    ///
+    /// Then KV blocks, in rank order: each served sequence gets the blocks its tokens need,
+    /// swapping out the lowest-ranked sequences below it when the pool is short (their KV goes
+    /// to host memory and comes back bit for bit when they run again). A sequence that still
+    /// does not fit gets a smaller prompt chunk, or waits.
     fn plan(&mut self) -> Vec<usize> {
         let cands: Vec<_> = self.running.iter().map(Sequence::candidate).collect();
         let order = self.policy.rank(&cands, Instant::now());
@@ -308,6 +376,44 @@ impl Engine {
             if plan[i] == 0 && left > 0 {
                 plan[i] = self.running[i].pending().min(left);
                 left -= plan[i];
+            }
+        }
+        let mut rank = vec![0; self.running.len()];
+        for (r, &i) in order.iter().enumerate() {
+            rank[i] = r;
+        }
+        for &i in chosen {
+            if plan[i] == 0 {
+                continue;
+            }
+            while self.running[i].kv().blocks_needed(plan[i]) > self.pool.free_blocks() {
+                // The lowest-ranked sequence below this one that holds blocks.
+                let victim = order
+                    .iter()
+                    .rev()
+                    .take_while(|&&j| rank[j] > rank[i])
+                    .find(|&&j| self.running[j].kv().blocks() > 0);
+                match victim {
+                    Some(&j) => {
+                        self.running[j].kv_mut().swap_out();
+                        plan[j] = 0;
+                    }
+                    None => break,
+                }
+            }
+            let kv = self.running[i].kv();
+            let free = self.pool.free_blocks();
+            if kv.blocks_needed(plan[i]) > free {
+                // What fits: a shorter prompt chunk, or nothing this step.
+                let room = (kv.blocks() + free) * crate::kv::BLOCK_TOKENS;
+                plan[i] = plan[i].min(room.saturating_sub(kv.len()));
+            }
+            if plan[i] > 0 {
+                let kv = self.running[i].kv_mut();
+                let ready = kv.swap_in().and_then(|_| kv.reserve(plan[i]));
+                if ready.is_err() {
+                    plan[i] = 0;
+                }
             }
         }
         plan

@@ -9,7 +9,7 @@ use super::policy::Candidate;
 use super::sampler::Sampler;
 use super::text::{StopCheck, StopMatcher, Utf8Stream};
 use super::{Event, FinishReason, GenRequest, LiveSlot, Usage};
-use crate::kv::{KvLayout, KvSeq};
+use crate::kv::KvSeq;
 use crate::model::{SeqInput, Tokenizer};
 
 pub struct Sequence {
@@ -39,12 +39,10 @@ impl Sequence {
         req: GenRequest,
         events: UnboundedSender<Event>,
         slot: LiveSlot,
-        layout: KvLayout,
+        kv: KvSeq,
         context_length: usize,
         arrived: Instant,
     ) -> Self {
-        // Room for the prompt and a first stretch of output; KvSeq grows beyond that.
-        let capacity = (req.prompt.len() + req.max_tokens.min(256)).min(context_length);
         Self {
             id,
             agent: req.agent,
@@ -56,7 +54,7 @@ impl Sequence {
             context_length,
             stop_token_ids: req.stop_token_ids,
             ignore_eos: req.ignore_eos,
-            kv: KvSeq::new(layout, capacity),
+            kv,
             utf8: Utf8Stream::default(),
             stops: StopMatcher::new(req.stop),
             events,
@@ -69,6 +67,14 @@ impl Sequence {
     /// Output tokens sampled so far.
     pub fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
+    }
+
+    pub fn kv(&self) -> &KvSeq {
+        &self.kv
+    }
+
+    pub fn kv_mut(&mut self) -> &mut KvSeq {
+        &mut self.kv
     }
 
     pub fn agent(&self) -> &str {

@@ -1,27 +1,34 @@
 //! KV storage: where each sequence's keys and values live between steps.
 //!
-//! This module owns the memory; the model only writes new rows and reads them back through
-//! [`KvSeq`]. Today a sequence owns one contiguous, growable f16 buffer per layer; the paged
-//! pool (fixed 16-token blocks, block tables, sharing) replaces the storage behind the same
-//! seam: attention reads a sequence as a list of row segments, so a block table is just a
-//! longer list.
+//! A [`KvPool`] is allocated once per model from a budget: fixed blocks of [`BLOCK_TOKENS`]
+//! tokens, each holding every layer's K and V rows for those tokens. A sequence ([`KvSeq`]) is
+//! a block table into a pool; blocks have reference counts, so a block can be shared between
+//! sequences (a forked prefix) and is copied before a sharer writes into it. Attention reads a
+//! sequence as a list of row segments, one per block.
+//!
+//! A sequence can be swapped out to host memory ([`KvSeq::swap_out`]), giving its blocks back
+//! to the pool, and swapped in again bit for bit: a preempted sequence resumes with exactly the
+//! KV it had.
+//!
+//! Block layout: `[layer][K, V][kv_head][BLOCK_TOKENS][head_dim]`, so the rows one attention
+//! head reads in a block are contiguous.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use half::f16;
 
 /// The element type KV rows are stored in.
 pub type KvElem = f16;
 
+/// Tokens per block.
+pub const BLOCK_TOKENS: usize = 16;
+
 /// Widen stored KV elements to f32 (vectorised F16C conversion where the CPU has it).
 #[inline]
 pub fn widen(src: &[KvElem], dst: &mut [f32]) {
     use half::slice::HalfFloatSliceExt;
     src.convert_to_f32_slice(dst);
-}
-
-/// Narrow one f32 value to the stored element type.
-#[inline]
-fn narrow(x: f32) -> KvElem {
-    f16::from_f32(x)
 }
 
 /// Shape of the KV rows a model writes: one row per token, layer and KV head.
@@ -35,39 +42,233 @@ pub struct KvLayout {
 impl KvLayout {
     /// Bytes one token occupies across all layers (K and V, f16).
     pub fn bytes_per_token(&self) -> usize {
-        2 * self.n_layers * self.n_kv_heads * self.head_dim * std::mem::size_of::<KvElem>()
+        self.elems_per_token() * std::mem::size_of::<KvElem>()
+    }
+
+    fn elems_per_token(&self) -> usize {
+        2 * self.n_layers * self.n_kv_heads * self.head_dim
+    }
+
+    /// Bytes of one block.
+    pub fn bytes_per_block(&self) -> usize {
+        self.bytes_per_token() * BLOCK_TOKENS
     }
 }
 
-/// One sequence's keys and values: per layer, per KV head, `capacity` rows of `head_dim`.
-///
-/// Layout of a layer buffer: `[n_kv_heads][capacity][head_dim]`, so the rows one attention head
-/// reads are contiguous. Growth doubles the capacity (amortised O(1) per token).
-#[derive(Debug)]
-pub struct KvSeq {
-    layout: KvLayout,
-    capacity: usize,
-    len: usize,
-    k: Vec<Vec<KvElem>>,
-    v: Vec<Vec<KvElem>>,
+/// The pool has no free block left for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the KV pool is full ({needed} more blocks needed, {free} free)")]
+pub struct KvFull {
+    pub needed: usize,
+    pub free: usize,
 }
 
-impl KvSeq {
-    pub fn new(layout: KvLayout, capacity: usize) -> Self {
-        let capacity = capacity.max(16);
-        let per_layer = layout.n_kv_heads * capacity * layout.head_dim;
-        let zeros = || vec![narrow(0.0); per_layer];
-        Self {
+/// Blocks in use and in total, for the scheduler and for `/health`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct KvUsage {
+    pub blocks_total: usize,
+    pub blocks_used: usize,
+    pub block_tokens: usize,
+    pub bytes_per_block: usize,
+    /// Sequences whose KV is swapped out to host memory now.
+    pub swapped: usize,
+    /// Swap-outs since the pool was made (preemptions when blocks ran out).
+    pub swap_outs: usize,
+}
+
+struct FreeList {
+    free: Vec<u32>,
+    refs: Vec<u32>,
+}
+
+/// A fixed pool of KV blocks.
+///
+/// Blocks are written only by the sequence that holds them alone, through `&mut KvSeq`; a
+/// block shared by several sequences is only read (a writer copies it first).
+pub struct KvPool {
+    layout: KvLayout,
+    /// `n_blocks * block_elems` elements; a block with one reference belongs to one sequence,
+    /// which alone writes it (through `&mut KvSeq`); shared blocks are only read.
+    /// Zeroed with `calloc` (pages come as they are written); `u16` is `f16`'s layout.
+    _data: Vec<u16>,
+    /// Start of `_data`; blocks are reached only through raw slices of their own range.
+    base: *mut KvElem,
+    n_blocks: usize,
+    state: Mutex<FreeList>,
+    used: AtomicUsize,
+    swapped: AtomicUsize,
+    swap_outs: AtomicUsize,
+    /// A private pool (one sequence, tests and benches) grows instead of running out.
+    growable: bool,
+}
+
+// SAFETY: element access goes through block ownership (see `data`); the free list is behind
+// a mutex and the counters are atomic.
+unsafe impl Sync for KvPool {}
+unsafe impl Send for KvPool {}
+
+impl KvPool {
+    /// A pool of `n_blocks` blocks (allocated now; pages are committed as they are written).
+    pub fn new(layout: KvLayout, n_blocks: usize) -> Arc<KvPool> {
+        Arc::new(Self::with(layout, n_blocks, false))
+    }
+
+    /// A pool with as many blocks as `bytes` holds (at least one).
+    pub fn with_bytes(layout: KvLayout, bytes: usize) -> Arc<KvPool> {
+        Self::new(layout, (bytes / layout.bytes_per_block()).max(1))
+    }
+
+    fn with(layout: KvLayout, n_blocks: usize, growable: bool) -> KvPool {
+        let elems = n_blocks * layout.elems_per_token() * BLOCK_TOKENS;
+        let mut data = vec![0u16; elems];
+        KvPool {
             layout,
-            capacity,
-            len: 0,
-            k: (0..layout.n_layers).map(|_| zeros()).collect(),
-            v: (0..layout.n_layers).map(|_| zeros()).collect(),
+            base: data.as_mut_ptr().cast::<KvElem>(),
+            _data: data,
+            n_blocks,
+            state: Mutex::new(FreeList {
+                free: (0..n_blocks as u32).rev().collect(),
+                refs: vec![0; n_blocks],
+            }),
+            used: AtomicUsize::new(0),
+            swapped: AtomicUsize::new(0),
+            swap_outs: AtomicUsize::new(0),
+            growable,
         }
     }
 
     pub fn layout(&self) -> KvLayout {
         self.layout
+    }
+
+    pub fn usage(&self) -> KvUsage {
+        KvUsage {
+            blocks_total: self.n_blocks,
+            blocks_used: self.used.load(Ordering::Acquire),
+            block_tokens: BLOCK_TOKENS,
+            bytes_per_block: self.layout.bytes_per_block(),
+            swapped: self.swapped.load(Ordering::Acquire),
+            swap_outs: self.swap_outs.load(Ordering::Acquire),
+        }
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.n_blocks - self.used.load(Ordering::Acquire)
+    }
+
+    /// Tokens the whole pool holds.
+    pub fn capacity_tokens(&self) -> usize {
+        self.n_blocks * BLOCK_TOKENS
+    }
+
+    fn block_elems(&self) -> usize {
+        self.layout.elems_per_token() * BLOCK_TOKENS
+    }
+
+    fn alloc(&self, n: usize) -> Result<Vec<u32>, KvFull> {
+        let mut st = self.state.lock().expect("kv pool lock");
+        if st.free.len() < n {
+            return Err(KvFull {
+                needed: n,
+                free: st.free.len(),
+            });
+        }
+        let at = st.free.len() - n;
+        let got: Vec<u32> = st.free.split_off(at);
+        for &b in &got {
+            st.refs[b as usize] = 1;
+        }
+        self.used.fetch_add(n, Ordering::AcqRel);
+        Ok(got)
+    }
+
+    fn retain(&self, blocks: &[u32]) {
+        let mut st = self.state.lock().expect("kv pool lock");
+        for &b in blocks {
+            st.refs[b as usize] += 1;
+        }
+    }
+
+    fn release(&self, blocks: &[u32]) {
+        let mut st = self.state.lock().expect("kv pool lock");
+        let mut freed = 0;
+        for &b in blocks {
+            let r = &mut st.refs[b as usize];
+            *r -= 1;
+            if *r == 0 {
+                st.free.push(b);
+                freed += 1;
+            }
+        }
+        self.used.fetch_sub(freed, Ordering::AcqRel);
+    }
+
+    fn refs(&self, b: u32) -> u32 {
+        self.state.lock().expect("kv pool lock").refs[b as usize]
+    }
+
+    /// Elements of block `b`.
+    ///
+    /// # Safety
+    /// No one may write the block while the slice lives.
+    unsafe fn block(&self, b: u32) -> &[KvElem] {
+        assert!((b as usize) < self.n_blocks);
+        let n = self.block_elems();
+        std::slice::from_raw_parts(self.base.add(b as usize * n), n)
+    }
+
+    /// Elements of block `b`, writable.
+    ///
+    /// # Safety
+    /// The caller must own the block alone (one reference) and no one may read it meanwhile.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn block_mut(&self, b: u32) -> &mut [KvElem] {
+        assert!((b as usize) < self.n_blocks);
+        let n = self.block_elems();
+        std::slice::from_raw_parts_mut(self.base.add(b as usize * n), n)
+    }
+
+    /// Offset of row `r` (within the block) of `layer`, K (`kv = 0`) or V (`1`), `head`.
+    fn row_at(&self, layer: usize, kv: usize, head: usize, r: usize) -> usize {
+        let l = self.layout;
+        (((layer * 2 + kv) * l.n_kv_heads + head) * BLOCK_TOKENS + r) * l.head_dim
+    }
+}
+
+/// A sequence's KV held in host memory while its blocks are given back to the pool.
+pub struct SwappedKv {
+    len: usize,
+    data: Vec<KvElem>,
+}
+
+/// One sequence's keys and values: a block table into a pool.
+pub struct KvSeq {
+    pool: Arc<KvPool>,
+    blocks: Vec<u32>,
+    len: usize,
+    swapped: Option<SwappedKv>,
+}
+
+impl KvSeq {
+    /// A sequence with a private pool of room for `capacity` tokens that grows as needed
+    /// (tests, benchmarks, single-sequence use).
+    pub fn new(layout: KvLayout, capacity: usize) -> Self {
+        let blocks = capacity.div_ceil(BLOCK_TOKENS).max(1);
+        Self::in_pool(Arc::new(KvPool::with(layout, blocks, true)))
+    }
+
+    /// An empty sequence in a shared pool.
+    pub fn in_pool(pool: Arc<KvPool>) -> Self {
+        Self {
+            pool,
+            blocks: Vec::new(),
+            len: 0,
+            swapped: None,
+        }
+    }
+
+    pub fn layout(&self) -> KvLayout {
+        self.pool.layout
     }
 
     /// Tokens whose K/V are stored (all layers have been written up to here).
@@ -79,75 +280,206 @@ impl KvSeq {
         self.len == 0
     }
 
-    /// Bytes held by this sequence's buffers.
-    pub fn bytes(&self) -> usize {
-        self.capacity * self.layout.bytes_per_token()
+    /// Blocks this sequence holds in its pool.
+    pub fn blocks(&self) -> usize {
+        self.blocks.len()
     }
 
-    /// Make room for `n` more tokens.
-    pub fn reserve(&mut self, n: usize) {
-        let need = self.len + n;
-        if need <= self.capacity {
-            return;
+    /// Blocks needed to hold `tokens` tokens.
+    pub fn blocks_for(tokens: usize) -> usize {
+        tokens.div_ceil(BLOCK_TOKENS)
+    }
+
+    /// More blocks this sequence needs to hold `n` more tokens (after a swap-in, if swapped).
+    pub fn blocks_needed(&self, n: usize) -> usize {
+        Self::blocks_for(self.len + n).saturating_sub(self.blocks.len())
+    }
+
+    pub fn is_swapped(&self) -> bool {
+        self.swapped.is_some()
+    }
+
+    /// Make room for `n` more tokens: all the blocks, or none and an error.
+    pub fn reserve(&mut self, n: usize) -> Result<(), KvFull> {
+        assert!(!self.is_swapped(), "reserve on a swapped-out sequence");
+        let need = self.blocks_needed(n);
+        if need == 0 {
+            return Ok(());
         }
-        let new_cap = need.max(self.capacity * 2);
-        let (h, d) = (self.layout.n_kv_heads, self.layout.head_dim);
-        for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
-            let mut grown = vec![narrow(0.0); h * new_cap * d];
-            for head in 0..h {
-                let src = &buf[head * self.capacity * d..][..self.len * d];
-                grown[head * new_cap * d..][..self.len * d].copy_from_slice(src);
-            }
-            *buf = grown;
+        if self.pool.growable && self.pool.free_blocks() < need {
+            self.grow(need);
         }
-        self.capacity = new_cap;
+        let got = self.pool.alloc(need)?;
+        self.blocks.extend(got);
+        Ok(())
+    }
+
+    /// A private pool grows: a new pool with more blocks, this sequence's blocks copied over.
+    fn grow(&mut self, need: usize) {
+        let old = self.pool.clone();
+        let n = (old.n_blocks * 2).max(old.n_blocks + need);
+        let pool = Arc::new(KvPool::with(old.layout, n, true));
+        let fresh = pool.alloc(self.blocks.len()).expect("a larger pool");
+        for (&from, &to) in self.blocks.iter().zip(&fresh) {
+            // SAFETY: the new pool's blocks are ours alone; the old ones are only read.
+            unsafe { pool.block_mut(to).copy_from_slice(old.block(from)) };
+        }
+        old.release(&self.blocks);
+        self.blocks = fresh;
+        self.pool = pool;
     }
 
     /// Write the K and V rows of `n` tokens at positions `len..len+n` of `layer`.
-    /// `k` and `v` are `[n][n_kv_heads][head_dim]` in f32. Call [`KvSeq::advance`] after
-    /// every layer has been written.
+    /// `k` and `v` are `[n][n_kv_heads][head_dim]` in f32. Call [`KvSeq::reserve`] first and
+    /// [`KvSeq::advance`] after every layer has been written.
     pub fn write(&mut self, layer: usize, k: &[f32], v: &[f32]) {
-        let (h, d) = (self.layout.n_kv_heads, self.layout.head_dim);
+        let l = self.pool.layout;
+        let (h, d) = (l.n_kv_heads, l.head_dim);
         let n = k.len() / (h * d);
-        debug_assert!(self.len + n <= self.capacity, "reserve() before write()");
-        for (src, dst) in [(k, &mut self.k[layer]), (v, &mut self.v[layer])] {
-            for t in 0..n {
+        assert!(
+            self.len + n <= self.blocks.len() * BLOCK_TOKENS,
+            "reserve() before write()"
+        );
+        for t in 0..n {
+            let pos = self.len + t;
+            let b = self.own_block(pos / BLOCK_TOKENS);
+            // SAFETY: `own_block` made the block ours alone; `&mut self` keeps readers away.
+            let block = unsafe { self.pool.block_mut(b) };
+            for (kv, src) in [k, v].into_iter().enumerate() {
                 for head in 0..h {
                     let row = &src[(t * h + head) * d..][..d];
-                    let at = (head * self.capacity + self.len + t) * d;
-                    for (o, x) in dst[at..at + d].iter_mut().zip(row) {
-                        *o = narrow(*x);
+                    let at = self.pool.row_at(layer, kv, head, pos % BLOCK_TOKENS);
+                    for (o, x) in block[at..at + d].iter_mut().zip(row) {
+                        *o = f16::from_f32(*x);
                     }
                 }
             }
         }
     }
 
+    /// The block at index `i` of the table, copied first if another sequence shares it.
+    fn own_block(&mut self, i: usize) -> u32 {
+        let b = self.blocks[i];
+        if self.pool.refs(b) == 1 {
+            return b;
+        }
+        let fresh = self.pool.alloc(1).expect("a block for copy-on-write")[0];
+        // SAFETY: `fresh` is ours alone; `b` is shared, so only read.
+        unsafe {
+            self.pool
+                .block_mut(fresh)
+                .copy_from_slice(self.pool.block(b))
+        };
+        self.pool.release(&[b]);
+        self.blocks[i] = fresh;
+        fresh
+    }
+
     /// Mark `n` tokens written by [`KvSeq::write`] as stored.
     pub fn advance(&mut self, n: usize) {
         self.len += n;
-        debug_assert!(self.len <= self.capacity);
+        debug_assert!(self.len <= self.blocks.len() * BLOCK_TOKENS);
     }
 
-    /// Forget everything after the first `len` tokens.
+    /// Forget everything after the first `len` tokens, giving back blocks no longer needed.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+        let keep = Self::blocks_for(self.len);
+        if self.blocks.len() > keep {
+            let gone = self.blocks.split_off(keep);
+            self.pool.release(&gone);
+        }
     }
 
-    /// The first `upto` rows of K and V for one layer and KV head, as segments of whole rows.
-    /// Contiguous storage yields one segment; paged storage yields one per block.
+    /// A second sequence sharing this one's blocks (copy-on-write), e.g. a common prefix.
+    pub fn fork(&self) -> KvSeq {
+        assert!(!self.is_swapped(), "fork of a swapped-out sequence");
+        self.pool.retain(&self.blocks);
+        KvSeq {
+            pool: self.pool.clone(),
+            blocks: self.blocks.clone(),
+            len: self.len,
+            swapped: None,
+        }
+    }
+
+    /// Copy this sequence's KV to host memory and give its blocks back to the pool.
+    pub fn swap_out(&mut self) {
+        if self.is_swapped() {
+            return;
+        }
+        let n = self.pool.block_elems();
+        let used = Self::blocks_for(self.len);
+        let mut data = Vec::with_capacity(used * n);
+        for &b in &self.blocks[..used] {
+            // SAFETY: reading a block we hold a reference to.
+            data.extend_from_slice(unsafe { self.pool.block(b) });
+        }
+        self.pool.release(&self.blocks);
+        self.blocks.clear();
+        self.swapped = Some(SwappedKv {
+            len: self.len,
+            data,
+        });
+        self.pool.swapped.fetch_add(1, Ordering::AcqRel);
+        self.pool.swap_outs.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Bring a swapped-out sequence back into the pool, bit for bit.
+    pub fn swap_in(&mut self) -> Result<(), KvFull> {
+        let Some(sw) = &self.swapped else {
+            return Ok(());
+        };
+        let n = self.pool.block_elems();
+        let blocks = self.pool.alloc(Self::blocks_for(sw.len))?;
+        for (i, &b) in blocks.iter().enumerate() {
+            // SAFETY: freshly allocated, ours alone.
+            unsafe {
+                self.pool
+                    .block_mut(b)
+                    .copy_from_slice(&sw.data[i * n..(i + 1) * n])
+            };
+        }
+        self.blocks = blocks;
+        self.swapped = None;
+        self.pool.swapped.fetch_sub(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// The first `upto` rows of K and V for one layer and KV head, as one segment of whole
+    /// rows per block.
     pub fn segments(
         &self,
         layer: usize,
         kv_head: usize,
         upto: usize,
-    ) -> [(&[KvElem], &[KvElem]); 1] {
-        let d = self.layout.head_dim;
-        let at = kv_head * self.capacity * d;
-        [(
-            &self.k[layer][at..at + upto * d],
-            &self.v[layer][at..at + upto * d],
-        )]
+    ) -> impl Iterator<Item = (&[KvElem], &[KvElem])> + '_ {
+        let d = self.pool.layout.head_dim;
+        assert!(
+            upto <= self.blocks.len() * BLOCK_TOKENS,
+            "rows beyond the blocks"
+        );
+        self.blocks
+            .iter()
+            .take(upto.div_ceil(BLOCK_TOKENS))
+            .enumerate()
+            .map(move |(i, &b)| {
+                let rows = (upto - i * BLOCK_TOKENS).min(BLOCK_TOKENS);
+                // SAFETY: writers hold `&mut KvSeq`; this borrow of `self` keeps them away.
+                let block = unsafe { self.pool.block(b) };
+                let k = self.pool.row_at(layer, 0, kv_head, 0);
+                let v = self.pool.row_at(layer, 1, kv_head, 0);
+                (&block[k..k + rows * d], &block[v..v + rows * d])
+            })
+    }
+}
+
+impl Drop for KvSeq {
+    fn drop(&mut self) {
+        self.pool.release(&self.blocks);
+        if self.swapped.take().is_some() {
+            self.pool.swapped.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -155,35 +487,107 @@ impl KvSeq {
 mod tests {
     use super::*;
 
-    #[test]
-    fn write_grow_and_read_back() {
-        let layout = KvLayout {
-            n_layers: 2,
-            n_kv_heads: 2,
-            head_dim: 4,
-        };
-        let mut kv = KvSeq::new(layout, 1);
-        // 20 tokens, more than the initial capacity of 16, written in two steps.
-        for (start, n) in [(0usize, 17usize), (17, 3)] {
-            kv.reserve(n);
-            for layer in 0..2 {
-                let vals: Vec<f32> = (0..n * 8)
-                    .map(|i| (layer * 1000 + start * 8 + i) as f32)
-                    .collect();
-                kv.write(layer, &vals, &vals);
-            }
-            kv.advance(n);
+    const LAYOUT: KvLayout = KvLayout {
+        n_layers: 2,
+        n_kv_heads: 2,
+        head_dim: 4,
+    };
+
+    /// Write `n` tokens whose values encode (layer, position, head, element).
+    fn write(kv: &mut KvSeq, n: usize) {
+        let start = kv.len();
+        kv.reserve(n).unwrap();
+        for layer in 0..2 {
+            let vals: Vec<f32> = (0..n * 8)
+                .map(|i| (layer * 1000 + start * 8 + i) as f32)
+                .collect();
+            kv.write(layer, &vals, &vals);
         }
-        assert_eq!(kv.len(), 20);
-        let [(k, v)] = kv.segments(1, 1, 20);
-        assert_eq!(k.len(), 80);
-        // token t, head 1, element e was written as 1000 + t*8 + 4 + e
-        for t in 0..20 {
+        kv.advance(n);
+    }
+
+    fn read(kv: &KvSeq, layer: usize, head: usize) -> Vec<f32> {
+        kv.segments(layer, head, kv.len())
+            .flat_map(|(k, _)| k.iter().map(|x| x.to_f32()))
+            .collect()
+    }
+
+    fn check(kv: &KvSeq, upto: usize) {
+        let k = read(kv, 1, 1);
+        assert_eq!(k.len(), kv.len() * 4);
+        for t in 0..upto {
             for e in 0..4 {
-                let want = (1000 + t * 8 + 4 + e) as f32;
-                assert_eq!(k[t * 4 + e].to_f32(), want);
-                assert_eq!(v[t * 4 + e].to_f32(), want);
+                assert_eq!(k[t * 4 + e], (1000 + t * 8 + 4 + e) as f32, "token {t}");
             }
         }
+    }
+
+    #[test]
+    fn write_grow_and_read_back_across_blocks() {
+        let mut kv = KvSeq::new(LAYOUT, 1);
+        // 40 tokens over three blocks, more than the private pool first held.
+        write(&mut kv, 17);
+        write(&mut kv, 3);
+        write(&mut kv, 20);
+        assert_eq!(kv.len(), 40);
+        assert_eq!(kv.blocks(), 3);
+        check(&kv, 40);
+    }
+
+    #[test]
+    fn a_shared_pool_runs_out_and_blocks_come_back() {
+        let pool = KvPool::new(LAYOUT, 4);
+        let mut a = KvSeq::in_pool(pool.clone());
+        let mut b = KvSeq::in_pool(pool.clone());
+        write(&mut a, 33); // 3 blocks
+        assert_eq!(pool.usage().blocks_used, 3);
+        let err = b.reserve(32).unwrap_err();
+        assert_eq!(err, KvFull { needed: 2, free: 1 });
+        assert_eq!(b.blocks(), 0, "all or nothing");
+        a.truncate(16);
+        assert_eq!(pool.usage().blocks_used, 1);
+        b.reserve(32).unwrap();
+        drop(a);
+        drop(b);
+        assert_eq!(pool.usage().blocks_used, 0);
+    }
+
+    #[test]
+    fn swap_out_and_in_restores_the_same_bits() {
+        let pool = KvPool::new(LAYOUT, 4);
+        let mut a = KvSeq::in_pool(pool.clone());
+        write(&mut a, 20);
+        let before = read(&a, 0, 1);
+        a.swap_out();
+        assert!(a.is_swapped());
+        assert_eq!(pool.usage().blocks_used, 0);
+        assert_eq!(pool.usage().swapped, 1);
+        // Someone else uses (and dirties) the blocks meanwhile.
+        let mut b = KvSeq::in_pool(pool.clone());
+        write(&mut b, 64);
+        drop(b);
+        a.swap_in().unwrap();
+        assert_eq!(pool.usage().swapped, 0);
+        assert_eq!(read(&a, 0, 1), before);
+        write(&mut a, 5);
+        check(&a, 25);
+    }
+
+    #[test]
+    fn forks_share_blocks_until_one_writes() {
+        let pool = KvPool::new(LAYOUT, 8);
+        let mut a = KvSeq::in_pool(pool.clone());
+        write(&mut a, 20); // 2 blocks, the second partly filled
+        let mut b = a.fork();
+        assert_eq!(pool.usage().blocks_used, 2);
+        // b writes into the shared partial block: it gets its own copy.
+        write(&mut b, 4);
+        assert_eq!(pool.usage().blocks_used, 3);
+        check(&a, 20);
+        check(&b, 24);
+        drop(a);
+        assert_eq!(pool.usage().blocks_used, 2);
+        drop(b);
+        assert_eq!(pool.usage().blocks_used, 0);
     }
 }

@@ -87,7 +87,8 @@ impl Llama {
             if s.want_logits {
                 logit_rows.push((tokens.len() - 1) as u32);
             }
-            s.kv.reserve(s.tokens.len());
+            s.kv.reserve(s.tokens.len())
+                .map_err(|e| ModelError::Unsupported(e.to_string()))?;
         }
         let n = tokens.len();
         if n == 0 {

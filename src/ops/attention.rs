@@ -347,7 +347,7 @@ mod tests {
         let want = reference(&q, &k16, &v16, total, 0, h);
 
         let mut kv = KvSeq::new(layout, 8);
-        kv.reserve(prefill);
+        kv.reserve(prefill).unwrap();
         kv.write(0, &k[..prefill * 32], &v[..prefill * 32]);
         let seqs = [AttnSeq {
             kv: &kv,
@@ -359,7 +359,7 @@ mod tests {
         kv.advance(prefill);
         let mut got = got;
         for pos in prefill..total {
-            kv.reserve(1);
+            kv.reserve(1).unwrap();
             kv.write(
                 0,
                 &k[pos * 32..(pos + 1) * 32],
