@@ -351,7 +351,11 @@ fn priority_preempts_lower_priority_work_when_blocks_run_out() {
     // A low-priority sequence that grows to fill the pool: a ~90-token prompt and 30 more.
     let low_req = GenRequest {
         agent: "low".into(),
-        ..request(&e, &"The quick brown fox jumps over the lazy dog. ".repeat(9), 30)
+        ..request(
+            &e,
+            &"The quick brown fox jumps over the lazy dog. ".repeat(9),
+            30,
+        )
     };
     assert!(low_req.prompt.len() > 80);
     let low_alone = collect(submit(&e, low_req.clone()));
@@ -360,7 +364,10 @@ fn priority_preempts_lower_priority_work_when_blocks_run_out() {
     // need more blocks than there are.
     let deadline = Instant::now() + std::time::Duration::from_secs(30);
     while e.kv_usage().blocks_used < 6 {
-        assert!(Instant::now() < deadline, "the low-priority prompt never ran");
+        assert!(
+            Instant::now() < deadline,
+            "the low-priority prompt never ran"
+        );
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
     let high = submit(&e, job(&e, "high", 5, 40));
@@ -373,7 +380,10 @@ fn priority_preempts_lower_priority_work_when_blocks_run_out() {
     let (low_tokens, low_done) = low.join().unwrap();
     assert!(high_done < low_done, "the high-priority request waited");
     assert!(e.kv_usage().swap_outs > 0, "nothing was preempted");
-    assert_eq!(low_tokens, low_alone, "the preempted sequence changed its output");
+    assert_eq!(
+        low_tokens, low_alone,
+        "the preempted sequence changed its output"
+    );
     wait_for_no_blocks(&e);
 }
 

@@ -10,8 +10,10 @@
 //! to the pool, and swapped in again bit for bit: a preempted sequence resumes with exactly the
 //! KV it had.
 //!
-//! Block layout: `[layer][K, V][kv_head][BLOCK_TOKENS][head_dim]`, so the rows one attention
-//! head reads in a block are contiguous.
+//! Memory layout: `[layer][K, V][kv_head][block][BLOCK_TOKENS][head_dim]`. A block is the same
+//! index in every (layer, K/V, head) region, so a sequence whose blocks were allocated in order
+//! reads each head's rows as one contiguous stream, as attention wants (a layout with each
+//! block's layers together would scatter 2 KB reads hundreds of KB apart).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -87,7 +89,7 @@ struct FreeList {
 /// block shared by several sequences is only read (a writer copies it first).
 pub struct KvPool {
     layout: KvLayout,
-    /// `n_blocks * block_elems` elements; a block with one reference belongs to one sequence,
+    /// `n_blocks * block_elems()` elements; a block with one reference belongs to one sequence,
     /// which alone writes it (through `&mut KvSeq`); shared blocks are only read.
     /// Zeroed with `calloc` (pages come as they are written); `u16` is `f16`'s layout.
     _data: Vec<u16>,
@@ -174,7 +176,10 @@ impl KvPool {
             });
         }
         let at = st.free.len() - n;
-        let got: Vec<u32> = st.free.split_off(at);
+        // The free list is a stack with the lowest block on top: a fresh pool hands out
+        // ascending runs, which attention streams through.
+        let mut got: Vec<u32> = st.free.split_off(at);
+        got.reverse();
         for &b in &got {
             st.refs[b as usize] = 1;
         }
@@ -207,31 +212,53 @@ impl KvPool {
         self.state.lock().expect("kv pool lock").refs[b as usize]
     }
 
-    /// Elements of block `b`.
+    /// Number of (layer, K/V, head) segments of a block.
+    fn segs_per_block(&self) -> usize {
+        2 * self.layout.n_layers * self.layout.n_kv_heads
+    }
+
+    /// Elements of one segment: `BLOCK_TOKENS` rows.
+    fn seg_elems(&self) -> usize {
+        BLOCK_TOKENS * self.layout.head_dim
+    }
+
+    /// Offset of segment `seg` (`(layer * 2 + kv) * n_kv_heads + head`) of block `b`.
+    fn seg_at(&self, b: u32, seg: usize) -> usize {
+        assert!((b as usize) < self.n_blocks && seg < self.segs_per_block());
+        (seg * self.n_blocks + b as usize) * self.seg_elems()
+    }
+
+    /// The rows of block `b` for one layer, K (`kv = 0`) or V (`1`), and head.
     ///
     /// # Safety
     /// No one may write the block while the slice lives.
-    unsafe fn block(&self, b: u32) -> &[KvElem] {
-        assert!((b as usize) < self.n_blocks);
-        let n = self.block_elems();
-        std::slice::from_raw_parts(self.base.add(b as usize * n), n)
+    unsafe fn seg(&self, b: u32, layer: usize, kv: usize, head: usize) -> &[KvElem] {
+        let seg = (layer * 2 + kv) * self.layout.n_kv_heads + head;
+        self.seg_n(b, seg)
     }
 
-    /// Elements of block `b`, writable.
+    unsafe fn seg_n(&self, b: u32, seg: usize) -> &[KvElem] {
+        std::slice::from_raw_parts(self.base.add(self.seg_at(b, seg)), self.seg_elems())
+    }
+
+    /// Writable rows of block `b`, segment `seg`.
     ///
     /// # Safety
     /// The caller must own the block alone (one reference) and no one may read it meanwhile.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn block_mut(&self, b: u32) -> &mut [KvElem] {
-        assert!((b as usize) < self.n_blocks);
-        let n = self.block_elems();
-        std::slice::from_raw_parts_mut(self.base.add(b as usize * n), n)
+    unsafe fn seg_n_mut(&self, b: u32, seg: usize) -> &mut [KvElem] {
+        std::slice::from_raw_parts_mut(self.base.add(self.seg_at(b, seg)), self.seg_elems())
     }
 
-    /// Offset of row `r` (within the block) of `layer`, K (`kv = 0`) or V (`1`), `head`.
-    fn row_at(&self, layer: usize, kv: usize, head: usize, r: usize) -> usize {
-        let l = self.layout;
-        (((layer * 2 + kv) * l.n_kv_heads + head) * BLOCK_TOKENS + r) * l.head_dim
+    /// Copy block `from` of pool `src` into block `to` of this pool.
+    ///
+    /// # Safety
+    /// `to` must be ours alone; `from` is only read.
+    unsafe fn copy_block(&self, to: u32, src: &KvPool, from: u32) {
+        for seg in 0..self.segs_per_block() {
+            self.seg_n_mut(to, seg)
+                .copy_from_slice(src.seg_n(from, seg));
+        }
     }
 }
 
@@ -322,7 +349,7 @@ impl KvSeq {
         let fresh = pool.alloc(self.blocks.len()).expect("a larger pool");
         for (&from, &to) in self.blocks.iter().zip(&fresh) {
             // SAFETY: the new pool's blocks are ours alone; the old ones are only read.
-            unsafe { pool.block_mut(to).copy_from_slice(old.block(from)) };
+            unsafe { pool.copy_block(to, &old, from) };
         }
         old.release(&self.blocks);
         self.blocks = fresh;
@@ -343,13 +370,14 @@ impl KvSeq {
         for t in 0..n {
             let pos = self.len + t;
             let b = self.own_block(pos / BLOCK_TOKENS);
-            // SAFETY: `own_block` made the block ours alone; `&mut self` keeps readers away.
-            let block = unsafe { self.pool.block_mut(b) };
+            let r = pos % BLOCK_TOKENS;
             for (kv, src) in [k, v].into_iter().enumerate() {
                 for head in 0..h {
                     let row = &src[(t * h + head) * d..][..d];
-                    let at = self.pool.row_at(layer, kv, head, pos % BLOCK_TOKENS);
-                    for (o, x) in block[at..at + d].iter_mut().zip(row) {
+                    // SAFETY: `own_block` made the block ours alone; `&mut self` keeps
+                    // readers away.
+                    let seg = unsafe { self.pool.seg_n_mut(b, (layer * 2 + kv) * h + head) };
+                    for (o, x) in seg[r * d..(r + 1) * d].iter_mut().zip(row) {
                         *o = f16::from_f32(*x);
                     }
                 }
@@ -365,11 +393,7 @@ impl KvSeq {
         }
         let fresh = self.pool.alloc(1).expect("a block for copy-on-write")[0];
         // SAFETY: `fresh` is ours alone; `b` is shared, so only read.
-        unsafe {
-            self.pool
-                .block_mut(fresh)
-                .copy_from_slice(self.pool.block(b))
-        };
+        unsafe { self.pool.copy_block(fresh, &self.pool, b) };
         self.pool.release(&[b]);
         self.blocks[i] = fresh;
         fresh
@@ -412,8 +436,10 @@ impl KvSeq {
         let used = Self::blocks_for(self.len);
         let mut data = Vec::with_capacity(used * n);
         for &b in &self.blocks[..used] {
-            // SAFETY: reading a block we hold a reference to.
-            data.extend_from_slice(unsafe { self.pool.block(b) });
+            for seg in 0..self.pool.segs_per_block() {
+                // SAFETY: reading a block we hold a reference to.
+                data.extend_from_slice(unsafe { self.pool.seg_n(b, seg) });
+            }
         }
         self.pool.release(&self.blocks);
         self.blocks.clear();
@@ -430,15 +456,14 @@ impl KvSeq {
         let Some(sw) = &self.swapped else {
             return Ok(());
         };
-        let n = self.pool.block_elems();
         let blocks = self.pool.alloc(Self::blocks_for(sw.len))?;
-        for (i, &b) in blocks.iter().enumerate() {
-            // SAFETY: freshly allocated, ours alone.
-            unsafe {
-                self.pool
-                    .block_mut(b)
-                    .copy_from_slice(&sw.data[i * n..(i + 1) * n])
-            };
+        let mut from = sw.data.chunks_exact(self.pool.seg_elems());
+        for &b in &blocks {
+            for seg in 0..self.pool.segs_per_block() {
+                let src = from.next().expect("swapped data for every segment");
+                // SAFETY: freshly allocated, ours alone.
+                unsafe { self.pool.seg_n_mut(b, seg).copy_from_slice(src) };
+            }
         }
         self.blocks = blocks;
         self.swapped = None;
@@ -466,10 +491,13 @@ impl KvSeq {
             .map(move |(i, &b)| {
                 let rows = (upto - i * BLOCK_TOKENS).min(BLOCK_TOKENS);
                 // SAFETY: writers hold `&mut KvSeq`; this borrow of `self` keeps them away.
-                let block = unsafe { self.pool.block(b) };
-                let k = self.pool.row_at(layer, 0, kv_head, 0);
-                let v = self.pool.row_at(layer, 1, kv_head, 0);
-                (&block[k..k + rows * d], &block[v..v + rows * d])
+                let (k, v) = unsafe {
+                    (
+                        self.pool.seg(b, layer, 0, kv_head),
+                        self.pool.seg(b, layer, 1, kv_head),
+                    )
+                };
+                (&k[..rows * d], &v[..rows * d])
             })
     }
 }

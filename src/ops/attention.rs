@@ -261,19 +261,35 @@ fn for_each_widened<'a>(
     buf: &mut [f32],
     mut f: impl FnMut(usize, &[f32]),
 ) {
-    let mut base = 0;
+    // Rows are gathered across segments (16-row blocks) into chunks of up to `KV_CHUNK`, so
+    // the loops over them run long whatever the block size.
+    let (mut base, mut filled, mut first) = (0, 0, lo);
     for seg in segments {
         let seg_rows = seg.len() / d;
         let (from, to) = (lo.max(base), hi.min(base + seg_rows));
         let mut c0 = from;
         while c0 < to {
-            let rows = KV_CHUNK.min(to - c0);
+            let rows = (KV_CHUNK - filled).min(to - c0);
             let at = (c0 - base) * d;
-            widen(&seg[at..at + rows * d], &mut buf[..rows * d]);
-            f(c0 - lo, &buf[..rows * d]);
+            widen(
+                &seg[at..at + rows * d],
+                &mut buf[filled * d..(filled + rows) * d],
+            );
+            filled += rows;
             c0 += rows;
+            if filled == KV_CHUNK {
+                f(first - lo, &buf[..filled * d]);
+                first += filled;
+                filled = 0;
+            }
         }
         base += seg_rows;
+        if base >= hi {
+            break;
+        }
+    }
+    if filled > 0 {
+        f(first - lo, &buf[..filled * d]);
     }
 }
 
