@@ -15,7 +15,17 @@ pub struct Config {
     pub server: ServerConfig,
     pub engine: EngineSection,
     pub kv: KvSection,
+    /// Named agents: `[agents.NAME] priority = N`.
+    pub agents: std::collections::BTreeMap<String, AgentConfig>,
     pub models: Vec<ModelConfig>,
+}
+
+/// What the configuration says of one agent (the `X-Agent-Id` it sends).
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Priority under the `priority` policy when a request has no `X-Priority` header.
+    pub priority: i32,
 }
 
 /// The KV pool of each model: fixed 16-token blocks allocated once, from `bytes` when set,
@@ -91,6 +101,12 @@ impl Config {
                 aging_secs: e.aging_secs,
             },
             kv: self.kv.budget(),
+            agent_priority: std::sync::Arc::new(
+                self.agents
+                    .iter()
+                    .map(|(name, a)| (name.clone(), a.priority))
+                    .collect(),
+            ),
         }
     }
 }
@@ -130,6 +146,9 @@ pub struct ModelConfig {
     /// `cpu`, `cuda:N` or `auto`.
     #[serde(default = "default_device")]
     pub device: String,
+    /// This model's scheduling policy, instead of `[engine] policy`.
+    #[serde(default)]
+    pub policy: Option<crate::engine::PolicyKind>,
 }
 
 fn default_device() -> String {
@@ -153,6 +172,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             engine: EngineSection::default(),
             kv: KvSection::default(),
+            agents: Default::default(),
             models: vec![ModelConfig::for_path(
                 DEFAULT_MODEL_NAME,
                 DEFAULT_MODEL_PATH,
@@ -171,6 +191,7 @@ impl ModelConfig {
             chat_template: None,
             context_length: None,
             device: default_device(),
+            policy: None,
         }
     }
 }

@@ -81,6 +81,7 @@ pub fn start_loading(cfg: &Config) -> Arc<AppState> {
     let engine_cfg = cfg.engine_config();
     for (i, m) in cfg.models.iter().cloned().enumerate() {
         let state = state.clone();
+        let engine_cfg = engine_cfg.clone();
         std::thread::spawn(move || {
             let t0 = std::time::Instant::now();
             let next = match load_configured(&m) {
@@ -92,6 +93,10 @@ pub fn start_loading(cfg: &Config) -> Arc<AppState> {
                         loaded.format,
                         t0.elapsed().as_secs_f64()
                     );
+                    let mut engine_cfg = engine_cfg;
+                    if let Some(p) = m.policy {
+                        engine_cfg.policy = p;
+                    }
                     SlotState::Ready(engine::spawn(loaded, engine_cfg))
                 }
                 Err(e) => {

@@ -289,3 +289,67 @@ fn a_full_queue_answers_503_with_retry_after() {
     assert!(stop(child).success());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_small_kv_pool_caps_the_context_and_refuses_what_can_never_fit() {
+    let dir = std::env::temp_dir().join(format!("aios-kv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("kv.toml");
+    let model = common::default_model_path();
+    // The default model's KV takes 23,040 bytes a token: 8 blocks of 16 tokens.
+    std::fs::write(
+        &cfg,
+        format!(
+            "[kv]\nbytes = {}\n\n[agents.ci-bot]\npriority = 3\n\n[[models]]\nname = \"smollm2\"\npath = {:?}\npolicy = \"priority\"\n",
+            8 * 16 * 23_040,
+            model.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let (child, url) = serve(&["--config", cfg.to_str().unwrap()]);
+    common::wait_healthy(&url);
+    let c = common::client();
+    let health: Value = c
+        .get(format!("{url}/health"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(health["kv"]["smollm2"]["blocks_total"], 8, "{health}");
+    assert_eq!(health["kv"]["smollm2"]["block_tokens"], 16);
+    let models: Value = c
+        .get(format!("{url}/v1/models"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(models["data"][0]["max_model_len"], 128);
+    // More than the pool can ever hold: refused at once, nothing queued.
+    let r = c
+        .post(format!("{url}/v1/completions"))
+        .json(&json!({"prompt": "Once upon a time", "max_tokens": 200}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().unwrap();
+    assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
+    // What fits is served, by a configured agent too, and gives its blocks back.
+    let r = c
+        .post(format!("{url}/v1/completions"))
+        .header("X-Agent-Id", "ci-bot")
+        .json(&json!({"prompt": "1, 2, 3, 4,", "max_tokens": 16, "temperature": 0}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().unwrap();
+    assert_eq!(v["choices"][0]["text"], " 5, 6, 7, 8, 9, ");
+    let health: Value = c
+        .get(format!("{url}/health"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(health["kv"]["smollm2"]["blocks_used"], 0, "{health}");
+    assert!(stop(child).success());
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -441,3 +441,18 @@ fn no_kv_block_leaks_after_200_requests_with_random_cancellations() {
     }
     wait_for_no_blocks(&e);
 }
+
+#[test]
+fn configured_agents_have_their_priority() {
+    aios::init_threads(2);
+    let m = load_model(&common::default_model_path(), &LoadOptions::default()).unwrap();
+    let e = spawn(
+        m,
+        EngineConfig {
+            agent_priority: std::sync::Arc::new([("ci-bot".to_string(), 3)].into()),
+            ..Default::default()
+        },
+    );
+    assert_eq!(e.agent_priority("ci-bot"), 3);
+    assert_eq!(e.agent_priority("someone-else"), 0);
+}

@@ -121,7 +121,10 @@ impl Job {
                     stop_token_ids: self.params.stop_token_ids.clone(),
                     ignore_eos: self.params.ignore_eos,
                     agent: self.params.agent.clone(),
-                    priority: self.params.priority,
+                    priority: self
+                        .params
+                        .priority
+                        .unwrap_or_else(|| self.engine.agent_priority(&self.params.agent)),
                 };
                 let (tx, rx) = mpsc::unbounded_channel();
                 reqs.push((req, tx));

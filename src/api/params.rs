@@ -92,12 +92,13 @@ pub struct GenParams {
     pub include_usage: bool,
     /// Who is asking: `X-Agent-Id`, else the body's `user`, else the API key, else "anonymous".
     pub agent: String,
-    /// `X-Priority` (higher first under the priority policy); 0 when absent.
-    pub priority: i32,
+    /// `X-Priority` (higher first under the priority policy); `None` when absent (the agent's
+    /// configured priority applies).
+    pub priority: Option<i32>,
 }
 
 /// The agent a request belongs to, and its priority, from headers and body.
-fn identity(b: &Body, headers: &HeaderMap) -> Result<(String, i32), ApiError> {
+fn identity(b: &Body, headers: &HeaderMap) -> Result<(String, Option<i32>), ApiError> {
     let header = |name: &str| -> Result<Option<&str>, ApiError> {
         headers
             .get(name)
@@ -132,13 +133,13 @@ fn identity(b: &Body, headers: &HeaderMap) -> Result<(String, i32), ApiError> {
         },
     };
     let priority = match header("x-priority")? {
-        None => 0,
-        Some(p) => p.parse::<i32>().map_err(|_| {
+        None => None,
+        Some(p) => Some(p.parse::<i32>().map_err(|_| {
             ApiError::param(
                 "X-Priority",
                 format!("X-Priority must be an integer, got {p:?}"),
             )
-        })?,
+        })?),
     };
     Ok((agent, priority))
 }

@@ -114,6 +114,7 @@ pub struct EngineHandle {
     live: Arc<AtomicUsize>,
     max_live: usize,
     kv: Arc<KvPool>,
+    agent_priority: Arc<std::collections::HashMap<String, i32>>,
 }
 
 /// What the rest of the server needs to know about the model an engine runs.
@@ -163,6 +164,11 @@ impl EngineHandle {
         self.live.load(Ordering::Acquire)
     }
 
+    /// The configured priority of an agent (0 when it has none).
+    pub fn agent_priority(&self, agent: &str) -> i32 {
+        self.agent_priority.get(agent).copied().unwrap_or(0)
+    }
+
     /// KV blocks in use, free and swapped out.
     pub fn kv_usage(&self) -> KvUsage {
         self.kv.usage()
@@ -170,7 +176,7 @@ impl EngineHandle {
 }
 
 /// How the engine forms its steps.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct EngineConfig {
     /// Most tokens one step feeds the model. Decode tokens of running sequences come first; the
     /// rest goes to prompts, in chunks, so a long prompt never stalls the others.
@@ -183,6 +189,8 @@ pub struct EngineConfig {
     pub policy_params: PolicyParams,
     /// The KV pool's size.
     pub kv: KvBudget,
+    /// Priorities of named agents, for requests without an `X-Priority` header.
+    pub agent_priority: Arc<std::collections::HashMap<String, i32>>,
 }
 
 /// How much memory the KV pool takes, allocated once when the engine starts.
@@ -229,6 +237,7 @@ impl Default for EngineConfig {
                 aging_secs: 30.0,
             },
             kv: KvBudget::FractionOfFree(0.25),
+            agent_priority: Default::default(),
         }
     }
 }
@@ -266,17 +275,19 @@ pub fn spawn(model: LoadedModel, cfg: EngineConfig) -> EngineHandle {
     let (tx, rx) = mpsc::channel();
     let thread_info = info.clone();
     let thread_pool = pool.clone();
-    std::thread::Builder::new()
-        .name("aios-engine".into())
-        .spawn(move || Engine::new(llama, thread_info, cfg, thread_pool).run(rx))
-        .expect("spawn engine thread");
-    EngineHandle {
+    let handle = EngineHandle {
         tx,
         model: info,
         live: Arc::new(AtomicUsize::new(0)),
         max_live: cfg.max_running + cfg.max_queued,
         kv: pool,
-    }
+        agent_priority: cfg.agent_priority.clone(),
+    };
+    std::thread::Builder::new()
+        .name("aios-engine".into())
+        .spawn(move || Engine::new(llama, thread_info, cfg, thread_pool).run(rx))
+        .expect("spawn engine thread");
+    handle
 }
 
 struct Engine {
