@@ -35,6 +35,8 @@ pub struct AgentConfig {
 pub struct KvSection {
     pub bytes: u64,
     pub memory_fraction: f64,
+    /// `swap` (to host memory and back) or `recompute` (prefill again).
+    pub preemption: crate::engine::Preemption,
 }
 
 impl Default for KvSection {
@@ -42,6 +44,7 @@ impl Default for KvSection {
         Self {
             bytes: 0,
             memory_fraction: 0.25,
+            preemption: crate::engine::Preemption::Swap,
         }
     }
 }
@@ -101,6 +104,7 @@ impl Config {
                 aging_secs: e.aging_secs,
             },
             kv: self.kv.budget(),
+            preemption: self.kv.preemption,
             agent_priority: std::sync::Arc::new(
                 self.agents
                     .iter()

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use aios::engine::{
     spawn, EngineConfig, EngineHandle, Event, GenRequest, KvBudget, PolicyKind, PolicyParams,
-    SamplingParams,
+    Preemption, SamplingParams,
 };
 use aios::model::{load_model, LoadOptions};
 
@@ -303,6 +303,10 @@ fn the_queue_is_bounded_and_places_come_back() {
 
 /// An engine whose KV pool holds only `blocks` blocks.
 fn small_pool(blocks: usize, policy: PolicyKind) -> EngineHandle {
+    small_pool_with(blocks, policy, Preemption::Swap)
+}
+
+fn small_pool_with(blocks: usize, policy: PolicyKind, preemption: Preemption) -> EngineHandle {
     aios::init_threads(2);
     let m = load_model(&common::default_model_path(), &LoadOptions::default()).unwrap();
     let bytes = blocks * m.llama.kv_layout().bytes_per_block();
@@ -311,6 +315,7 @@ fn small_pool(blocks: usize, policy: PolicyKind) -> EngineHandle {
         EngineConfig {
             policy,
             kv: KvBudget::Bytes(bytes as u64),
+            preemption,
             ..Default::default()
         },
     )
@@ -318,9 +323,18 @@ fn small_pool(blocks: usize, policy: PolicyKind) -> EngineHandle {
 
 #[test]
 fn sequences_preempted_when_blocks_run_out_resume_with_identical_tokens() {
+    preempted_sequences_resume_unchanged(Preemption::Swap);
+}
+
+#[test]
+fn preemption_by_recomputation_gives_identical_tokens_too() {
+    preempted_sequences_resume_unchanged(Preemption::Recompute);
+}
+
+fn preempted_sequences_resume_unchanged(preemption: Preemption) {
     // Eight blocks (128 tokens); three sequences of ~8 + 40 tokens need nine between them
     // once they grow, so the lowest-ranked are swapped out to host memory and back.
-    let e = small_pool(8, PolicyKind::Fifo);
+    let e = small_pool_with(8, PolicyKind::Fifo, preemption);
     assert_eq!(
         e.model.context_length, 128,
         "a sequence must fit the pool alone"
@@ -334,13 +348,22 @@ fn sequences_preempted_when_blocks_run_out_resume_with_identical_tokens() {
         .iter()
         .map(|t| collect(submit(&e, request(&e, t, 40))))
         .collect();
-    assert_eq!(e.kv_usage().swap_outs, 0, "one at a time fits");
+    assert_eq!(
+        e.kv_usage().swap_outs + e.kv_usage().recomputes,
+        0,
+        "one at a time fits"
+    );
     let rxs: Vec<Rx> = texts
         .iter()
         .map(|t| submit(&e, request(&e, t, 40)))
         .collect();
     let together: Vec<Vec<u32>> = rxs.into_iter().map(collect).collect();
-    assert!(e.kv_usage().swap_outs > 0, "nothing was preempted");
+    let u = e.kv_usage();
+    let preempted = match preemption {
+        Preemption::Swap => u.swap_outs,
+        Preemption::Recompute => u.recomputes,
+    };
+    assert!(preempted > 0, "nothing was preempted: {u:?}");
     assert_eq!(alone, together);
     wait_for_no_blocks(&e);
 }

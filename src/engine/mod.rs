@@ -189,8 +189,20 @@ pub struct EngineConfig {
     pub policy_params: PolicyParams,
     /// The KV pool's size.
     pub kv: KvBudget,
+    /// What happens to a preempted sequence's KV.
+    pub preemption: Preemption,
     /// Priorities of named agents, for requests without an `X-Priority` header.
     pub agent_priority: Arc<std::collections::HashMap<String, i32>>,
+}
+
+/// What preemption does with a sequence's KV when the pool runs short.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Preemption {
+    /// Copy it to host memory and back (the default: nothing is recomputed).
+    Swap,
+    /// Drop it and prefill the sequence's tokens again when it resumes (no host memory).
+    Recompute,
 }
 
 /// How much memory the KV pool takes, allocated once when the engine starts.
@@ -237,6 +249,7 @@ impl Default for EngineConfig {
                 aging_secs: 30.0,
             },
             kv: KvBudget::FractionOfFree(0.25),
+            preemption: Preemption::Swap,
             agent_priority: Default::default(),
         }
     }
@@ -406,7 +419,11 @@ impl Engine {
                     .find(|&&j| self.running[j].kv().blocks() > 0);
                 match victim {
                     Some(&j) => {
-                        self.running[j].kv_mut().swap_out();
+                        let kv = self.running[j].kv_mut();
+                        match self.cfg.preemption {
+                            Preemption::Swap => kv.swap_out(),
+                            Preemption::Recompute => kv.drop_for_recompute(),
+                        }
                         plan[j] = 0;
                     }
                     None => break,

@@ -76,6 +76,8 @@ pub struct KvUsage {
     pub swapped: usize,
     /// Swap-outs since the pool was made (preemptions when blocks ran out).
     pub swap_outs: usize,
+    /// Preemptions that dropped a sequence's KV to recompute it later.
+    pub recomputes: usize,
 }
 
 struct FreeList {
@@ -100,6 +102,7 @@ pub struct KvPool {
     used: AtomicUsize,
     swapped: AtomicUsize,
     swap_outs: AtomicUsize,
+    recomputes: AtomicUsize,
     /// A private pool (one sequence, tests and benches) grows instead of running out.
     growable: bool,
 }
@@ -135,6 +138,7 @@ impl KvPool {
             used: AtomicUsize::new(0),
             swapped: AtomicUsize::new(0),
             swap_outs: AtomicUsize::new(0),
+            recomputes: AtomicUsize::new(0),
             growable,
         }
     }
@@ -151,6 +155,7 @@ impl KvPool {
             bytes_per_block: self.layout.bytes_per_block(),
             swapped: self.swapped.load(Ordering::Acquire),
             swap_outs: self.swap_outs.load(Ordering::Acquire),
+            recomputes: self.recomputes.load(Ordering::Acquire),
         }
     }
 
@@ -449,6 +454,13 @@ impl KvSeq {
         });
         self.pool.swapped.fetch_add(1, Ordering::AcqRel);
         self.pool.swap_outs.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Give all blocks back and forget the KV: the sequence's tokens are to be prefilled again
+    /// (preemption by recomputation).
+    pub fn drop_for_recompute(&mut self) {
+        self.truncate(0);
+        self.pool.recomputes.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Bring a swapped-out sequence back into the pool, bit for bit.
