@@ -479,3 +479,50 @@ fn configured_agents_have_their_priority() {
     assert_eq!(e.agent_priority("ci-bot"), 3);
     assert_eq!(e.agent_priority("someone-else"), 0);
 }
+
+#[test]
+fn fair_keeps_two_backlogged_agents_within_a_bounded_gap() {
+    // "busy" sends ten times the requests of "calm"; both stay backlogged for the whole
+    // window. One sequence runs at a time, so every step is the policy's choice.
+    let e = one_at_a_time(PolicyKind::Fair, 32, 30.0);
+    let mut reqs: Vec<GenRequest> = (0..20).map(|_| job(&e, "busy", 0, 12)).collect();
+    reqs.extend((0..2).map(|_| job(&e, "calm", 0, 120)));
+    let prompt = reqs[0].prompt.len() as i64;
+    let r = run_all(&e, reqs);
+    // Service as the policy weighs it: prompt tokens 1 each (counted when the first output
+    // token shows the prefill happened), output tokens 2 each.
+    let mut events: Vec<(Instant, bool, i64)> = r
+        .iter()
+        .enumerate()
+        .flat_map(|(i, times)| {
+            times
+                .iter()
+                .enumerate()
+                .map(move |(k, t)| (*t, i < 20, 2 + if k == 0 { prompt } else { 0 }))
+        })
+        .collect();
+    events.sort();
+    // From the moment both are served (an arriving agent is lifted to the current minimum, so
+    // it gets no credit for the time before it came) until either runs out of work.
+    let start = r[20..].iter().map(|t| t[0]).min().unwrap();
+    let end = done(r[..20].iter().max_by_key(|t| done(t)).unwrap())
+        .min(done(r[20..].iter().max_by_key(|t| done(t)).unwrap()));
+    let (mut busy, mut calm, mut worst) = (0i64, 0i64, 0i64);
+    for (t, is_busy, w) in events {
+        if t < start || t > end {
+            continue;
+        }
+        if is_busy {
+            busy += w;
+        } else {
+            calm += w;
+        }
+        worst = worst.max((busy - calm).abs());
+    }
+    assert!(busy >= 200 && calm >= 200, "busy {busy}, calm {calm}");
+    // One prompt and a couple of tokens at most, however long the run and whatever the rates.
+    assert!(
+        worst <= prompt + 8,
+        "served-token gap reached {worst} (prompt {prompt})"
+    );
+}
