@@ -61,10 +61,9 @@ impl Linear {
         dev: &Device,
     ) -> candle_core::Result<Linear> {
         let out_features = w.shape().dims()[0];
-        // Our kernels where they beat candle's (the interleaved formats); candle's Q4_K and
-        // Q6_K paths are faster than our plain K kernels for now (benches/kernels.rs).
+        // Our kernels where they beat candle's (all our formats but Q6_K for now).
         let ours = match QKind::from_ggml(w.dtype()) {
-            Some(k) if k.interleaves() && dev.is_cpu() && !dequantize_all() => {
+            Some(k) if k.beats_candle() && dev.is_cpu() && !dequantize_all() => {
                 QWeight::from_qtensor(&w)
             }
             _ => None,

@@ -122,7 +122,7 @@ mod x86 {
         a: usize,
         res: &mut [[f32; 8]; 4],
     ) {
-        let nb = w.cols / QK;
+        let nb = w.cols / w.kind.block_len();
         let grp = w.group(g).as_ptr();
         macro_rules! go {
             ($kern:ident, $A:literal) => {{
@@ -146,7 +146,8 @@ mod x86 {
             QKind::Q4_0 => acts!(q4_0_x8),
             QKind::Q4_1 => acts!(q4_1_x8),
             QKind::Q8_0 => acts!(q8_0_x8),
-            k => unreachable!("{k:?} is not interleaved"),
+            QKind::Q4K => acts!(q4k_x8),
+            QKind::Q6K => acts!(q6k_x8),
         }
     }
 
@@ -223,6 +224,171 @@ mod x86 {
         nb: usize,
     ) -> [[f32; 8]; A] {
         q4_x8::<A, false>(grp, ap, nb)
+    }
+
+    /// Byte `k` of eight rows as the eight bytes of a `u64` (one plane of an interleaved
+    /// header).
+    #[inline(always)]
+    unsafe fn plane(p: *const u8, k: usize) -> u64 {
+        (p.add(8 * k) as *const u64).read_unaligned()
+    }
+
+    /// Eight rows' bytes (a `u64` plane) as eight f32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn plane_f32(x: u64) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(x as i64)))
+    }
+
+    /// Eight interleaved Q4_K rows. Per super-block: the eight rows' scales, mins and packed
+    /// 6-bit sub-scales (decoded for all eight rows at once, eight bytes to a `u64`), then the
+    /// values of sub-blocks `2p` (low nibbles) and `2p + 1` (high nibbles) in runs of four per
+    /// row, summed in 16-bit lanes over a sub-block.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4k_x8<const A: usize>(
+        grp: *const u8,
+        ap: [*const ActBlock; A],
+        nb: usize,
+    ) -> [[f32; 8]; A] {
+        const LO6: u64 = 0x3F3F_3F3F_3F3F_3F3F;
+        const LO4: u64 = 0x0F0F_0F0F_0F0F_0F0F;
+        const LO2: u64 = 0x0303_0303_0303_0303;
+        let mask = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); A];
+        for b in 0..nb {
+            let p = grp.add(b * 1152);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+            let dmin = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i));
+            let pl = p.add(32);
+            // Sub-scale and sub-min `j` of all eight rows (as GGUF's 6-bit packing).
+            let scale_min = |j: usize| -> (u64, u64) {
+                if j < 4 {
+                    (plane(pl, j) & LO6, plane(pl, j + 4) & LO6)
+                } else {
+                    (
+                        (plane(pl, j + 4) & LO4) | (((plane(pl, j - 4) >> 6) & LO2) << 4),
+                        ((plane(pl, j + 4) >> 4) & LO4) | (((plane(pl, j) >> 6) & LO2) << 4),
+                    )
+                }
+            };
+            for pair in 0..4 {
+                let mut lo_sum = [_mm256_setzero_si256(); A];
+                let mut hi_sum = [_mm256_setzero_si256(); A];
+                let q0 = p.add(128 + 256 * pair);
+                for t in 0..8 {
+                    let q = _mm256_loadu_si256(q0.add(32 * t) as *const __m256i);
+                    let lo = _mm256_and_si256(q, mask);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask);
+                    for k in 0..A {
+                        let a0 = &*ap[k].add(b * 8 + 2 * pair);
+                        let a1 = &*ap[k].add(b * 8 + 2 * pair + 1);
+                        let xl = _mm256_maddubs_epi16(lo, bcast4(a0, 4 * t));
+                        let xh = _mm256_maddubs_epi16(hi, bcast4(a1, 4 * t));
+                        lo_sum[k] = _mm256_add_epi16(lo_sum[k], xl);
+                        hi_sum[k] = _mm256_add_epi16(hi_sum[k], xh);
+                    }
+                }
+                for (half, sums) in [lo_sum, hi_sum].iter().enumerate() {
+                    let sub = 2 * pair + half;
+                    let (sc, mn) = scale_min(sub);
+                    let scale = _mm256_mul_ps(d, plane_f32(sc));
+                    let min = _mm256_mul_ps(dmin, plane_f32(mn));
+                    for k in 0..A {
+                        let ab = &*ap[k].add(b * 8 + sub);
+                        let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums[k], ones));
+                        let f = _mm256_mul_ps(scale, _mm256_set1_ps(ab.d));
+                        acc[k] = _mm256_fmadd_ps(f, dot, acc[k]);
+                        acc[k] = _mm256_fnmadd_ps(min, _mm256_set1_ps(ab.s), acc[k]);
+                    }
+                }
+            }
+        }
+        let mut out = [[0f32; 8]; A];
+        for k in 0..A {
+            _mm256_storeu_ps(out[k].as_mut_ptr(), acc[k]);
+        }
+        out
+    }
+
+    /// The eight rows' 6-bit values of chunk `c0 = 4n + h` (low nibbles) and `c0 + 2` (high
+    /// nibbles) for run `t` (values `4t..4t + 4` of each chunk).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q6k_run(p: *const u8, n: usize, h: usize, t: usize) -> (__m256i, __m256i) {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m2 = _mm256_set1_epi8(0x03);
+        let ql = _mm256_loadu_si256(p.add(144 + 32 * (8 * (2 * n + h) + t)) as *const __m256i);
+        let qh = _mm256_loadu_si256(p.add(1168 + 32 * (8 * n + t)) as *const __m256i);
+        let qh = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * h as i32));
+        let q0 = _mm256_or_si256(
+            _mm256_and_si256(ql, m4),
+            _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4),
+        );
+        let q1 = _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16(ql, 4), m4),
+            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4),
+        );
+        (q0, q1)
+    }
+
+    /// Eight interleaved Q6_K rows. Per super-block: the eight rows' scales and 16 sub-scales
+    /// (planes), then for each half `n` of the values the low-bit runs (`h` = 0, 1: low nibbles
+    /// are chunk `4n + h`, high nibbles chunk `4n + h + 2`) and the high-bit runs (two bits per
+    /// chunk). Values are 0..63, stored minus 32: Σ (q − 32)·x = Σ q·x − 32 Σ x, with Σ x per
+    /// 16 values kept in the activation blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q6k_x8<const A: usize>(
+        grp: *const u8,
+        ap: [*const ActBlock; A],
+        nb: usize,
+    ) -> [[f32; 8]; A] {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); A];
+        for b in 0..nb {
+            let p = grp.add(b * 1680);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+            for n in 0..2 {
+                for h in 0..2 {
+                    let (c0, c1) = (4 * n + h, 4 * n + h + 2);
+                    for half in 0..2 {
+                        // Four runs (16 values of each chunk, one sub-scale each).
+                        let mut s0 = [_mm256_setzero_si256(); A];
+                        let mut s1 = [_mm256_setzero_si256(); A];
+                        for t in 0..4 {
+                            let (q0, q1) = q6k_run(p, n, h, 4 * half + t);
+                            for k in 0..A {
+                                let a0 = &*ap[k].add(b * 8 + c0);
+                                let a1 = &*ap[k].add(b * 8 + c1);
+                                let x0 = _mm256_maddubs_epi16(q0, bcast4(a0, 16 * half + 4 * t));
+                                let x1 = _mm256_maddubs_epi16(q1, bcast4(a1, 16 * half + 4 * t));
+                                s0[k] = _mm256_add_epi32(s0[k], _mm256_madd_epi16(x0, ones));
+                                s1[k] = _mm256_add_epi32(s1[k], _mm256_madd_epi16(x1, ones));
+                            }
+                        }
+                        for (c, sums) in [(c0, &s0), (c1, &s1)] {
+                            let sub = plane(p.add(16), 2 * c + half);
+                            let sc = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(
+                                sub as i64,
+                            )));
+                            let scale = _mm256_mul_ps(d, sc);
+                            for k in 0..A {
+                                let ab = &*ap[k].add(b * 8 + c);
+                                let off = _mm256_set1_epi32(32 * ab.half_sums[half] as i32);
+                                let dot = _mm256_cvtepi32_ps(_mm256_sub_epi32(sums[k], off));
+                                let f = _mm256_mul_ps(scale, _mm256_set1_ps(ab.d));
+                                acc[k] = _mm256_fmadd_ps(f, dot, acc[k]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let mut out = [[0f32; 8]; A];
+        for k in 0..A {
+            _mm256_storeu_ps(out[k].as_mut_ptr(), acc[k]);
+        }
+        out
     }
 
     /// Eight interleaved Q8_0 rows: eight runs of 32 bytes, four values per row each.

@@ -153,7 +153,8 @@ pub struct QWeight {
 pub const GROUP: usize = 8;
 
 impl QKind {
-    /// Bytes of the eight rows' scales (and mins) at the head of an interleaved block.
+    /// Bytes of the eight rows' scales (and mins) at the head of an interleaved block of the
+    /// 32-value formats.
     fn group_header(self) -> usize {
         match self {
             QKind::Q4_1 => 32,
@@ -161,9 +162,18 @@ impl QKind {
         }
     }
 
+    /// Whether the model should use our kernels for this format rather than candle's: Q6_K's
+    /// interleaved kernel is tested but still slower than candle's (benches/kernels.rs).
+    pub fn beats_candle(self) -> bool {
+        self != QKind::Q6K
+    }
+
     /// Whether this format has the interleaved eight-row kernels (the fastest path).
     pub fn interleaves(self) -> bool {
-        matches!(self, QKind::Q4_0 | QKind::Q4_1 | QKind::Q8_0)
+        matches!(
+            self,
+            QKind::Q4_0 | QKind::Q4_1 | QKind::Q8_0 | QKind::Q4K | QKind::Q6K
+        )
     }
 }
 
@@ -210,13 +220,13 @@ impl QWeight {
         let packed_rows = self.rows / GROUP * GROUP;
         let mut data = Vec::with_capacity(self.data.len());
         let nb = self.blocks_per_row();
-        let (bb, hdr) = (self.kind.block_bytes(), self.kind.group_header());
+        let bb = self.kind.block_bytes();
         let mut block = vec![0u8; bb * GROUP];
         for g in 0..packed_rows / GROUP {
             for b in 0..nb {
                 for i in 0..GROUP {
                     let src = &self.row(g * GROUP + i)[b * bb..][..bb];
-                    interleave_block(self.kind, src, i, &mut block, hdr);
+                    interleave_block(self.kind, src, i, &mut block);
                 }
                 data.extend_from_slice(&block);
             }
@@ -250,13 +260,13 @@ impl QWeight {
         if r >= self.packed_rows {
             return self.row(r).into();
         }
-        let (bb, hdr) = (self.kind.block_bytes(), self.kind.group_header());
+        let bb = self.kind.block_bytes();
         let (g, i) = (r / GROUP, r % GROUP);
         let nb = self.blocks_per_row();
         let mut out = vec![0u8; nb * bb];
         for b in 0..nb {
             let group = &self.data[(g * nb + b) * bb * GROUP..][..bb * GROUP];
-            deinterleave_block(self.kind, group, i, &mut out[b * bb..][..bb], hdr);
+            deinterleave_block(self.kind, group, i, &mut out[b * bb..][..bb]);
         }
         out.into()
     }
@@ -294,28 +304,74 @@ fn scale_bytes(kind: QKind) -> usize {
     }
 }
 
-/// Copy GGUF block `src` into slot `i` of an interleaved block: the scale (and min) at
-/// `2i` (and `16 + 2i`), the values in runs of four bytes at `hdr + 32s + 4i`.
-fn interleave_block(kind: QKind, src: &[u8], i: usize, dst: &mut [u8], hdr: usize) {
-    dst[2 * i..2 * i + 2].copy_from_slice(&src[..2]);
-    if kind == QKind::Q4_1 {
-        dst[16 + 2 * i..16 + 2 * i + 2].copy_from_slice(&src[2..4]);
+/// Where the bytes of row slot `i`'s GGUF block go in an interleaved group block:
+/// `(offset in the GGUF block, offset in the group block, length)`.
+///
+/// - Q4_0, Q4_1, Q8_0: scales at `2i` (Q4_1's mins at `16 + 2i`), then the values in runs of
+///   four bytes at `hdr + 32s + 4i`.
+/// - Q4_K: scales at `2i`, mins at `16 + 2i`, the 12 packed scale bytes as planes
+///   (`32 + 8k + i`), then for each 32-byte quarter `p` of the values, runs of four at
+///   `128 + 256p + 32t + 4i` (low nibbles: sub-block `2p`, high: `2p + 1`).
+/// - Q6_K: scale at `2i`, the 16 sub-scales as planes (`16 + 8s + i`), the low-bit bytes in
+///   runs of four at `144 + 32(8(2n + h) + t) + 4i`, the high-bit bytes at
+///   `1168 + 32(8n + t) + 4i`.
+fn slot_map(kind: QKind, i: usize) -> Vec<(usize, usize, usize)> {
+    let mut m = Vec::new();
+    match kind {
+        QKind::Q4_0 | QKind::Q4_1 | QKind::Q8_0 => {
+            m.push((0, 2 * i, 2));
+            if kind == QKind::Q4_1 {
+                m.push((2, 16 + 2 * i, 2));
+            }
+            let (sb, hdr) = (scale_bytes(kind), kind.group_header());
+            for s in 0..(kind.block_bytes() - sb) / 4 {
+                m.push((sb + 4 * s, hdr + 32 * s + 4 * i, 4));
+            }
+        }
+        QKind::Q4K => {
+            m.push((0, 2 * i, 2));
+            m.push((2, 16 + 2 * i, 2));
+            for k in 0..12 {
+                m.push((4 + k, 32 + 8 * k + i, 1));
+            }
+            for p in 0..4 {
+                for t in 0..8 {
+                    m.push((16 + 32 * p + 4 * t, 128 + 256 * p + 32 * t + 4 * i, 4));
+                }
+            }
+        }
+        QKind::Q6K => {
+            m.push((208, 2 * i, 2));
+            for s in 0..16 {
+                m.push((192 + s, 16 + 8 * s + i, 1));
+            }
+            for n in 0..2 {
+                for h in 0..2 {
+                    for t in 0..8 {
+                        let at = 144 + 32 * (8 * (2 * n + h) + t) + 4 * i;
+                        m.push((64 * n + 32 * h + 4 * t, at, 4));
+                    }
+                }
+                for t in 0..8 {
+                    m.push((128 + 32 * n + 4 * t, 1168 + 32 * (8 * n + t) + 4 * i, 4));
+                }
+            }
+        }
     }
-    let vals = &src[scale_bytes(kind)..];
-    for (s, run) in vals.chunks_exact(4).enumerate() {
-        dst[hdr + 32 * s + 4 * i..][..4].copy_from_slice(run);
+    m
+}
+
+/// Copy GGUF block `src` into slot `i` of an interleaved group block.
+fn interleave_block(kind: QKind, src: &[u8], i: usize, dst: &mut [u8]) {
+    for (from, to, len) in slot_map(kind, i) {
+        dst[to..to + len].copy_from_slice(&src[from..from + len]);
     }
 }
 
 /// The inverse of [`interleave_block`].
-fn deinterleave_block(kind: QKind, src: &[u8], i: usize, dst: &mut [u8], hdr: usize) {
-    dst[..2].copy_from_slice(&src[2 * i..2 * i + 2]);
-    if kind == QKind::Q4_1 {
-        dst[2..4].copy_from_slice(&src[16 + 2 * i..16 + 2 * i + 2]);
-    }
-    let sb = scale_bytes(kind);
-    for (s, run) in dst[sb..].chunks_exact_mut(4).enumerate() {
-        run.copy_from_slice(&src[hdr + 32 * s + 4 * i..][..4]);
+fn deinterleave_block(kind: QKind, src: &[u8], i: usize, dst: &mut [u8]) {
+    for (from, to, len) in slot_map(kind, i) {
+        dst[from..from + len].copy_from_slice(&src[to..to + len]);
     }
 }
 
