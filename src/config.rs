@@ -37,6 +37,8 @@ pub struct KvSection {
     pub memory_fraction: f64,
     /// `swap` (to host memory and back) or `recompute` (prefill again).
     pub preemption: crate::engine::Preemption,
+    /// Reuse the KV of earlier sequences' identical prefixes (whole blocks).
+    pub prefix_cache: bool,
 }
 
 impl Default for KvSection {
@@ -45,6 +47,7 @@ impl Default for KvSection {
             bytes: 0,
             memory_fraction: 0.25,
             preemption: crate::engine::Preemption::Swap,
+            prefix_cache: true,
         }
     }
 }
@@ -105,6 +108,7 @@ impl Config {
             },
             kv: self.kv.budget(),
             preemption: self.kv.preemption,
+            prefix_cache: self.kv.prefix_cache,
             agent_priority: std::sync::Arc::new(
                 self.agents
                     .iter()

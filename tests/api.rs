@@ -160,7 +160,14 @@ fn streaming_equals_non_streaming_under_greedy() {
     // Last chunk before [DONE] carries the usage and no choices.
     let usage_chunk = &chunks[chunks.len() - 2];
     assert_eq!(usage_chunk["choices"].as_array().unwrap().len(), 0);
-    assert_eq!(usage_chunk["usage"], whole["usage"]);
+    for k in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(usage_chunk["usage"][k], whole["usage"][k]);
+    }
+    // The second run of the same prompt reuses the first one's full blocks.
+    assert_eq!(
+        usage_chunk["usage"]["prompt_tokens_details"]["cached_tokens"],
+        32
+    );
 
     // Completions too.
     let cb = json!({"prompt": "Once upon a time", "max_tokens": 20, "temperature": 0});
@@ -474,4 +481,34 @@ fn agent_and_priority_headers_are_read_and_checked() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 400);
+}
+
+#[test]
+fn a_repeated_prefix_is_served_from_the_prefix_cache_with_the_same_answer() {
+    // A prompt no other test sends, long enough for several full 16-token blocks.
+    let prompt = "Prefix cache check: ".to_string()
+        + &"the engine keeps full blocks of tokens for the next request. ".repeat(8);
+    let body = json!({"prompt": prompt, "max_tokens": 12, "temperature": 0});
+    let (s, first) = post("/v1/completions", &body);
+    assert_eq!(s, 200, "{first}");
+    let prompt_tokens = first["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens > 64);
+    assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let (s, second) = post("/v1/completions", &body);
+    assert_eq!(s, 200, "{second}");
+    // Every full block before the last prompt token is reused.
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(cached, (prompt_tokens - 1) / 16 * 16, "{second}");
+    assert_eq!(second["choices"][0]["text"], first["choices"][0]["text"]);
+    // The same prefix with another ending reuses the blocks they share.
+    let longer = json!({"prompt": format!("{prompt} And then?"), "max_tokens": 4});
+    let (_, third) = post("/v1/completions", &longer);
+    assert!(
+        third["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+            >= cached - 16
+    );
 }

@@ -138,12 +138,20 @@ impl Job {
         Ok(out)
     }
 
-    fn usage_json(&self, completion_tokens: usize) -> Value {
+    /// `cached` holds each choice's prefix-cache hits (choices are prompt-major); a prompt
+    /// counts its best choice once.
+    fn usage_json(&self, completion_tokens: usize, cached: &[usize]) -> Value {
         let prompt_tokens: usize = self.prompts.iter().map(Vec::len).sum();
+        let n = self.params.n.max(1);
+        let cached_tokens: usize = cached
+            .chunks(n)
+            .map(|c| c.iter().copied().max().unwrap_or(0))
+            .sum();
         json!({
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens},
         })
     }
 
@@ -184,7 +192,8 @@ impl Job {
             choices.push(c);
         }
         let completion: usize = choices.iter().map(|c| c.usage.completion_tokens).sum();
-        let usage = self.usage_json(completion);
+        let cached: Vec<usize> = choices.iter().map(|c| c.usage.cached_tokens).collect();
+        let usage = self.usage_json(completion, &cached);
         axum::Json(format.response(choices, usage)).into_response()
     }
 
@@ -211,6 +220,7 @@ impl Job {
                 }
             }
             let mut completion = 0;
+            let mut cached = vec![0; n];
             let mut open = n;
             // A dropped client closes `tx`; returning drops the engine receivers, which
             // cancels the sequences.
@@ -230,6 +240,7 @@ impl Job {
                         usage,
                     } => {
                         completion += usage.completion_tokens;
+                        cached[i] = usage.cached_tokens;
                         open -= 1;
                         let mut v = vec![];
                         if !text.is_empty() {
@@ -253,7 +264,7 @@ impl Job {
                 }
             }
             if self.params.include_usage {
-                let u = format.usage_chunk(self.usage_json(completion));
+                let u = format.usage_chunk(self.usage_json(completion, &cached));
                 let _ = tx.send(Ok(send(u))).await;
             }
             let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;

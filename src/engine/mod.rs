@@ -81,6 +81,8 @@ pub enum Event {
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache instead of a prefill.
+    pub cached_tokens: usize,
 }
 
 enum Command {
@@ -191,6 +193,8 @@ pub struct EngineConfig {
     pub kv: KvBudget,
     /// What happens to a preempted sequence's KV.
     pub preemption: Preemption,
+    /// Reuse cached KV blocks of earlier sequences with the same prefix.
+    pub prefix_cache: bool,
     /// Priorities of named agents, for requests without an `X-Priority` header.
     pub agent_priority: Arc<std::collections::HashMap<String, i32>>,
 }
@@ -250,6 +254,7 @@ impl Default for EngineConfig {
             },
             kv: KvBudget::FractionOfFree(0.25),
             preemption: Preemption::Swap,
+            prefix_cache: true,
             agent_priority: Default::default(),
         }
     }
@@ -388,6 +393,13 @@ impl Engine {
         let cands: Vec<_> = self.running.iter().map(Sequence::candidate).collect();
         let order = self.policy.rank(&cands, Instant::now());
         let chosen = &order[..order.len().min(self.cfg.max_running.max(1))];
+        if self.cfg.prefix_cache {
+            // A sequence with no KV yet (new, or preempted by recomputation) starts from the
+            // longest cached prefix of its tokens.
+            for &i in chosen {
+                self.running[i].attach_prefix();
+            }
+        }
         let mut left = self.cfg.max_batched_tokens.max(1);
         let mut plan = vec![0; self.running.len()];
         for &i in chosen {
@@ -469,6 +481,11 @@ impl Engine {
         }
         let result = self.llama.forward(&mut inputs);
         drop(inputs);
+        if self.cfg.prefix_cache && result.is_ok() {
+            for (i, _) in &served {
+                self.running[*i].register_blocks();
+            }
+        }
         let logits = match result {
             Ok(Some(l)) => l,
             Ok(None) => return,

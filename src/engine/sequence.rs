@@ -29,6 +29,8 @@ pub struct Sequence {
     events: UnboundedSender<Event>,
     finished: bool,
     arrived: Instant,
+    /// Prompt tokens taken from the prefix cache.
+    cached: usize,
     /// Held while the sequence lives: bounds the engine's queue.
     _slot: LiveSlot,
 }
@@ -60,6 +62,7 @@ impl Sequence {
             events,
             finished: false,
             arrived,
+            cached: 0,
             _slot: slot,
         }
     }
@@ -67,6 +70,19 @@ impl Sequence {
     /// Output tokens sampled so far.
     pub fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
+    }
+
+    /// Take the longest cached prefix of this sequence's tokens, if it has no KV yet.
+    pub fn attach_prefix(&mut self) {
+        let got = self.kv.attach_prefix(&self.tokens);
+        if self.generated() == 0 {
+            self.cached = self.cached.max(got.min(self.prompt_len));
+        }
+    }
+
+    /// Offer this sequence's full blocks to the prefix cache.
+    pub fn register_blocks(&mut self) {
+        self.kv.register_blocks(&self.tokens);
     }
 
     pub fn kv(&self) -> &KvSeq {
@@ -126,6 +142,7 @@ impl Sequence {
         Usage {
             prompt_tokens: self.prompt_len,
             completion_tokens: self.generated(),
+            cached_tokens: self.cached,
         }
     }
 

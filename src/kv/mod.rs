@@ -15,6 +15,8 @@
 //! reads each head's rows as one contiguous stream, as attention wants (a layout with each
 //! block's layers together would scatter 2 KB reads hundreds of KB apart).
 
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -83,6 +85,22 @@ pub struct KvUsage {
 struct FreeList {
     free: Vec<u32>,
     refs: Vec<u32>,
+    /// Prefix cache: the chain hash of each block that holds a full, cached run of tokens.
+    hash: Vec<Option<u64>>,
+    by_hash: HashMap<u64, u32>,
+    /// Cached blocks no sequence holds, least recently released first (tick → block); they
+    /// count as free and are evicted when the free list runs dry.
+    lru: BTreeMap<u64, u32>,
+    released_at: Vec<u64>,
+    tick: u64,
+}
+
+impl FreeList {
+    fn forget(&mut self, b: u32) {
+        if let Some(h) = self.hash[b as usize].take() {
+            self.by_hash.remove(&h);
+        }
+    }
 }
 
 /// A fixed pool of KV blocks.
@@ -134,6 +152,11 @@ impl KvPool {
             state: Mutex::new(FreeList {
                 free: (0..n_blocks as u32).rev().collect(),
                 refs: vec![0; n_blocks],
+                hash: vec![None; n_blocks],
+                by_hash: HashMap::new(),
+                lru: BTreeMap::new(),
+                released_at: vec![0; n_blocks],
+                tick: 0,
             }),
             used: AtomicUsize::new(0),
             swapped: AtomicUsize::new(0),
@@ -174,11 +197,17 @@ impl KvPool {
 
     fn alloc(&self, n: usize) -> Result<Vec<u32>, KvFull> {
         let mut st = self.state.lock().expect("kv pool lock");
-        if st.free.len() < n {
+        if st.free.len() + st.lru.len() < n {
             return Err(KvFull {
                 needed: n,
-                free: st.free.len(),
+                free: st.free.len() + st.lru.len(),
             });
+        }
+        // Evict the least recently used cached blocks to make up the difference.
+        while st.free.len() < n {
+            let (_, b) = st.lru.pop_first().expect("counted above");
+            st.forget(b);
+            st.free.push(b);
         }
         let at = st.free.len() - n;
         // The free list is a stack with the lowest block on top: a fresh pool hands out
@@ -187,6 +216,7 @@ impl KvPool {
         got.reverse();
         for &b in &got {
             st.refs[b as usize] = 1;
+            st.forget(b);
         }
         self.used.fetch_add(n, Ordering::AcqRel);
         Ok(got)
@@ -206,11 +236,55 @@ impl KvPool {
             let r = &mut st.refs[b as usize];
             *r -= 1;
             if *r == 0 {
-                st.free.push(b);
+                if st.hash[b as usize].is_some() {
+                    let t = st.tick;
+                    st.tick += 1;
+                    st.lru.insert(t, b);
+                    st.released_at[b as usize] = t;
+                } else {
+                    st.free.push(b);
+                }
                 freed += 1;
             }
         }
         self.used.fetch_sub(freed, Ordering::AcqRel);
+    }
+
+    /// The cached blocks of the longest prefix of `hashes` (chain hashes of full blocks), each
+    /// now referenced by the caller.
+    fn lookup(&self, hashes: &[u64]) -> Vec<u32> {
+        let mut st = self.state.lock().expect("kv pool lock");
+        let mut got = Vec::new();
+        for h in hashes {
+            let Some(&b) = st.by_hash.get(h) else { break };
+            if st.refs[b as usize] == 0 {
+                let t = st.released_at[b as usize];
+                st.lru.remove(&t);
+                self.used.fetch_add(1, Ordering::AcqRel);
+            }
+            st.refs[b as usize] += 1;
+            got.push(b);
+        }
+        got
+    }
+
+    /// Offer block `b`, full with the tokens whose chain hash is `h`, to the prefix cache.
+    fn register(&self, b: u32, h: u64) {
+        let mut st = self.state.lock().expect("kv pool lock");
+        if st.hash[b as usize].is_none() && !st.by_hash.contains_key(&h) {
+            st.by_hash.insert(h, b);
+            st.hash[b as usize] = Some(h);
+        }
+    }
+
+    /// Take block `b` out of the prefix cache (its owner is about to rewrite it).
+    fn unregister(&self, b: u32) {
+        self.state.lock().expect("kv pool lock").forget(b);
+    }
+
+    /// Cached blocks no sequence holds (reusable, evicted first-released-first).
+    pub fn cached_idle_blocks(&self) -> usize {
+        self.state.lock().expect("kv pool lock").lru.len()
     }
 
     fn refs(&self, b: u32) -> u32 {
@@ -279,6 +353,16 @@ pub struct KvSeq {
     blocks: Vec<u32>,
     len: usize,
     swapped: Option<SwappedKv>,
+    /// Chain hashes of the leading full blocks offered to (or taken from) the prefix cache.
+    hashes: Vec<u64>,
+}
+
+/// The chain hash of a block of tokens after the block whose hash is `prev`.
+fn chain_hash(prev: u64, tokens: &[u32]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    prev.hash(&mut h);
+    tokens.hash(&mut h);
+    h.finish()
 }
 
 impl KvSeq {
@@ -296,6 +380,7 @@ impl KvSeq {
             blocks: Vec::new(),
             len: 0,
             swapped: None,
+            hashes: Vec::new(),
         }
     }
 
@@ -359,6 +444,7 @@ impl KvSeq {
         old.release(&self.blocks);
         self.blocks = fresh;
         self.pool = pool;
+        self.hashes.clear();
     }
 
     /// Write the K and V rows of `n` tokens at positions `len..len+n` of `layer`.
@@ -418,6 +504,49 @@ impl KvSeq {
             let gone = self.blocks.split_off(keep);
             self.pool.release(&gone);
         }
+        let full = self.len / BLOCK_TOKENS;
+        if self.hashes.len() > full {
+            // A kept block that is no longer full will be written again: out of the cache
+            // (a shared one is copied on write instead, so it stays).
+            if let Some(&b) = self.blocks.get(full) {
+                if self.pool.refs(b) == 1 {
+                    self.pool.unregister(b);
+                }
+            }
+            self.hashes.truncate(full);
+        }
+    }
+
+    /// Start an empty sequence from the longest cached prefix of `tokens` (whole blocks, and
+    /// never the last token, whose logits the caller needs). Returns the tokens reused.
+    pub fn attach_prefix(&mut self, tokens: &[u32]) -> usize {
+        if self.len > 0 || !self.blocks.is_empty() || self.is_swapped() || tokens.is_empty() {
+            return 0;
+        }
+        let mut hashes = Vec::new();
+        let mut prev = 0;
+        for block in tokens[..tokens.len() - 1].chunks_exact(BLOCK_TOKENS) {
+            prev = chain_hash(prev, block);
+            hashes.push(prev);
+        }
+        self.blocks = self.pool.lookup(&hashes);
+        self.hashes = hashes[..self.blocks.len()].to_vec();
+        self.len = self.blocks.len() * BLOCK_TOKENS;
+        self.len
+    }
+
+    /// Offer the full blocks written so far (holding `tokens[..len]`) to the prefix cache.
+    pub fn register_blocks(&mut self, tokens: &[u32]) {
+        if self.is_swapped() {
+            return;
+        }
+        let full = (self.len / BLOCK_TOKENS).min(tokens.len() / BLOCK_TOKENS);
+        for i in self.hashes.len()..full {
+            let prev = self.hashes.last().copied().unwrap_or(0);
+            let h = chain_hash(prev, &tokens[i * BLOCK_TOKENS..(i + 1) * BLOCK_TOKENS]);
+            self.pool.register(self.blocks[i], h);
+            self.hashes.push(h);
+        }
     }
 
     /// A second sequence sharing this one's blocks (copy-on-write), e.g. a common prefix.
@@ -429,6 +558,7 @@ impl KvSeq {
             blocks: self.blocks.clone(),
             len: self.len,
             swapped: None,
+            hashes: self.hashes.clone(),
         }
     }
 
@@ -629,5 +759,54 @@ mod tests {
         assert_eq!(pool.usage().blocks_used, 2);
         drop(b);
         assert_eq!(pool.usage().blocks_used, 0);
+    }
+
+    #[test]
+    fn the_prefix_cache_reuses_full_blocks_and_evicts_the_least_recent() {
+        let pool = KvPool::new(LAYOUT, 6);
+        let tokens: Vec<u32> = (0..40).collect();
+        let mut a = KvSeq::in_pool(pool.clone());
+        write(&mut a, 40);
+        a.register_blocks(&tokens); // blocks 0 and 1 are full; block 2 is not
+        let want = read(&a, 1, 1);
+        drop(a);
+        assert_eq!(pool.usage().blocks_used, 0);
+        assert_eq!(pool.cached_idle_blocks(), 2);
+        // Same first 33 tokens: two blocks reused, and never the last token's block.
+        let mut b = KvSeq::in_pool(pool.clone());
+        assert_eq!(b.attach_prefix(&tokens[..33]), 32);
+        assert_eq!(b.len(), 32);
+        assert_eq!(pool.usage().blocks_used, 2);
+        assert_eq!(read(&b, 1, 1), want[..32 * 4]);
+        let mut c = KvSeq::in_pool(pool.clone());
+        assert_eq!(
+            c.attach_prefix(&tokens[..32]),
+            16,
+            "the last token is always computed"
+        );
+        // A different first block: nothing reused.
+        let other: Vec<u32> = (100..140).collect();
+        let mut d = KvSeq::in_pool(pool.clone());
+        assert_eq!(d.attach_prefix(&other), 0);
+        drop((b, c));
+        // Pressure: all six blocks wanted; the cached ones are evicted.
+        d.reserve(96).unwrap();
+        assert_eq!(pool.cached_idle_blocks(), 0);
+        drop(d);
+        let mut e = KvSeq::in_pool(pool.clone());
+        assert_eq!(e.attach_prefix(&tokens), 0, "evicted blocks are forgotten");
+    }
+
+    #[test]
+    fn a_truncated_block_leaves_the_cache_before_it_is_rewritten() {
+        let pool = KvPool::new(LAYOUT, 4);
+        let tokens: Vec<u32> = (0..32).collect();
+        let mut a = KvSeq::in_pool(pool.clone());
+        write(&mut a, 32);
+        a.register_blocks(&tokens);
+        a.truncate(20); // block 1 will be written again
+        drop(a);
+        let mut b = KvSeq::in_pool(pool.clone());
+        assert_eq!(b.attach_prefix(&tokens), 16);
     }
 }
