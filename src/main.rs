@@ -293,6 +293,7 @@ fn chat(cfg: Config, temperature: f32, max_tokens: usize, system: Option<String>
             ignore_eos: false,
             agent: "terminal".into(),
             priority: 0,
+            context: None,
         };
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         engine.submit(req, tx).map_err(anyhow::Error::msg)?;

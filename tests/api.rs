@@ -512,3 +512,129 @@ fn a_repeated_prefix_is_served_from_the_prefix_cache_with_the_same_answer() {
             >= cached - 16
     );
 }
+
+fn as_agent(
+    method: reqwest::Method,
+    path: &str,
+    agent: &str,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let mut r = common::client()
+        .request(method, format!("{}{path}", server()))
+        .header("X-Agent-Id", agent);
+    if let Some(b) = body {
+        r = r.json(b);
+    }
+    let resp = r.send().unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().unwrap())
+}
+
+#[test]
+fn a_conversation_on_a_context_prefills_only_each_new_turn() {
+    use reqwest::Method;
+    let agent = "context-agent";
+    let (s, ctx) = as_agent(Method::POST, "/v1/contexts", agent, Some(&json!({})));
+    assert_eq!(s, 200, "{ctx}");
+    let id = ctx["id"].as_str().unwrap().to_string();
+    assert_eq!(ctx["owner"], agent);
+    assert_eq!(ctx["tokens"], 0);
+    let turns = [
+        "My name is Ada and I like sailing. Say hello.",
+        "What is my name?",
+        "What do I like?",
+    ];
+    let mut messages: Vec<Value> = vec![];
+    let mut held = 0u64; // tokens the context holds before each turn
+    for turn in turns {
+        messages.push(json!({"role": "user", "content": turn}));
+        let body = json!({"messages": messages, "max_tokens": 16, "temperature": 0});
+        let mut on_ctx = body.clone();
+        on_ctx["context_id"] = json!(id);
+        let (s, v) = as_agent(Method::POST, "/v1/chat/completions", agent, Some(&on_ctx));
+        assert_eq!(s, 200, "{v}");
+        // The same conversation sent whole, by an agent without a context: same answer.
+        let (_, plain) = as_agent(
+            Method::POST,
+            "/v1/chat/completions",
+            "no-context-agent",
+            Some(&body),
+        );
+        let answer = v["choices"][0]["message"]["content"].as_str().unwrap();
+        assert_eq!(answer, plain["choices"][0]["message"]["content"]);
+        // Only the new part was prefilled: everything the context held is reused.
+        let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        eprintln!(
+            "turn {turn:?}: {cached} cached of {}, {held} held",
+            v["usage"]["prompt_tokens"]
+        );
+        assert!(
+            cached + 1 >= held,
+            "turn {turn:?}: {cached} cached, {held} held"
+        );
+        let (_, info) = as_agent(Method::GET, &format!("/v1/contexts/{id}"), agent, None);
+        let now = info["tokens"].as_u64().unwrap();
+        let prompt = v["usage"]["prompt_tokens"].as_u64().unwrap();
+        assert!(now >= prompt, "the context holds the turn: {info}");
+        held = now;
+        messages.push(json!({"role": "assistant", "content": answer}));
+    }
+    assert!(held > 60);
+    // Another agent cannot see or use it.
+    let path = format!("/v1/contexts/{id}");
+    assert_eq!(as_agent(Method::GET, &path, "intruder", None).0, 404);
+    let body = json!({"messages": messages, "max_tokens": 2, "context_id": id});
+    let (s, v) = as_agent(
+        Method::POST,
+        "/v1/chat/completions",
+        "intruder",
+        Some(&body),
+    );
+    assert_eq!(s, 404, "{v}");
+    assert_eq!(v["error"]["code"], "context_not_found");
+    // A fork shares the conversation and diverges without touching the parent.
+    let (s, fork) = as_agent(
+        Method::POST,
+        &format!("{path}/fork"),
+        agent,
+        Some(&json!({})),
+    );
+    assert_eq!(s, 200, "{fork}");
+    assert_eq!(fork["tokens"], held);
+    let fork_id = fork["id"].as_str().unwrap().to_string();
+    let mut branch = messages.clone();
+    branch.push(json!({"role": "user", "content": "Count to five."}));
+    let body = json!({"messages": branch, "max_tokens": 8, "context_id": fork_id});
+    let (s, v) = as_agent(Method::POST, "/v1/chat/completions", agent, Some(&body));
+    assert_eq!(s, 200, "{v}");
+    assert!(
+        v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+            + 1
+            >= held
+    );
+    let (_, parent) = as_agent(Method::GET, &path, agent, None);
+    assert_eq!(parent["tokens"], held, "the parent changed");
+    let (_, list) = as_agent(Method::GET, "/v1/contexts", agent, None);
+    assert_eq!(list["data"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        as_agent(Method::GET, "/v1/contexts", "intruder", None).1["data"],
+        json!([])
+    );
+    // Deleted: gone.
+    assert_eq!(as_agent(Method::DELETE, &path, agent, None).0, 200);
+    assert_eq!(as_agent(Method::GET, &path, agent, None).0, 404);
+    assert_eq!(
+        as_agent(
+            Method::DELETE,
+            &format!("/v1/contexts/{fork_id}"),
+            agent,
+            None
+        )
+        .0,
+        200
+    );
+}

@@ -36,6 +36,7 @@ fn request(e: &EngineHandle, text: &str, max_tokens: usize) -> GenRequest {
         ignore_eos: true,
         agent: "test".into(),
         priority: 0,
+        context: None,
     }
 }
 

@@ -125,6 +125,7 @@ impl Job {
                         .params
                         .priority
                         .unwrap_or_else(|| self.engine.agent_priority(&self.params.agent)),
+                    context: self.params.context.clone(),
                 };
                 let (tx, rx) = mpsc::unbounded_channel();
                 reqs.push((req, tx));
@@ -157,6 +158,19 @@ impl Job {
 
     /// Run the job and answer: one JSON object, or an SSE stream.
     pub async fn respond<F: Format>(self, format: F) -> Response {
+        if let Some(id) = &self.params.context {
+            if self.params.n > 1 || self.prompts.len() > 1 {
+                return ApiError::param("context_id", "context_id runs one prompt with n = 1")
+                    .into_response();
+            }
+            let op = crate::engine::ContextOp::Get {
+                id: id.clone(),
+                owner: self.params.agent.clone(),
+            };
+            if let Err(e) = self.engine.context(op).await {
+                return super::contexts::engine_error(e, id).into_response();
+            }
+        }
         let receivers = match self.check_context().and_then(|_| self.submit()) {
             Ok(r) => r,
             Err(e) => return e.into_response(),

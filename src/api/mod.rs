@@ -3,6 +3,7 @@
 
 mod chat;
 mod completions;
+mod contexts;
 pub mod error;
 mod generate;
 mod params;
@@ -76,6 +77,12 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route("/health", get(health))
+        .route("/v1/contexts", post(contexts::create).get(contexts::list))
+        .route(
+            "/v1/contexts/{id}",
+            get(contexts::get).delete(contexts::delete),
+        )
+        .route("/v1/contexts/{id}/fork", post(contexts::fork))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::map_response(json_errors))

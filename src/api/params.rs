@@ -95,6 +95,13 @@ pub struct GenParams {
     /// `X-Priority` (higher first under the priority policy); `None` when absent (the agent's
     /// configured priority applies).
     pub priority: Option<i32>,
+    /// `context_id`: run on this context of the agent's, and extend it.
+    pub context: Option<String>,
+}
+
+/// The agent of a request without a body (headers only).
+pub fn agent_of(headers: &HeaderMap) -> Result<String, ApiError> {
+    Ok(identity(&Body::parse(b"{}")?, headers)?.0)
 }
 
 /// The agent a request belongs to, and its priority, from headers and body.
@@ -272,6 +279,7 @@ impl GenParams {
             include_usage,
             agent,
             priority,
+            context: b.string("context_id")?.map(String::from),
         })
     }
 }

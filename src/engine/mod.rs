@@ -4,6 +4,7 @@
 //! Each step runs the new tokens of the sequences the policy chose (one decode token each, or a
 //! chunk of a prompt) through the model as one batch, then samples.
 
+pub mod contexts;
 pub mod policy;
 pub mod sampler;
 mod sequence;
@@ -22,6 +23,7 @@ use sequence::Sequence;
 
 use crate::kv::{KvPool, KvSeq, KvUsage};
 use crate::model::{LoadedModel, SeqInput};
+pub use contexts::{ContextError, ContextInfo, ContextOp};
 
 /// Why a sequence ended, in OpenAI's words.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +56,8 @@ pub struct GenRequest {
     pub agent: String,
     /// Higher runs first under the `priority` policy.
     pub priority: i32,
+    /// A context (owned by `agent`) to run on and to extend with this turn.
+    pub context: Option<String>,
 }
 
 /// What the engine streams back for one sequence.
@@ -87,7 +91,10 @@ pub struct Usage {
 
 enum Command {
     Submit(GenRequest, UnboundedSender<Event>, LiveSlot),
+    Context(ContextOp, ContextReply),
 }
+
+type ContextReply = tokio::sync::oneshot::Sender<Result<Vec<ContextInfo>, ContextError>>;
 
 /// One place among the engine's live sequences; dropping it (when the sequence ends, however it
 /// ends) gives the place back.
@@ -164,6 +171,15 @@ impl EngineHandle {
     /// Sequences running or queued now.
     pub fn live(&self) -> usize {
         self.live.load(Ordering::Acquire)
+    }
+
+    /// Create, list, read, fork or delete contexts (see [`ContextOp`]).
+    pub async fn context(&self, op: ContextOp) -> Result<Vec<ContextInfo>, ContextError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Command::Context(op, tx))
+            .map_err(|_| ContextError::Stopped)?;
+        rx.await.map_err(|_| ContextError::Stopped)?
     }
 
     /// The configured priority of an agent (0 when it has none).
@@ -317,6 +333,7 @@ struct Engine {
     running: Vec<Sequence>,
     next_id: u64,
     pool: Arc<KvPool>,
+    contexts: contexts::Contexts,
 }
 
 impl Engine {
@@ -334,6 +351,7 @@ impl Engine {
             running: Vec::new(),
             next_id: 0,
             pool,
+            contexts: Default::default(),
         }
     }
 
@@ -367,16 +385,32 @@ impl Engine {
                     )));
                     return;
                 }
+                let kv = match &req.context {
+                    None => KvSeq::in_pool(self.pool.clone()),
+                    Some(id) => {
+                        if let Err(e) = self.contexts.check(id, &req.agent) {
+                            let _ = events.send(Event::Error(e.to_string()));
+                            return;
+                        }
+                        self.contexts
+                            .start(id, &req.prompt)
+                            .unwrap_or_else(|| KvSeq::in_pool(self.pool.clone()))
+                    }
+                };
                 self.next_id += 1;
                 self.running.push(Sequence::new(
                     self.next_id,
                     req,
                     events,
                     slot,
-                    KvSeq::in_pool(self.pool.clone()),
+                    kv,
                     ctx,
                     Instant::now(),
                 ));
+            }
+            Command::Context(op, reply) => {
+                let pool = self.pool.clone();
+                let _ = reply.send(self.contexts.apply(op, || KvSeq::in_pool(pool)));
             }
         }
     }
@@ -512,6 +546,11 @@ impl Engine {
         let tok = &self.info.tokenizer;
         for (i, mut row) in sampled.into_iter().zip(rows) {
             self.running[i].advance(&mut row, tok);
+        }
+        for s in self.running.iter().filter(|s| s.finished()) {
+            if let Some(id) = s.context() {
+                self.contexts.finish(id, s.tokens(), s.kv());
+            }
         }
         self.running.retain(|s| !s.finished());
     }

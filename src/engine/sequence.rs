@@ -29,8 +29,9 @@ pub struct Sequence {
     events: UnboundedSender<Event>,
     finished: bool,
     arrived: Instant,
-    /// Prompt tokens taken from the prefix cache.
+    /// Prompt tokens taken from the prefix cache or a context.
     cached: usize,
+    context: Option<String>,
     /// Held while the sequence lives: bounds the engine's queue.
     _slot: LiveSlot,
 }
@@ -45,6 +46,7 @@ impl Sequence {
         context_length: usize,
         arrived: Instant,
     ) -> Self {
+        let cached = kv.len().min(req.prompt.len());
         Self {
             id,
             agent: req.agent,
@@ -62,7 +64,8 @@ impl Sequence {
             events,
             finished: false,
             arrived,
-            cached: 0,
+            cached,
+            context: req.context,
             _slot: slot,
         }
     }
@@ -70,6 +73,14 @@ impl Sequence {
     /// Output tokens sampled so far.
     pub fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
+    }
+
+    pub fn context(&self) -> Option<&str> {
+        self.context.as_deref()
+    }
+
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
     }
 
     /// Take the longest cached prefix of this sequence's tokens, if it has no KV yet.

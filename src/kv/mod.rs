@@ -562,6 +562,11 @@ impl KvSeq {
         }
     }
 
+    /// [`KvSeq::fork`], or `None` while swapped out.
+    pub fn fork_resident(&self) -> Option<KvSeq> {
+        (!self.is_swapped()).then(|| self.fork())
+    }
+
     /// Copy this sequence's KV to host memory and give its blocks back to the pool.
     pub fn swap_out(&mut self) {
         if self.is_swapped() {
