@@ -1,0 +1,155 @@
+//! Unit tests of the KV pool: blocks, swapping, forks and the prefix cache.
+use super::*;
+
+const LAYOUT: KvLayout = KvLayout {
+    n_layers: 2,
+    n_kv_heads: 2,
+    head_dim: 4,
+};
+
+/// Write `n` tokens whose values encode (layer, position, head, element).
+fn write(kv: &mut KvSeq, n: usize) {
+    let start = kv.len();
+    kv.reserve(n).unwrap();
+    for layer in 0..2 {
+        let vals: Vec<f32> = (0..n * 8)
+            .map(|i| (layer * 1000 + start * 8 + i) as f32)
+            .collect();
+        kv.write(layer, &vals, &vals);
+    }
+    kv.advance(n);
+}
+
+fn read(kv: &KvSeq, layer: usize, head: usize) -> Vec<f32> {
+    kv.segments(layer, head, kv.len())
+        .flat_map(|(k, _)| k.iter().map(|x| x.to_f32()))
+        .collect()
+}
+
+fn check(kv: &KvSeq, upto: usize) {
+    let k = read(kv, 1, 1);
+    assert_eq!(k.len(), kv.len() * 4);
+    for t in 0..upto {
+        for e in 0..4 {
+            assert_eq!(k[t * 4 + e], (1000 + t * 8 + 4 + e) as f32, "token {t}");
+        }
+    }
+}
+
+#[test]
+fn write_grow_and_read_back_across_blocks() {
+    let mut kv = KvSeq::new(LAYOUT, 1);
+    // 40 tokens over three blocks, more than the private pool first held.
+    write(&mut kv, 17);
+    write(&mut kv, 3);
+    write(&mut kv, 20);
+    assert_eq!(kv.len(), 40);
+    assert_eq!(kv.blocks(), 3);
+    check(&kv, 40);
+}
+
+#[test]
+fn a_shared_pool_runs_out_and_blocks_come_back() {
+    let pool = KvPool::new(LAYOUT, 4);
+    let mut a = KvSeq::in_pool(pool.clone());
+    let mut b = KvSeq::in_pool(pool.clone());
+    write(&mut a, 33); // 3 blocks
+    assert_eq!(pool.usage().blocks_used, 3);
+    let err = b.reserve(32).unwrap_err();
+    assert_eq!(err, KvFull { needed: 2, free: 1 });
+    assert_eq!(b.blocks(), 0, "all or nothing");
+    a.truncate(16);
+    assert_eq!(pool.usage().blocks_used, 1);
+    b.reserve(32).unwrap();
+    drop(a);
+    drop(b);
+    assert_eq!(pool.usage().blocks_used, 0);
+}
+
+#[test]
+fn swap_out_and_in_restores_the_same_bits() {
+    let pool = KvPool::new(LAYOUT, 4);
+    let mut a = KvSeq::in_pool(pool.clone());
+    write(&mut a, 20);
+    let before = read(&a, 0, 1);
+    a.swap_out();
+    assert!(a.is_swapped());
+    assert_eq!(pool.usage().blocks_used, 0);
+    assert_eq!(pool.usage().swapped, 1);
+    // Someone else uses (and dirties) the blocks meanwhile.
+    let mut b = KvSeq::in_pool(pool.clone());
+    write(&mut b, 64);
+    drop(b);
+    a.swap_in().unwrap();
+    assert_eq!(pool.usage().swapped, 0);
+    assert_eq!(read(&a, 0, 1), before);
+    write(&mut a, 5);
+    check(&a, 25);
+}
+
+#[test]
+fn forks_share_blocks_until_one_writes() {
+    let pool = KvPool::new(LAYOUT, 8);
+    let mut a = KvSeq::in_pool(pool.clone());
+    write(&mut a, 20); // 2 blocks, the second partly filled
+    let mut b = a.fork();
+    assert_eq!(pool.usage().blocks_used, 2);
+    // b writes into the shared partial block: it gets its own copy.
+    write(&mut b, 4);
+    assert_eq!(pool.usage().blocks_used, 3);
+    check(&a, 20);
+    check(&b, 24);
+    drop(a);
+    assert_eq!(pool.usage().blocks_used, 2);
+    drop(b);
+    assert_eq!(pool.usage().blocks_used, 0);
+}
+
+#[test]
+fn the_prefix_cache_reuses_full_blocks_and_evicts_the_least_recent() {
+    let pool = KvPool::new(LAYOUT, 6);
+    let tokens: Vec<u32> = (0..40).collect();
+    let mut a = KvSeq::in_pool(pool.clone());
+    write(&mut a, 40);
+    a.register_blocks(&tokens); // blocks 0 and 1 are full; block 2 is not
+    let want = read(&a, 1, 1);
+    drop(a);
+    assert_eq!(pool.usage().blocks_used, 0);
+    assert_eq!(pool.cached_idle_blocks(), 2);
+    // Same first 33 tokens: two blocks reused, and never the last token's block.
+    let mut b = KvSeq::in_pool(pool.clone());
+    assert_eq!(b.attach_prefix(&tokens[..33]), 32);
+    assert_eq!(b.len(), 32);
+    assert_eq!(pool.usage().blocks_used, 2);
+    assert_eq!(read(&b, 1, 1), want[..32 * 4]);
+    let mut c = KvSeq::in_pool(pool.clone());
+    assert_eq!(
+        c.attach_prefix(&tokens[..32]),
+        16,
+        "the last token is always computed"
+    );
+    // A different first block: nothing reused.
+    let other: Vec<u32> = (100..140).collect();
+    let mut d = KvSeq::in_pool(pool.clone());
+    assert_eq!(d.attach_prefix(&other), 0);
+    drop((b, c));
+    // Pressure: all six blocks wanted; the cached ones are evicted.
+    d.reserve(96).unwrap();
+    assert_eq!(pool.cached_idle_blocks(), 0);
+    drop(d);
+    let mut e = KvSeq::in_pool(pool.clone());
+    assert_eq!(e.attach_prefix(&tokens), 0, "evicted blocks are forgotten");
+}
+
+#[test]
+fn a_truncated_block_leaves_the_cache_before_it_is_rewritten() {
+    let pool = KvPool::new(LAYOUT, 4);
+    let tokens: Vec<u32> = (0..32).collect();
+    let mut a = KvSeq::in_pool(pool.clone());
+    write(&mut a, 32);
+    a.register_blocks(&tokens);
+    a.truncate(20); // block 1 will be written again
+    drop(a);
+    let mut b = KvSeq::in_pool(pool.clone());
+    assert_eq!(b.attach_prefix(&tokens), 16);
+}
