@@ -62,25 +62,13 @@ fn capital_of_france_answers_paris() {
 /// Greedy decoding by the library itself, for the server's output to be compared with.
 fn library_greedy(prompt: &str, n: usize) -> String {
     use aios::kv::KvSeq;
-    use aios::model::{load_model, LoadOptions, SeqInput};
+    use aios::model::{load_model, LoadOptions};
     let m = load_model(&common::default_model_path(), &LoadOptions::default()).unwrap();
     let mut feed = m.tokenizer.encode(prompt, false).unwrap();
     let mut kv = KvSeq::new(m.llama.kv_layout(), feed.len() + n);
     let mut out = Vec::new();
     for _ in 0..n {
-        let logits: Vec<f32> = m
-            .llama
-            .forward(&mut [SeqInput {
-                tokens: &feed,
-                kv: &mut kv,
-                want_logits: true,
-            }])
-            .unwrap()
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let logits = common::next_logits(&m, &feed, &mut kv);
         let t = aios::engine::sampler::argmax(&logits);
         out.push(t);
         feed = vec![t];

@@ -133,6 +133,26 @@ pub fn post_stream(path: &str, body: &Value) -> Vec<Value> {
         .collect()
 }
 
+/// Feed `tokens` to one sequence and return the logits of its last one.
+pub fn next_logits(
+    m: &aios::model::LoadedModel,
+    tokens: &[u32],
+    kv: &mut aios::kv::KvSeq,
+) -> Vec<f32> {
+    m.llama
+        .forward(&mut [aios::model::SeqInput {
+            tokens,
+            kv,
+            want_logits: true,
+        }])
+        .unwrap()
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 /// llama.cpp's greedy continuations, teacher-forced: at every step llama.cpp's token must be
 /// our top token or within `NEAR_TIE` logits of it. Different summation orders move logits by
 /// a few hundredths through 30 layers of 8-bit activations, which can flip a near tie (e.g.
@@ -140,7 +160,6 @@ pub fn post_stream(path: &str, body: &Value) -> Vec<Value> {
 /// error (a wrong scale, a wrong block layout) moves them by whole units.
 pub fn check_llama_cpp_greedy(m: &aios::model::LoadedModel) {
     use aios::kv::KvSeq;
-    use aios::model::SeqInput;
     const NEAR_TIE: f32 = 0.25;
     let reference = reference();
     let (mut steps, mut exact) = (0, 0);
@@ -153,19 +172,7 @@ pub fn check_llama_cpp_greedy(m: &aios::model::LoadedModel) {
         let mut kv = KvSeq::new(m.llama.kv_layout(), ids.len() + cont.len());
         let mut feed = ids.clone();
         for &want in &cont {
-            let logits: Vec<f32> = m
-                .llama
-                .forward(&mut [SeqInput {
-                    tokens: &feed,
-                    kv: &mut kv,
-                    want_logits: true,
-                }])
-                .unwrap()
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let logits = next_logits(m, &feed, &mut kv);
             let top = aios::engine::sampler::argmax(&logits);
             let gap = logits[top as usize] - logits[want as usize];
             assert!(

@@ -151,6 +151,17 @@ mod x86 {
         }
     }
 
+    /// The eight lanes of each accumulator (one per interleaved row).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn lanes<const A: usize>(acc: [__m256; A]) -> [[f32; 8]; A] {
+        let mut out = [[0f32; 8]; A];
+        for k in 0..A {
+            _mm256_storeu_ps(out[k].as_mut_ptr(), acc[k]);
+        }
+        out
+    }
+
     /// Four activation bytes `at..at + 4`, repeated in every 32-bit lane.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -201,11 +212,7 @@ mod x86 {
                 acc[k] = _mm256_fmadd_ps(m, _mm256_set1_ps(ab.s), acc[k]);
             }
         }
-        let mut out = [[0f32; 8]; A];
-        for k in 0..A {
-            _mm256_storeu_ps(out[k].as_mut_ptr(), acc[k]);
-        }
-        out
+        lanes(acc)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -304,11 +311,7 @@ mod x86 {
                 }
             }
         }
-        let mut out = [[0f32; 8]; A];
-        for k in 0..A {
-            _mm256_storeu_ps(out[k].as_mut_ptr(), acc[k]);
-        }
-        out
+        lanes(acc)
     }
 
     /// The eight rows' 6-bit values of chunk `c0 = 4n + h` (low nibbles) and `c0 + 2` (high
@@ -384,11 +387,7 @@ mod x86 {
                 }
             }
         }
-        let mut out = [[0f32; 8]; A];
-        for k in 0..A {
-            _mm256_storeu_ps(out[k].as_mut_ptr(), acc[k]);
-        }
-        out
+        lanes(acc)
     }
 
     /// Eight interleaved Q8_0 rows: eight runs of 32 bytes, four values per row each.
@@ -420,11 +419,7 @@ mod x86 {
                 acc[k] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(ab.d)), dot, acc[k]);
             }
         }
-        let mut out = [[0f32; 8]; A];
-        for k in 0..A {
-            _mm256_storeu_ps(out[k].as_mut_ptr(), acc[k]);
-        }
-        out
+        lanes(acc)
     }
 
     #[inline]
