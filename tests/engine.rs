@@ -521,9 +521,12 @@ fn fair_keeps_two_backlogged_agents_within_a_bounded_gap() {
         worst = worst.max((busy - calm).abs());
     }
     assert!(busy >= 200 && calm >= 200, "busy {busy}, calm {calm}");
-    // One prompt and a couple of tokens at most, however long the run and whatever the rates.
+    // A prompt and a few tokens at most, however long the run and whatever the rates (FIFO
+    // would let the busy agent run hundreds ahead). Tokens are timed where each receiving
+    // thread sees them, which can lag a step or two on a loaded machine: hence the slack
+    // (measured here: 10, with a 4-token prompt).
     assert!(
-        worst <= prompt + 8,
+        worst <= 2 * prompt + 16,
         "served-token gap reached {worst} (prompt {prompt})"
     );
 }
