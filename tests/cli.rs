@@ -27,6 +27,31 @@ fn serve(args: &[&str]) -> (std::process::Child, String) {
     (child, url)
 }
 
+/// Start `aios serve` on a config of `sections` plus the default model (with `model_extra`
+/// lines), written to a fresh directory; waits until it is healthy. Returns the child, its
+/// URL and the directory (the caller removes it).
+fn serve_with_config(
+    tag: &str,
+    sections: &str,
+    model_extra: &str,
+) -> (std::process::Child, String, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("aios-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("config.toml");
+    let model = common::default_model_path();
+    std::fs::write(
+        &cfg,
+        format!(
+            "{sections}\n[[models]]\nname = \"smollm2\"\npath = {:?}\n{model_extra}",
+            model.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let (child, url) = serve(&["--config", cfg.to_str().unwrap()]);
+    common::wait_healthy(&url);
+    (child, url, dir)
+}
+
 fn stop(mut child: std::process::Child) -> std::process::ExitStatus {
     sigterm(child.id());
     child.wait().unwrap()
@@ -234,20 +259,8 @@ fn bench_measures_a_running_server() {
 
 #[test]
 fn a_full_queue_answers_503_with_retry_after() {
-    let dir = std::env::temp_dir().join(format!("aios-full-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("tiny.toml");
-    let model = common::default_model_path();
-    std::fs::write(
-        &cfg,
-        format!(
-            "[engine]\nmax_running = 1\nmax_queued = 0\n\n[[models]]\nname = \"smollm2\"\npath = {:?}\n",
-            model.to_str().unwrap()
-        ),
-    )
-    .unwrap();
-    let (child, url) = serve(&["--config", cfg.to_str().unwrap()]);
-    common::wait_healthy(&url);
+    let (child, url, dir) =
+        serve_with_config("full", "[engine]\nmax_running = 1\nmax_queued = 0\n", "");
     let c = common::client();
     let long = json!({"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": true, "stream": true});
     let mut stream = c
@@ -292,22 +305,15 @@ fn a_full_queue_answers_503_with_retry_after() {
 
 #[test]
 fn a_small_kv_pool_caps_the_context_and_refuses_what_can_never_fit() {
-    let dir = std::env::temp_dir().join(format!("aios-kv-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("kv.toml");
-    let model = common::default_model_path();
     // The default model's KV takes 23,040 bytes a token: 8 blocks of 16 tokens.
-    std::fs::write(
-        &cfg,
-        format!(
-            "[kv]\nbytes = {}\n\n[agents.ci-bot]\npriority = 3\n\n[[models]]\nname = \"smollm2\"\npath = {:?}\npolicy = \"priority\"\n",
-            8 * 16 * 23_040,
-            model.to_str().unwrap()
+    let (child, url, dir) = serve_with_config(
+        "kv",
+        &format!(
+            "[kv]\nbytes = {}\n\n[agents.ci-bot]\npriority = 3\n",
+            8 * 16 * 23_040
         ),
-    )
-    .unwrap();
-    let (child, url) = serve(&["--config", cfg.to_str().unwrap()]);
-    common::wait_healthy(&url);
+        "policy = \"priority\"\n",
+    );
     let c = common::client();
     let health: Value = c
         .get(format!("{url}/health"))

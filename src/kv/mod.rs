@@ -458,9 +458,20 @@ impl KvSeq {
             self.len + n <= self.blocks.len() * BLOCK_TOKENS,
             "reserve() before write()"
         );
+        // Ownership is settled once per block touched, not once per token (it takes the
+        // pool's lock).
+        let mut owned: Option<(usize, u32)> = None;
         for t in 0..n {
             let pos = self.len + t;
-            let b = self.own_block(pos / BLOCK_TOKENS);
+            let i = pos / BLOCK_TOKENS;
+            let b = match owned {
+                Some((j, b)) if j == i => b,
+                _ => {
+                    let b = self.own_block(i);
+                    owned = Some((i, b));
+                    b
+                }
+            };
             let r = pos % BLOCK_TOKENS;
             for (kv, src) in [k, v].into_iter().enumerate() {
                 for head in 0..h {
