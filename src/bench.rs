@@ -27,6 +27,8 @@ pub struct BenchConfig {
     pub output_tokens: usize,
     pub seed: u64,
     pub api_key: Option<String>,
+    /// Sent as `response_format` with every request (to measure constrained decoding).
+    pub response_format: Option<Value>,
 }
 
 /// Latency summary in milliseconds.
@@ -194,12 +196,15 @@ async fn one_request(
     prompt: &str,
     cfg: &BenchConfig,
 ) -> anyhow::Result<Sample> {
-    let body = json!({
+    let mut body = json!({
         "model": model, "prompt": prompt, "max_tokens": cfg.output_tokens,
         "temperature": 0, "stream": true, "stream_options": {"include_usage": true},
         // Honoured by aios and vLLM: measure the requested output length, not an early EOS.
         "ignore_eos": true,
     });
+    if let Some(rf) = &cfg.response_format {
+        body["response_format"] = rf.clone();
+    }
     let t0 = Instant::now();
     let mut req = client.post(format!("{base}/v1/completions")).json(&body);
     if let Some(k) = &cfg.api_key {

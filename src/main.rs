@@ -73,6 +73,9 @@ struct BenchArgs {
     /// Also write the reports as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Constrain every output: `json_object`, or the path of a JSON schema file.
+    #[arg(long)]
+    response_format: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -204,6 +207,18 @@ fn bench(b: BenchArgs) -> Result<()> {
         output_tokens: b.output_tokens,
         seed: b.seed.unwrap_or_else(rand::random),
         api_key: b.api_key,
+        response_format: match b.response_format.as_deref() {
+            None => None,
+            Some("json_object") => Some(serde_json::json!({"type": "json_object"})),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the JSON schema {path}"))?;
+                let schema: serde_json::Value =
+                    serde_json::from_str(&text).with_context(|| format!("{path} is not JSON"))?;
+                Some(serde_json::json!({"type": "json_schema",
+                    "json_schema": {"name": "bench", "schema": schema}}))
+            }
+        },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -294,6 +309,7 @@ fn chat(cfg: Config, temperature: f32, max_tokens: usize, system: Option<String>
             agent: "terminal".into(),
             priority: 0,
             context: None,
+            constraint: None,
         };
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         engine.submit(req, tx).map_err(anyhow::Error::msg)?;

@@ -37,6 +37,7 @@ fn request(e: &EngineHandle, text: &str, max_tokens: usize) -> GenRequest {
         agent: "test".into(),
         priority: 0,
         context: None,
+        constraint: None,
     }
 }
 

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::generate::{ChoiceOut, Envelope, Format, Job, OutToken};
 use super::params::{Body, GenParams};
+use super::structured::{self, ToolAnswer, Tools};
 use super::{new_id, unix_now, AppState};
 use crate::engine::{FinishReason, ModelInfo};
 
@@ -33,29 +34,9 @@ fn prepare(
     let b = Body::parse(bytes)?;
     let mut params = GenParams::read(&b, headers, &["max_completion_tokens", "max_tokens"])?;
     let (name, engine) = state.engine_for(params.model.as_deref())?;
-    let messages = read_messages(&b)?;
-    if let Some(rf) = b.get("response_format") {
-        match rf.get("type").and_then(Value::as_str) {
-            Some("text") => {}
-            Some(other) => {
-                return Err(ApiError::param(
-                    "response_format",
-                    format!("response_format type {other:?} is not supported yet"),
-                ))
-            }
-            None => {
-                return Err(ApiError::param(
-                    "response_format",
-                    "response_format.type is required",
-                ))
-            }
-        }
-    }
-    let tools = b.get("tools");
-    let tool_choice_none = b.get("tool_choice").and_then(Value::as_str) == Some("none");
-    if tools.is_some_and(|t| t.as_array().is_some_and(|a| !a.is_empty())) && !tool_choice_none {
-        return Err(ApiError::param("tools", "tool calls are not supported yet"));
-    }
+    let mut messages = read_messages(&b)?;
+    let answer_schema = structured::response_schema(&b)?;
+    let tools = Tools::read(&b)?;
     let logprobs = b.bool("logprobs")?.unwrap_or(false);
     let top = b.int("top_logprobs", 0, 20)?;
     if top.is_some() && !logprobs {
@@ -73,9 +54,34 @@ fn prepare(
             "model '{name}' has no chat template; configure chat_template for it or use /v1/completions"
         ))
     })?;
+    // Tools go to templates that take them; the answer's shape is always spelled out in a
+    // system message, as the grammar will enforce it.
+    let template_tools = tools
+        .as_ref()
+        .filter(|_| template.takes("tools"))
+        .map(|t| Value::Array(t.tools.iter().map(|x| x.raw.clone()).collect()));
+    if let Some(t) = &tools {
+        let text = t.instructions(template_tools.is_none());
+        match messages.first_mut() {
+            Some(m) if m["role"] == "system" => {
+                let joined = format!("{}\n\n{text}", m["content"].as_str().unwrap_or_default());
+                m["content"] = json!(joined);
+            }
+            _ => messages.insert(0, json!({"role": "system", "content": text})),
+        }
+    }
     let text = template
-        .render(&messages, None, true)
+        .render(&messages, template_tools.as_ref(), true)
         .map_err(|e| ApiError::invalid(e.to_string()))?;
+    params.constraint = match (&tools, &answer_schema) {
+        (Some(t), answer) => Some(structured::compile(
+            &info,
+            &t.schema(answer.as_ref()),
+            "tools",
+        )?),
+        (None, Some(schema)) => Some(structured::compile(&info, schema, "response_format")?),
+        (None, None) => None,
+    };
     let prompt = info
         .tokenizer
         .encode(&text, true)
@@ -89,6 +95,8 @@ fn prepare(
         info,
         logprobs,
         include_usage: params.include_usage,
+        tools: tools.is_some(),
+        held: Vec::new(),
     };
     Ok((
         Job {
@@ -157,6 +165,9 @@ fn read_messages(b: &Body) -> Result<Vec<Value>, ApiError> {
                 }
                 text
             }
+            None | Some(Value::Null) if role == "assistant" && obj.contains_key("tool_calls") => {
+                String::new()
+            }
             None | Some(Value::Null) if role == "assistant" => String::new(),
             _ => {
                 return Err(ApiError::param(
@@ -165,6 +176,34 @@ fn read_messages(b: &Body) -> Result<Vec<Value>, ApiError> {
                 ))
             }
         };
+        let mut content = content;
+        if role == "tool" && !obj.get("tool_call_id").is_some_and(Value::is_string) {
+            return Err(ApiError::param(
+                &param,
+                format!("{param}.tool_call_id is required for role \"tool\" and must be a string"),
+            ));
+        }
+        if role == "assistant" {
+            match obj.get("tool_calls") {
+                None | Some(Value::Null) => {}
+                Some(Value::Array(calls)) => {
+                    // The model sees its earlier calls in the shape it is asked to write them.
+                    let text = structured::history_text(calls)
+                        .map_err(|e| ApiError::param(&param, format!("{param}.{e}")))?;
+                    if content.is_empty() {
+                        content = text;
+                    } else {
+                        content = format!("{content}\n{text}");
+                    }
+                }
+                Some(_) => {
+                    return Err(ApiError::param(
+                        &param,
+                        format!("{param}.tool_calls must be a list"),
+                    ))
+                }
+            }
+        }
         let mut msg = obj.clone();
         msg.insert("role".into(), json!(role));
         msg.insert("content".into(), json!(content));
@@ -178,9 +217,38 @@ pub struct ChatFormat {
     info: Arc<ModelInfo>,
     logprobs: bool,
     include_usage: bool,
+    /// Output is a tool grammar's JSON, unwrapped into `tool_calls` or `content`.
+    tools: bool,
+    /// Streamed text held back per choice until it can be unwrapped (tools only).
+    held: Vec<String>,
 }
 
 impl ChatFormat {
+    /// The message and finish reason of a finished choice's text under a tool grammar.
+    fn unwrap_tools(
+        &self,
+        text: &str,
+        finish: Option<FinishReason>,
+    ) -> (Value, Option<&'static str>) {
+        match structured::parse_answer(text) {
+            ToolAnswer::Calls(calls) => {
+                let calls: Vec<Value> = calls
+                    .into_iter()
+                    .map(|(name, args)| {
+                        json!({"id": new_id("call"), "type": "function",
+                               "function": {"name": name, "arguments": args}})
+                    })
+                    .collect();
+                let msg = json!({"role": "assistant", "content": Value::Null, "tool_calls": calls});
+                (msg, Some("tool_calls"))
+            }
+            ToolAnswer::Text(t) => (
+                json!({"role": "assistant", "content": t}),
+                finish.map(|f| f.as_str()),
+            ),
+        }
+    }
+
     fn chunk(&self, choice: Value) -> Value {
         let mut v = self.env.object("chat.completion.chunk", json!([choice]));
         if self.include_usage {
@@ -218,17 +286,56 @@ impl Format for ChatFormat {
         })))
     }
 
-    fn delta_chunk(&self, index: usize, text: &str, tokens: &[OutToken]) -> Value {
-        self.chunk(json!({
+    fn delta_chunk(&mut self, index: usize, text: &str, tokens: &[OutToken]) -> Option<Value> {
+        if self.tools {
+            if self.held.len() <= index {
+                self.held.resize(index + 1, String::new());
+            }
+            self.held[index].push_str(text);
+            return None;
+        }
+        Some(self.chunk(json!({
             "index": index, "delta": {"content": text},
             "logprobs": self.logprobs_json(tokens), "finish_reason": Value::Null,
-        }))
+        })))
     }
 
-    fn finish_chunk(&self, index: usize, finish: FinishReason) -> Value {
-        self.chunk(json!({
-            "index": index, "delta": {}, "logprobs": Value::Null, "finish_reason": finish.as_str(),
-        }))
+    fn finish_chunks(&mut self, index: usize, finish: FinishReason) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut reason = Some(finish.as_str());
+        if self.tools {
+            let text = self
+                .held
+                .get_mut(index)
+                .map(std::mem::take)
+                .unwrap_or_default();
+            let (msg, r) = self.unwrap_tools(&text, Some(finish));
+            reason = r;
+            if let Some(calls) = msg["tool_calls"].as_array() {
+                // Each call as OpenAI streams it: id and name first, then the arguments.
+                for (k, c) in calls.iter().enumerate() {
+                    let f = &c["function"];
+                    let head = json!([{"index": k, "id": c["id"], "type": "function",
+                                       "function": {"name": f["name"], "arguments": ""}}]);
+                    let args = json!([{"index": k, "function": {"arguments": f["arguments"]}}]);
+                    for d in [head, args] {
+                        out.push(self.chunk(json!({
+                            "index": index, "delta": {"tool_calls": d},
+                            "logprobs": Value::Null, "finish_reason": Value::Null,
+                        })));
+                    }
+                }
+            } else if let Some(t) = msg["content"].as_str().filter(|t| !t.is_empty()) {
+                out.push(self.chunk(json!({
+                    "index": index, "delta": {"content": t},
+                    "logprobs": Value::Null, "finish_reason": Value::Null,
+                })));
+            }
+        }
+        out.push(self.chunk(json!({
+            "index": index, "delta": {}, "logprobs": Value::Null, "finish_reason": reason,
+        })));
+        out
     }
 
     fn usage_chunk(&self, usage: Value) -> Value {
@@ -240,11 +347,19 @@ impl Format for ChatFormat {
             .into_iter()
             .enumerate()
             .map(|(i, c)| {
+                let (message, finish) = if self.tools {
+                    self.unwrap_tools(&c.text, c.finish)
+                } else {
+                    (
+                        json!({"role": "assistant", "content": c.text}),
+                        c.finish.map(|f| f.as_str()),
+                    )
+                };
                 json!({
                     "index": i,
-                    "message": {"role": "assistant", "content": c.text},
+                    "message": message,
                     "logprobs": self.logprobs_json(&c.tokens),
-                    "finish_reason": c.finish.map(|f| f.as_str()),
+                    "finish_reason": finish,
                 })
             })
             .collect();

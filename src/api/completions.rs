@@ -61,6 +61,13 @@ fn prepare(
         ));
     }
     params.sampling.logprobs = logprobs.map(|l| l as usize);
+    if let Some(schema) = super::structured::response_schema(&b)? {
+        params.constraint = Some(super::structured::compile(
+            &info,
+            &schema,
+            "response_format",
+        )?);
+    }
     let tok = &info.tokenizer;
     let encode = |s: &str| {
         tok.encode(s, true)
@@ -190,15 +197,17 @@ impl Format for CompletionFormat {
         })
     }
 
-    fn delta_chunk(&self, index: usize, text: &str, tokens: &[OutToken]) -> Value {
-        self.object(json!([{
+    fn delta_chunk(&mut self, index: usize, text: &str, tokens: &[OutToken]) -> Option<Value> {
+        Some(self.object(json!([{
             "index": index, "text": text, "logprobs": self.logprobs_json(tokens, 0),
             "finish_reason": Value::Null,
-        }]))
+        }])))
     }
 
-    fn finish_chunk(&self, index: usize, finish: FinishReason) -> Value {
-        self.object(json!([{"index": index, "text": "", "logprobs": Value::Null, "finish_reason": finish.as_str()}]))
+    fn finish_chunks(&mut self, index: usize, finish: FinishReason) -> Vec<Value> {
+        vec![self.object(
+            json!([{"index": index, "text": "", "logprobs": Value::Null, "finish_reason": finish.as_str()}]),
+        )]
     }
 
     fn usage_chunk(&self, usage: Value) -> Value {

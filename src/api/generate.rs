@@ -61,10 +61,11 @@ impl Envelope {
 pub trait Format: Send + Sync + 'static {
     /// The chunk sent before any token of choice `index` (chat sends the role), if any.
     fn start_chunk(&self, index: usize) -> Option<Value>;
-    /// A chunk carrying `text` (and the tokens that produced it) for choice `index`.
-    fn delta_chunk(&self, index: usize, text: &str, tokens: &[OutToken]) -> Value;
-    /// The chunk that closes choice `index`.
-    fn finish_chunk(&self, index: usize, finish: FinishReason) -> Value;
+    /// The chunk carrying `text` (and the tokens that produced it) for choice `index`; None
+    /// when the format holds the text back (a tool call is sent whole at the end).
+    fn delta_chunk(&mut self, index: usize, text: &str, tokens: &[OutToken]) -> Option<Value>;
+    /// The chunks that close choice `index` (with anything held back).
+    fn finish_chunks(&mut self, index: usize, finish: FinishReason) -> Vec<Value>;
     /// The trailing usage chunk (`stream_options.include_usage`).
     fn usage_chunk(&self, usage: Value) -> Value;
     /// The whole, non-streamed response.
@@ -126,6 +127,7 @@ impl Job {
                         .priority
                         .unwrap_or_else(|| self.engine.agent_priority(&self.params.agent)),
                     context: self.params.context.clone(),
+                    constraint: self.params.constraint.clone(),
                 };
                 let (tx, rx) = mpsc::unbounded_channel();
                 reqs.push((req, tx));
@@ -214,7 +216,7 @@ impl Job {
     fn stream<F: Format>(
         self,
         receivers: Vec<mpsc::UnboundedReceiver<Event>>,
-        format: F,
+        mut format: F,
     ) -> Response {
         let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
         let send = |v: Value| SseEvent::default().data(v.to_string());
@@ -245,7 +247,7 @@ impl Job {
                         if text.is_empty() && tok.logprobs.is_none() {
                             vec![]
                         } else {
-                            vec![format.delta_chunk(i, &text, &[tok])]
+                            format.delta_chunk(i, &text, &[tok]).into_iter().collect()
                         }
                     }
                     Event::Done {
@@ -258,9 +260,9 @@ impl Job {
                         open -= 1;
                         let mut v = vec![];
                         if !text.is_empty() {
-                            v.push(format.delta_chunk(i, &text, &[]));
+                            v.extend(format.delta_chunk(i, &text, &[]));
                         }
-                        v.push(format.finish_chunk(i, finish));
+                        v.extend(format.finish_chunks(i, finish));
                         v
                     }
                     Event::Error(e) => {

@@ -7,6 +7,7 @@ mod contexts;
 pub mod error;
 mod generate;
 mod params;
+mod structured;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};

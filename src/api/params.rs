@@ -97,6 +97,8 @@ pub struct GenParams {
     pub priority: Option<i32>,
     /// `context_id`: run on this context of the agent's, and extend it.
     pub context: Option<String>,
+    /// The grammar the output must follow (`response_format`, tools), set by the endpoint.
+    pub constraint: Option<crate::engine::Constraint>,
 }
 
 /// The agent of a request without a body (headers only).
@@ -280,6 +282,7 @@ impl GenParams {
             agent,
             priority,
             context: b.string("context_id")?.map(String::from),
+            constraint: None,
         })
     }
 }

@@ -5,6 +5,7 @@
 //! chunk of a prompt) through the model as one batch, then samples.
 
 pub mod contexts;
+pub mod grammar;
 pub mod policy;
 pub mod sampler;
 mod sequence;
@@ -17,6 +18,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
+pub use grammar::{Constraint, Grammars};
 pub use policy::{PolicyKind, PolicyParams};
 pub use sampler::{SamplingParams, TokenLogprobs};
 use sequence::Sequence;
@@ -58,6 +60,8 @@ pub struct GenRequest {
     pub priority: i32,
     /// A context (owned by `agent`) to run on and to extend with this turn.
     pub context: Option<String>,
+    /// A grammar the output must follow (JSON schema); tokens outside it are never sampled.
+    pub constraint: Option<Constraint>,
 }
 
 /// What the engine streams back for one sequence.
@@ -90,7 +94,7 @@ pub struct Usage {
 }
 
 enum Command {
-    Submit(GenRequest, UnboundedSender<Event>, LiveSlot),
+    Submit(Box<GenRequest>, UnboundedSender<Event>, LiveSlot),
     Context(ContextOp, ContextReply),
 }
 
@@ -134,6 +138,8 @@ pub struct ModelInfo {
     pub vocab_size: usize,
     pub source: String,
     pub format: String,
+    /// Compiles response formats and tool schemas into constraints for this vocabulary.
+    pub grammars: Grammars,
 }
 
 impl EngineHandle {
@@ -162,7 +168,7 @@ impl EngineHandle {
         for (req, events) in reqs {
             let slot = slots.pop().expect("one slot per request");
             self.tx
-                .send(Command::Submit(req, events, slot))
+                .send(Command::Submit(Box::new(req), events, slot))
                 .map_err(|_| SubmitError::Stopped)?;
         }
         Ok(())
@@ -305,6 +311,7 @@ pub fn spawn(model: LoadedModel, cfg: EngineConfig) -> EngineHandle {
         template,
         source,
         format,
+        grammars: Grammars::default(),
     });
     let (tx, rx) = mpsc::channel();
     let thread_info = info.clone();
@@ -400,7 +407,7 @@ impl Engine {
                 self.next_id += 1;
                 self.running.push(Sequence::new(
                     self.next_id,
-                    req,
+                    *req,
                     events,
                     slot,
                     kv,
@@ -497,6 +504,16 @@ impl Engine {
         let plan = self.plan();
         let mut sampled = Vec::new(); // indices of sequences whose logits row comes back
         let mut served = Vec::new(); // what each agent gets from this step, for the policy
+                                     // The grammar masks of constrained sequences that sample this step are computed on a
+                                     // helper thread while the forward pass runs, so they cost the batch no step time.
+        let mut constraints: Vec<(usize, Constraint)> = Vec::new();
+        for (i, s) in self.running.iter_mut().enumerate() {
+            if plan[i] > 0 && plan[i] >= s.pending() {
+                if let Some(c) = s.take_constraint() {
+                    constraints.push((i, c));
+                }
+            }
+        }
         let mut inputs: Vec<SeqInput> = Vec::new();
         for (i, (s, &n)) in self.running.iter_mut().zip(&plan).enumerate() {
             if n > 0 {
@@ -513,8 +530,24 @@ impl Engine {
                 inputs.push(input);
             }
         }
-        let result = self.llama.forward(&mut inputs);
+        let result = if constraints.is_empty() {
+            self.llama.forward(&mut inputs)
+        } else {
+            std::thread::scope(|scope| {
+                let masks = scope.spawn(|| {
+                    for (_, c) in constraints.iter_mut() {
+                        c.prepare();
+                    }
+                });
+                let r = self.llama.forward(&mut inputs);
+                let _ = masks.join();
+                r
+            })
+        };
         drop(inputs);
+        for (i, c) in constraints {
+            self.running[i].put_constraint(c);
+        }
         if self.cfg.prefix_cache && result.is_ok() {
             for (i, _) in &served {
                 self.running[*i].register_blocks();

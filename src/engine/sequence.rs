@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::grammar::Constraint;
 use super::policy::Candidate;
 use super::sampler::Sampler;
 use super::text::{StopCheck, StopMatcher, Utf8Stream};
@@ -32,6 +33,7 @@ pub struct Sequence {
     /// Prompt tokens taken from the prefix cache or a context.
     cached: usize,
     context: Option<String>,
+    constraint: Option<Constraint>,
     /// Held while the sequence lives: bounds the engine's queue.
     _slot: LiveSlot,
 }
@@ -66,6 +68,7 @@ impl Sequence {
             arrived,
             cached,
             context: req.context,
+            constraint: req.constraint,
             _slot: slot,
         }
     }
@@ -137,6 +140,15 @@ impl Sequence {
         }
     }
 
+    /// Lend the grammar state out (to compute its mask beside the forward pass).
+    pub fn take_constraint(&mut self) -> Option<Constraint> {
+        self.constraint.take()
+    }
+
+    pub fn put_constraint(&mut self, c: Constraint) {
+        self.constraint = Some(c);
+    }
+
     pub fn cancelled(&self) -> bool {
         self.events.is_closed()
     }
@@ -160,12 +172,32 @@ impl Sequence {
     /// Sample the next token from this sequence's logits row and stream what it produced.
     pub fn advance(&mut self, logits: &mut Vec<f32>, tok: &Tokenizer) {
         logits.truncate(tok.vocab_size());
+        if let Some(c) = &mut self.constraint {
+            if let Err(e) = c.apply(logits) {
+                let _ = self.events.send(Event::Error(e));
+                self.finished = true;
+                return;
+            }
+        }
         let (id, logprobs) = self.sampler.sample(logits);
         self.tokens.push(id);
         let generated = self.generated();
         let end_token = (!self.ignore_eos && tok.is_eog(id)) || self.stop_token_ids.contains(&id);
         let mut finish = None;
         let mut text = String::new();
+        let mut grammar_done = false;
+        if !end_token {
+            // A complete grammar ends the output as a stop would.
+            match self.constraint.as_mut().map(|c| c.commit(id)) {
+                Some(Ok(true)) => grammar_done = true,
+                Some(Ok(false)) | None => {}
+                Some(Err(e)) => {
+                    let _ = self.events.send(Event::Error(e));
+                    self.finished = true;
+                    return;
+                }
+            }
+        }
         if end_token {
             finish = Some(FinishReason::Stop);
         } else {
@@ -177,6 +209,11 @@ impl Sequence {
                     finish = Some(FinishReason::Stop);
                 }
             }
+        }
+        let mut flush = end_token;
+        if grammar_done && finish.is_none() {
+            finish = Some(FinishReason::Stop);
+            flush = true;
         }
         if finish.is_none()
             && (generated >= self.max_tokens || self.tokens.len() >= self.context_length)
@@ -190,7 +227,7 @@ impl Sequence {
         }
         if let Some(finish) = finish {
             let mut rest = String::new();
-            if finish == FinishReason::Length || end_token {
+            if finish == FinishReason::Length || flush {
                 rest = self.utf8.finish();
                 match self.stops.push(&rest) {
                     StopCheck::Continue(t) | StopCheck::Stop(t) => rest = t,

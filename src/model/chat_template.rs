@@ -34,6 +34,13 @@ impl ChatTemplate {
         Ok(Self { env, special })
     }
 
+    /// Whether the template reads the variable `name` (e.g. `tools`).
+    pub fn takes(&self, name: &str) -> bool {
+        self.env
+            .get_template("chat")
+            .is_ok_and(|t| t.undeclared_variables(false).contains(name))
+    }
+
     /// Render `messages` (OpenAI-shaped JSON objects; content already flattened to text).
     pub fn render(
         &self,

@@ -335,6 +335,14 @@ impl Tokenizer {
         }
     }
 
+    /// The spelling of a control token (`<|im_end|>`); None for tokens that are text.
+    pub fn control_text(&self, id: u32) -> Option<&str> {
+        match self.special.get(id as usize) {
+            Some(true) => Some(&self.token_text[id as usize]),
+            _ => None,
+        }
+    }
+
     /// Write the tokenizer as a `tokenizer.json`.
     pub fn save_json(&self, path: &Path) -> Result<(), ModelError> {
         self.inner
