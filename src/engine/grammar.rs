@@ -132,13 +132,23 @@ impl Constraint {
             Some(Err(e)) => return Err(format!("constrained decoding failed: {e}")),
             None => unreachable!("prepare sets the mask"),
         };
+        // One bit per token, 32 to a word: whole words of forbidden tokens are the common case.
         let mut any = false;
-        for (i, l) in logits.iter_mut().enumerate() {
-            if mask.is_allowed(i as u32) {
-                any |= l.is_finite() || *l == f32::INFINITY;
-            } else {
-                *l = f32::NEG_INFINITY;
+        for (&word, chunk) in mask.as_slice().iter().zip(logits.chunks_mut(32)) {
+            if word == u32::MAX {
+                any = true;
+                continue;
             }
+            for (b, l) in chunk.iter_mut().enumerate() {
+                if word >> b & 1 == 0 {
+                    *l = f32::NEG_INFINITY;
+                } else {
+                    any = true;
+                }
+            }
+        }
+        for l in logits.iter_mut().skip(mask.as_slice().len() * 32) {
+            *l = f32::NEG_INFINITY;
         }
         if !any {
             return Err("constrained decoding failed: the grammar allows no token here".into());

@@ -3,6 +3,7 @@
 Starts `target/debug/aios serve --port 0` (built by `cargo test`), reads the address it prints,
 then runs chat (plain and streaming), completions and model listing through the client.
 """
+import json
 import os
 import subprocess
 import sys
@@ -77,6 +78,67 @@ try:
 
     c = client.completions.create(model="smollm2", prompt="1, 2, 3, 4,", max_tokens=8, temperature=0)
     check("completions continue the count", c.choices[0].text.startswith(" 5, 6"), repr(c.choices[0].text))
+
+    # Tool calls, as the client parses them.
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Get the current weather in a city",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"], "additionalProperties": False}}}]
+    question = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+    r = client.chat.completions.create(model="smollm2", messages=question, tools=tools,
+                                       tool_choice="required", temperature=0, max_tokens=80)
+    call = r.choices[0].message.tool_calls[0] if r.choices[0].message.tool_calls else None
+    check("tool call parsed by the client", call is not None and call.function.name == "get_weather"
+          and r.choices[0].finish_reason == "tool_calls", r)
+    args = json.loads(call.function.arguments) if call else {}
+    check("tool call arguments follow the schema", isinstance(args.get("city"), str)
+          and args.get("unit") in ("celsius", "fahrenheit"), args)
+
+    stream = client.chat.completions.create(model="smollm2", messages=question, tools=tools,
+                                            tool_choice="required", temperature=0, max_tokens=80,
+                                            stream=True)
+    name, arg_text, finish = "", "", None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        for d in chunk.choices[0].delta.tool_calls or []:
+            name += d.function.name or ""
+            arg_text += d.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    check("streamed tool call equals the plain one", call is not None and name == call.function.name
+          and json.loads(arg_text) == args and finish == "tool_calls", (name, arg_text, finish))
+
+    follow = question + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.id, "type": "function",
+             "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "sunny"}'},
+    ] if call else question
+    r = client.chat.completions.create(model="smollm2", messages=follow, temperature=0, max_tokens=40)
+    check("a turn with the tool result answers", bool(r.choices[0].message.content), r)
+
+    # Structured output: a JSON schema, and the client's own pydantic parsing.
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+              "required": ["city", "country"], "additionalProperties": False}
+    r = client.chat.completions.create(
+        model="smollm2", temperature=0, max_tokens=60,
+        messages=[{"role": "user", "content": "Name the capital of France and its country as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema, "strict": True}})
+    place = json.loads(r.choices[0].message.content)
+    check("json_schema output parses with the required keys", set(place) == {"city", "country"}, place)
+
+    from pydantic import BaseModel
+
+    class Place(BaseModel):
+        city: str
+        country: str
+
+    parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
+    r = parse(model="smollm2", temperature=0, max_tokens=60, response_format=Place,
+              messages=[{"role": "user", "content": "Name the capital of France and its country as JSON."}])
+    parsed = r.choices[0].message.parsed
+    check("client.chat.completions.parse gives a pydantic object", isinstance(parsed, Place), r)
 
     try:
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
