@@ -39,6 +39,13 @@ pub struct KvSection {
     pub preemption: crate::engine::Preemption,
     /// Reuse the KV of earlier sequences' identical prefixes (whole blocks).
     pub prefix_cache: bool,
+    /// Host memory for the KV of idle contexts pushed out of the pool (the host tier).
+    pub host_bytes: u64,
+    /// Directory for context snapshots (the disk tier, one subdirectory per model); empty for
+    /// none. Snapshots there survive a restart.
+    pub disk_dir: String,
+    /// Most bytes of snapshots in the disk tier.
+    pub disk_bytes: u64,
 }
 
 impl Default for KvSection {
@@ -48,6 +55,9 @@ impl Default for KvSection {
             memory_fraction: 0.25,
             preemption: crate::engine::Preemption::Swap,
             prefix_cache: true,
+            host_bytes: 4 << 30,
+            disk_dir: String::new(),
+            disk_bytes: 64 << 30,
         }
     }
 }
@@ -109,6 +119,9 @@ impl Config {
             kv: self.kv.budget(),
             preemption: self.kv.preemption,
             prefix_cache: self.kv.prefix_cache,
+            host_bytes: self.kv.host_bytes,
+            snapshot_dir: None,
+            disk_bytes: self.kv.disk_bytes,
             agent_priority: std::sync::Arc::new(
                 self.agents
                     .iter()

@@ -82,6 +82,7 @@ pub fn start_loading(cfg: &Config) -> Arc<AppState> {
     for (i, m) in cfg.models.iter().cloned().enumerate() {
         let state = state.clone();
         let engine_cfg = engine_cfg.clone();
+        let kv_dir = cfg.kv.disk_dir.clone();
         std::thread::spawn(move || {
             let t0 = std::time::Instant::now();
             let next = match load_configured(&m) {
@@ -96,6 +97,9 @@ pub fn start_loading(cfg: &Config) -> Arc<AppState> {
                     let mut engine_cfg = engine_cfg;
                     if let Some(p) = m.policy {
                         engine_cfg.policy = p;
+                    }
+                    if !kv_dir.is_empty() {
+                        engine_cfg.snapshot_dir = Some(std::path::Path::new(&kv_dir).join(&m.name));
                     }
                     SlotState::Ready(engine::spawn(loaded, engine_cfg))
                 }

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::params::{agent_of, Body};
 use super::{AppState, SlotState};
-use crate::engine::{ContextError, ContextInfo, ContextOp, EngineHandle};
+use crate::engine::{ContextError, ContextInfo, ContextOp, EngineHandle, Tier};
 
 fn context_json(model: &str, c: &ContextInfo) -> Value {
     let mut v = json!(c);
@@ -49,6 +49,12 @@ pub(super) fn engine_error(e: ContextError, id: &str) -> ApiError {
     match e {
         ContextError::NotFound(_) => not_found(id),
         ContextError::Stopped => ApiError::unavailable(e.to_string()),
+        ContextError::Unsupported(m) => ApiError::invalid(m),
+        ContextError::Storage(m) => ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "server_error",
+            format!("the context snapshot failed: {m}"),
+        ),
     }
 }
 
@@ -166,6 +172,38 @@ pub async fn delete(
         Ok::<_, ApiError>(
             axum::Json(json!({"id": id, "object": "context", "deleted": true})).into_response(),
         )
+    };
+    run.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `POST /v1/contexts/{id}/snapshot`: move the context's KV out of the pool now, to disk (the
+/// default; it then survives a restart) or, with `{"tier": "host"}`, to host memory.
+pub async fn snapshot(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let run = async {
+        let b = body_or_empty(&body)?;
+        let owner = agent_of(&headers)?;
+        let tier = match b.string("tier")? {
+            None | Some("disk") => Tier::Disk,
+            Some("host") => Tier::Host,
+            Some(other) => {
+                return Err(ApiError::param(
+                    "tier",
+                    format!("tier {other:?} is not one of disk, host"),
+                ))
+            }
+        };
+        let (name, v) = on_context(&state, &id, || ContextOp::Snapshot {
+            id: id.clone(),
+            owner: owner.clone(),
+            tier,
+        })
+        .await?;
+        Ok::<_, ApiError>(axum::Json(context_json(&name, &v[0])).into_response())
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
 }

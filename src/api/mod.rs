@@ -84,6 +84,7 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
             get(contexts::get).delete(contexts::delete),
         )
         .route("/v1/contexts/{id}/fork", post(contexts::fork))
+        .route("/v1/contexts/{id}/snapshot", post(contexts::snapshot))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::map_response(json_errors))

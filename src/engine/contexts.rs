@@ -2,10 +2,22 @@
 //! agent and kept by the engine between requests. A request on a context starts from the KV
 //! the context holds for the part of its prompt they share (a copy-on-write fork of the blocks,
 //! no prefill), and when it ends the context holds the whole conversation, answer included.
+//!
+//! Tiers: a context's KV lives in the pool (device memory), in host memory (swapped out: an
+//! exact copy, its blocks given back), or on disk (a snapshot file that survives a restart).
+//! Under pool pressure idle contexts move to the host, least recently used first; past
+//! `host_bytes` the host's oldest move on to disk (or, with no disk tier, lose their KV and keep
+//! their tokens). A request on a context in host memory takes its KV as a swapped-out sequence
+//! that the scheduler swaps in when it runs; one on disk is read and verified on a loader
+//! thread while the engine keeps stepping, and then runs as from the host.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
 
-use crate::kv::KvSeq;
+use crate::kv::snapshot::DiskStore;
+use crate::kv::{KvElem, KvPool, KvSeq};
 
 /// What the API shows of a context.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -16,7 +28,8 @@ pub struct ContextInfo {
     pub tokens: usize,
     /// Bytes of KV blocks it references (shared blocks counted in full).
     pub bytes: usize,
-    /// Where its KV lives: "pool" (device memory) or "host" (swapped out).
+    /// Where its KV lives: "pool" (device memory), "host" (swapped out to host memory), "disk"
+    /// (a snapshot file), or "none" (dropped under pressure: the next turn prefills again).
     pub tier: &'static str,
     pub created: u64,
 }
@@ -29,6 +42,19 @@ pub enum ContextError {
     NotFound(String),
     #[error("the engine has stopped")]
     Stopped,
+    /// The operation needs something the server is not configured for.
+    #[error("{0}")]
+    Unsupported(String),
+    /// A snapshot could not be written or read.
+    #[error("{0}")]
+    Storage(String),
+}
+
+/// Where a snapshot request sends a context's KV.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tier {
+    Host,
+    Disk,
 }
 
 /// An operation on contexts, with the agent asking.
@@ -54,18 +80,59 @@ pub enum ContextOp {
         id: String,
         owner: String,
     },
+    /// Move the context's KV out of the pool now: to host memory, or to disk.
+    Snapshot {
+        id: String,
+        owner: String,
+        tier: Tier,
+    },
 }
 
 pub(super) struct Context {
     owner: String,
     tokens: Vec<u32>,
     kv: KvSeq,
+    /// Size of its snapshot file while the KV is on disk (then `kv` is empty).
+    on_disk: Option<u64>,
     created: u64,
+    last_used: Instant,
 }
 
-#[derive(Default)]
+impl Context {
+    fn tier(&self) -> &'static str {
+        if self.on_disk.is_some() {
+            "disk"
+        } else if self.kv.is_swapped() {
+            "host"
+        } else if self.kv.is_empty() && !self.tokens.is_empty() {
+            "none"
+        } else {
+            "pool"
+        }
+    }
+
+    fn host_bytes(&self) -> usize {
+        self.kv.host_data().map_or(0, |d| d.len() * 2)
+    }
+}
+
+/// How a sequence on a context starts.
+pub(super) enum Start {
+    /// From this KV (in the pool, or swapped out for the scheduler to bring in).
+    Kv(KvSeq),
+    /// The KV is on disk: read this file first.
+    Load(PathBuf),
+}
+
+/// A snapshot read back from disk (on a loader thread).
+pub(super) type Loaded = Result<(Vec<u32>, usize, Vec<KvElem>), String>;
+
 pub(super) struct Contexts {
     map: HashMap<String, Context>,
+    pool: Arc<KvPool>,
+    store: Option<Arc<DiskStore>>,
+    host_budget: usize,
+    disk_budget: u64,
 }
 
 fn new_id() -> String {
@@ -80,13 +147,63 @@ fn now() -> u64 {
 }
 
 impl Contexts {
+    /// Contexts of one pool; with a disk store, the snapshots already in it are indexed (and
+    /// refused ones reported in the log).
+    pub(super) fn new(
+        pool: Arc<KvPool>,
+        store: Option<DiskStore>,
+        host_budget: u64,
+        disk_budget: u64,
+    ) -> Self {
+        let mut map = HashMap::new();
+        if let Some(store) = &store {
+            let (good, refused) = store.scan();
+            for why in refused {
+                tracing::error!("{why}");
+            }
+            for (meta, tokens, _, size) in good {
+                let kv = KvSeq::in_pool(pool.clone());
+                map.insert(
+                    meta.id,
+                    Context {
+                        owner: meta.owner,
+                        tokens,
+                        kv,
+                        on_disk: Some(size),
+                        created: meta.created,
+                        last_used: Instant::now(),
+                    },
+                );
+            }
+            if !map.is_empty() {
+                tracing::info!("{} context snapshots restored from disk", map.len());
+            }
+        }
+        Self {
+            map,
+            pool,
+            store: store.map(Arc::new),
+            host_budget: host_budget as usize,
+            disk_budget,
+        }
+    }
+
+    fn empty(&self) -> KvSeq {
+        KvSeq::in_pool(self.pool.clone())
+    }
+
     fn info(id: &str, c: &Context) -> ContextInfo {
+        let bytes = match c.on_disk {
+            Some(size) => size as usize,
+            None if c.kv.is_swapped() => c.host_bytes(),
+            None => c.kv.blocks() * c.kv.layout().bytes_per_block(),
+        };
         ContextInfo {
             id: id.to_string(),
             owner: c.owner.clone(),
-            tokens: c.kv.len(),
-            bytes: c.kv.blocks() * c.kv.layout().bytes_per_block(),
-            tier: if c.kv.is_swapped() { "host" } else { "pool" },
+            tokens: c.tokens.len(),
+            bytes,
+            tier: c.tier(),
             created: c.created,
         }
     }
@@ -98,19 +215,17 @@ impl Contexts {
             .ok_or_else(|| ContextError::NotFound(id.to_string()))
     }
 
-    pub(super) fn apply(
-        &mut self,
-        op: ContextOp,
-        empty: impl FnOnce() -> KvSeq,
-    ) -> Result<Vec<ContextInfo>, ContextError> {
+    pub(super) fn apply(&mut self, op: ContextOp) -> Result<Vec<ContextInfo>, ContextError> {
         match op {
             ContextOp::Create { owner } => {
                 let id = new_id();
                 let c = Context {
                     owner,
                     tokens: Vec::new(),
-                    kv: empty(),
+                    kv: self.empty(),
+                    on_disk: None,
                     created: now(),
+                    last_used: Instant::now(),
                 };
                 let info = Self::info(&id, &c);
                 self.map.insert(id, c);
@@ -133,18 +248,19 @@ impl Contexts {
                 new_owner,
             } => {
                 let c = self.owned(&id, &owner)?;
-                let mut kv = c.kv.fork_resident().unwrap_or_else(empty);
-                let tokens = if kv.is_empty() {
-                    Vec::new()
-                } else {
-                    c.tokens.clone()
+                // Blocks in the pool are shared copy-on-write; KV elsewhere is not copied (the
+                // fork starts without KV and prefills on its first turn).
+                let (kv, tokens) = match c.kv.fork_resident() {
+                    Some(kv) if !kv.is_empty() => (kv, c.tokens.clone()),
+                    _ => (self.empty(), Vec::new()),
                 };
-                kv.truncate(tokens.len());
                 let fork = Context {
                     owner: new_owner.unwrap_or(owner),
                     tokens,
                     kv,
+                    on_disk: None,
                     created: now(),
+                    last_used: Instant::now(),
                 };
                 let nid = new_id();
                 let info = Self::info(&nid, &fork);
@@ -154,9 +270,110 @@ impl Contexts {
             ContextOp::Delete { id, owner } => {
                 self.owned(&id, &owner)?;
                 let c = self.map.remove(&id).expect("checked above");
+                if c.on_disk.is_some() {
+                    if let Some(s) = &self.store {
+                        s.remove(&id);
+                    }
+                }
                 Ok(vec![Self::info(&id, &c)])
             }
+            ContextOp::Snapshot { id, owner, tier } => {
+                self.owned(&id, &owner)?;
+                match tier {
+                    Tier::Host => {
+                        let c = self.map.get_mut(&id).expect("checked above");
+                        if c.on_disk.is_none() {
+                            c.kv.swap_out();
+                        }
+                        self.enforce_host_budget(&[]);
+                    }
+                    Tier::Disk => self.to_disk(&id, true)?,
+                }
+                Ok(vec![Self::info(&id, &self.map[&id])])
+            }
         }
+    }
+
+    /// Write context `id` to disk and free its memory. `explicit`: the client asked, so a
+    /// missing or full disk tier is its error; otherwise the KV is dropped instead.
+    fn to_disk(&mut self, id: &str, explicit: bool) -> Result<(), ContextError> {
+        let Some(store) = self.store.clone() else {
+            if explicit {
+                return Err(ContextError::Unsupported(
+                    "no disk tier: set [kv] disk_dir in the configuration".into(),
+                ));
+            }
+            self.drop_kv(id);
+            return Ok(());
+        };
+        let used: u64 = self.map.values().filter_map(|c| c.on_disk).sum();
+        let c = self.map.get_mut(id).expect("caller checked");
+        if c.on_disk.is_some() {
+            return Ok(());
+        }
+        c.kv.swap_out();
+        let values = c.kv.host_data().map_or(0, <[KvElem]>::len);
+        let need = (values * 2 + c.tokens.len() * 4) as u64;
+        if used + need > self.disk_budget {
+            if explicit {
+                return Err(ContextError::Storage(format!(
+                    "the disk tier is full ({used} of [kv] disk_bytes = {} bytes used)",
+                    self.disk_budget
+                )));
+            }
+            self.drop_kv(id);
+            return Ok(());
+        }
+        let data = c.kv.host_data().unwrap_or(&[]);
+        let size = store
+            .write(id, &c.owner, c.created, &c.tokens, c.kv.len(), data)
+            .map_err(ContextError::Storage)?;
+        c.kv = KvSeq::in_pool(self.pool.clone());
+        c.on_disk = Some(size);
+        Ok(())
+    }
+
+    /// Forget a context's KV, keeping its tokens: its next turn prefills them again.
+    fn drop_kv(&mut self, id: &str) {
+        if let Some(c) = self.map.get_mut(id) {
+            c.kv = KvSeq::in_pool(self.pool.clone());
+        }
+    }
+
+    /// Past the host budget, the least recently used contexts in host memory move to disk.
+    fn enforce_host_budget(&mut self, busy: &[&str]) {
+        loop {
+            let used: usize = self.map.values().map(Context::host_bytes).sum();
+            if used <= self.host_budget {
+                return;
+            }
+            let oldest = self
+                .map
+                .iter()
+                .filter(|(id, c)| c.host_bytes() > 0 && !busy.contains(&id.as_str()))
+                .min_by_key(|(_, c)| c.last_used)
+                .map(|(id, _)| id.clone());
+            let Some(id) = oldest else { return };
+            if let Err(e) = self.to_disk(&id, false) {
+                tracing::warn!("context {id}: {e}; its KV is dropped instead");
+                self.drop_kv(&id);
+            }
+        }
+    }
+
+    /// Under pool pressure: move the least recently used idle context with blocks in the pool
+    /// to host memory. False when there is none.
+    pub(super) fn evict_one(&mut self, busy: &[&str]) -> bool {
+        let victim = self
+            .map
+            .iter()
+            .filter(|(id, c)| c.kv.blocks() > 0 && !busy.contains(&id.as_str()))
+            .min_by_key(|(_, c)| c.last_used)
+            .map(|(id, _)| id.clone());
+        let Some(id) = victim else { return false };
+        self.map.get_mut(&id).expect("just found").kv.swap_out();
+        self.enforce_host_budget(busy);
+        true
     }
 
     /// Check that `owner` may run on context `id`.
@@ -164,20 +381,78 @@ impl Contexts {
         self.owned(id, owner).map(|_| ())
     }
 
-    /// The KV a new sequence with `prompt` starts from on context `id`: a fork of the context's
-    /// blocks cut to the tokens they share with the prompt (never its last token).
-    pub(super) fn start(&self, id: &str, prompt: &[u32]) -> Option<KvSeq> {
-        let c = self.map.get(id)?;
-        let mut kv = c.kv.fork_resident()?;
+    /// How a new sequence with `prompt` starts on context `id`: from the context's KV cut to
+    /// the tokens it shares with the prompt (never the prompt's last token). KV in the pool is
+    /// shared copy-on-write; KV in host memory is handed to the sequence (the context gets it
+    /// back, extended, when the sequence ends).
+    pub(super) fn start(&mut self, id: &str, prompt: &[u32]) -> Start {
+        let Some(c) = self.map.get_mut(id) else {
+            return Start::Kv(KvSeq::in_pool(self.pool.clone()));
+        };
+        c.last_used = Instant::now();
+        if c.on_disk.is_some() {
+            if let Some(s) = &self.store {
+                return Start::Load(s.path(id));
+            }
+        }
         let common = c
             .tokens
             .iter()
             .zip(&prompt[..prompt.len().saturating_sub(1)])
             .take_while(|(a, b)| a == b)
             .count()
-            .min(kv.len());
+            .min(c.kv.len());
+        let mut kv = if c.kv.is_swapped() {
+            std::mem::replace(&mut c.kv, KvSeq::in_pool(self.pool.clone()))
+        } else {
+            c.kv.fork()
+        };
         kv.truncate(common);
-        Some(kv)
+        Start::Kv(kv)
+    }
+
+    /// Context `id`'s snapshot was read: its KV is now in host memory. An unreadable
+    /// snapshot removes the context (the file is renamed `.rejected`) and says why.
+    pub(super) fn loaded(&mut self, id: &str, result: Loaded) -> Result<(), String> {
+        let Some(c) = self.map.get_mut(id) else {
+            return Err(format!("context '{id}' was deleted while it loaded"));
+        };
+        let checked = result.and_then(|(tokens, kv_len, data)| {
+            if tokens != c.tokens {
+                return Err("the snapshot's tokens changed on disk".to_string());
+            }
+            KvSeq::from_host(self.pool.clone(), kv_len, data)
+        });
+        match checked {
+            Ok(kv) => {
+                c.kv = kv;
+                c.on_disk = None;
+                if let Some(s) = &self.store {
+                    s.remove(id);
+                }
+                self.enforce_host_budget(&[id]);
+                Ok(())
+            }
+            Err(why) => {
+                self.map.remove(id);
+                let msg = format!(
+                    "context '{id}' could not be loaded from its snapshot ({why}); the context was removed"
+                );
+                if let Some(s) = &self.store {
+                    let p = s.path(id);
+                    let mut to = p.as_os_str().to_owned();
+                    to.push(".rejected");
+                    let _ = std::fs::rename(&p, &to);
+                }
+                tracing::error!("{msg}");
+                Err(msg)
+            }
+        }
+    }
+
+    /// The store snapshots are read from (for the loader thread).
+    pub(super) fn store(&self) -> Option<Arc<DiskStore>> {
+        self.store.clone()
     }
 
     /// A sequence on context `id` ended: the context now holds its tokens and KV.
@@ -186,6 +461,12 @@ impl Contexts {
             if let Some(fork) = kv.fork_resident() {
                 c.tokens = tokens[..fork.len()].to_vec();
                 c.kv = fork;
+                c.last_used = Instant::now();
+                if c.on_disk.take().is_some() {
+                    if let Some(s) = &self.store {
+                        s.remove(id);
+                    }
+                }
             }
         }
     }

@@ -25,7 +25,7 @@ use sequence::Sequence;
 
 use crate::kv::{KvPool, KvSeq, KvUsage};
 use crate::model::{LoadedModel, SeqInput};
-pub use contexts::{ContextError, ContextInfo, ContextOp};
+pub use contexts::{ContextError, ContextInfo, ContextOp, Tier};
 
 /// Why a sequence ended, in OpenAI's words.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,6 +96,8 @@ pub struct Usage {
 enum Command {
     Submit(Box<GenRequest>, UnboundedSender<Event>, LiveSlot),
     Context(ContextOp, ContextReply),
+    /// A context's snapshot, read from disk by a loader thread.
+    Loaded(String, contexts::Loaded),
 }
 
 type ContextReply = tokio::sync::oneshot::Sender<Result<Vec<ContextInfo>, ContextError>>;
@@ -217,6 +219,12 @@ pub struct EngineConfig {
     pub preemption: Preemption,
     /// Reuse cached KV blocks of earlier sequences with the same prefix.
     pub prefix_cache: bool,
+    /// Host memory for idle contexts' KV pushed out of the pool.
+    pub host_bytes: u64,
+    /// Where this model's context snapshots live (the disk tier); None for no disk tier.
+    pub snapshot_dir: Option<std::path::PathBuf>,
+    /// Most bytes of snapshots on disk.
+    pub disk_bytes: u64,
     /// Priorities of named agents, for requests without an `X-Priority` header.
     pub agent_priority: Arc<std::collections::HashMap<String, i32>>,
 }
@@ -277,6 +285,9 @@ impl Default for EngineConfig {
             kv: KvBudget::FractionOfFree(0.25),
             preemption: Preemption::Swap,
             prefix_cache: true,
+            host_bytes: 4 << 30,
+            snapshot_dir: None,
+            disk_bytes: 64 << 30,
             agent_priority: Default::default(),
         }
     }
@@ -316,6 +327,7 @@ pub fn spawn(model: LoadedModel, cfg: EngineConfig) -> EngineHandle {
     let (tx, rx) = mpsc::channel();
     let thread_info = info.clone();
     let thread_pool = pool.clone();
+    let loopback = tx.clone();
     let handle = EngineHandle {
         tx,
         model: info,
@@ -326,7 +338,7 @@ pub fn spawn(model: LoadedModel, cfg: EngineConfig) -> EngineHandle {
     };
     std::thread::Builder::new()
         .name("aios-engine".into())
-        .spawn(move || Engine::new(llama, thread_info, cfg, thread_pool).run(rx))
+        .spawn(move || Engine::new(llama, thread_info, cfg, thread_pool, loopback).run(rx))
         .expect("spawn engine thread");
     handle
 }
@@ -341,6 +353,17 @@ struct Engine {
     next_id: u64,
     pool: Arc<KvPool>,
     contexts: contexts::Contexts,
+    /// Requests on contexts whose snapshot is being read from disk.
+    waiting: Vec<(Box<GenRequest>, UnboundedSender<Event>, LiveSlot)>,
+    /// Where loader threads send what they read.
+    loopback: mpsc::Sender<Command>,
+}
+
+/// What identifies the KV a model computes: its file, its format and quantisation.
+fn model_fingerprint(info: &ModelInfo) -> String {
+    let file = crate::kv::snapshot::file_fingerprint(std::path::Path::new(&info.source))
+        .unwrap_or_else(|| info.source.clone());
+    format!("{}|{file}", info.format)
 }
 
 impl Engine {
@@ -349,7 +372,17 @@ impl Engine {
         info: Arc<ModelInfo>,
         cfg: EngineConfig,
         pool: Arc<KvPool>,
+        loopback: mpsc::Sender<Command>,
     ) -> Self {
+        let store = cfg.snapshot_dir.as_ref().and_then(|dir| {
+            let fp = model_fingerprint(&info);
+            crate::kv::snapshot::DiskStore::new(dir, &fp, pool.layout())
+                .map_err(|e| {
+                    tracing::error!("no disk tier: cannot use {}: {e}", dir.display());
+                })
+                .ok()
+        });
+        let contexts = contexts::Contexts::new(pool.clone(), store, cfg.host_bytes, cfg.disk_bytes);
         Self {
             llama,
             info,
@@ -358,7 +391,9 @@ impl Engine {
             running: Vec::new(),
             next_id: 0,
             pool,
-            contexts: Default::default(),
+            contexts,
+            waiting: Vec::new(),
+            loopback,
         }
     }
 
@@ -399,9 +434,14 @@ impl Engine {
                             let _ = events.send(Event::Error(e.to_string()));
                             return;
                         }
-                        self.contexts
-                            .start(id, &req.prompt)
-                            .unwrap_or_else(|| KvSeq::in_pool(self.pool.clone()))
+                        match self.contexts.start(id, &req.prompt) {
+                            contexts::Start::Kv(kv) => kv,
+                            contexts::Start::Load(path) => {
+                                self.load(id.clone(), path);
+                                self.waiting.push((req, events, slot));
+                                return;
+                            }
+                        }
                     }
                 };
                 self.next_id += 1;
@@ -416,10 +456,45 @@ impl Engine {
                 ));
             }
             Command::Context(op, reply) => {
-                let pool = self.pool.clone();
-                let _ = reply.send(self.contexts.apply(op, || KvSeq::in_pool(pool)));
+                let _ = reply.send(self.contexts.apply(op));
+            }
+            Command::Loaded(id, result) => {
+                let outcome = self.contexts.loaded(&id, result);
+                let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+                    .into_iter()
+                    .partition(|(req, _, _)| req.context.as_deref() == Some(id.as_str()));
+                self.waiting = rest;
+                for (req, events, slot) in mine {
+                    match &outcome {
+                        Ok(()) => self.accept(Command::Submit(req, events, slot)),
+                        Err(msg) => {
+                            let _ = events.send(Event::Error(msg.clone()));
+                        }
+                    }
+                }
             }
         }
+    }
+
+    /// Read context `id`'s snapshot on a loader thread (once, however many requests wait).
+    fn load(&self, id: String, path: std::path::PathBuf) {
+        if self
+            .waiting
+            .iter()
+            .any(|(r, _, _)| r.context.as_deref() == Some(id.as_str()))
+        {
+            return;
+        }
+        let Some(store) = self.contexts.store() else {
+            return;
+        };
+        let tx = self.loopback.clone();
+        std::thread::spawn(move || {
+            let result = store
+                .read(&path)
+                .map(|(meta, tokens, data)| (tokens, meta.kv_len, data));
+            let _ = tx.send(Command::Loaded(id, result));
+        });
     }
 
     /// Token budget per sequence for the next step. The policy ranks every live sequence; the
@@ -464,7 +539,12 @@ impl Engine {
                 continue;
             }
             while self.running[i].kv().blocks_needed(plan[i]) > self.pool.free_blocks() {
-                // The lowest-ranked sequence below this one that holds blocks.
+                // Idle contexts leave the pool first (to host memory, least recently used).
+                let busy: Vec<&str> = self.running.iter().filter_map(Sequence::context).collect();
+                if self.contexts.evict_one(&busy) {
+                    continue;
+                }
+                // Then the lowest-ranked sequence below this one that holds blocks.
                 let victim = order
                     .iter()
                     .rev()

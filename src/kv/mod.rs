@@ -510,6 +510,11 @@ impl KvSeq {
     /// Forget everything after the first `len` tokens, giving back blocks no longer needed.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+        if let Some(sw) = &mut self.swapped {
+            sw.len = sw.len.min(len);
+            sw.data
+                .truncate(Self::blocks_for(sw.len) * self.pool.block_elems());
+        }
         let keep = Self::blocks_for(self.len);
         if self.blocks.len() > keep {
             let gone = self.blocks.split_off(keep);
@@ -609,6 +614,31 @@ impl KvSeq {
         self.pool.recomputes.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// A sequence of `len` tokens whose KV is `data` in host memory (as [`KvSeq::swap_out`]
+    /// leaves it, e.g. read back from a snapshot file); [`KvSeq::swap_in`] brings it into `pool`.
+    pub fn from_host(pool: Arc<KvPool>, len: usize, data: Vec<KvElem>) -> Result<Self, String> {
+        let want = Self::blocks_for(len) * pool.block_elems();
+        if data.len() != want {
+            return Err(format!(
+                "{len} tokens of KV take {want} values in this layout, not {}",
+                data.len()
+            ));
+        }
+        pool.swapped.fetch_add(1, Ordering::AcqRel);
+        Ok(Self {
+            pool,
+            blocks: Vec::new(),
+            len,
+            swapped: Some(SwappedKv { len, data }),
+            hashes: Vec::new(),
+        })
+    }
+
+    /// The KV in host memory while swapped out.
+    pub fn host_data(&self) -> Option<&[KvElem]> {
+        self.swapped.as_ref().map(|s| s.data.as_slice())
+    }
+
     /// Bring a swapped-out sequence back into the pool, bit for bit.
     pub fn swap_in(&mut self) -> Result<(), KvFull> {
         let Some(sw) = &self.swapped else {
@@ -625,6 +655,8 @@ impl KvSeq {
         }
         self.blocks = blocks;
         self.swapped = None;
+        // Fresh blocks: offered to the prefix cache again by the next `register_blocks`.
+        self.hashes.clear();
         self.pool.swapped.fetch_sub(1, Ordering::AcqRel);
         Ok(())
     }
@@ -668,6 +700,8 @@ impl Drop for KvSeq {
         }
     }
 }
+
+pub mod snapshot;
 
 #[cfg(test)]
 mod tests;

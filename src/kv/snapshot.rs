@@ -1,0 +1,357 @@
+//! KV snapshots on disk: one file per context, which survives a restart.
+//!
+//! File layout (little-endian):
+//!
+//! ```text
+//! b"AIOSKV\0\x01"              magic and format version
+//! u32  header length, then the header: JSON {fingerprint, id, owner, created, tokens, kv_len,
+//!      data_values}
+//! u32 × tokens                 the context's tokens
+//! u16 × data_values            the KV (f16 bits), blocks in the order `KvSeq::swap_out` keeps
+//! u64  checksum of everything before it
+//! ```
+//!
+//! The fingerprint names the model file, its quantisation and the KV layout: a file written for
+//! another model or layout is refused, as is one whose length or checksum is wrong.
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{KvElem, KvLayout, BLOCK_TOKENS};
+
+const MAGIC: &[u8; 8] = b"AIOSKV\0\x01";
+/// File name ending of snapshots; refused files are renamed to end in `.rejected`.
+pub const EXT: &str = "kvctx";
+
+/// What a snapshot says about its context.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotMeta {
+    pub fingerprint: String,
+    pub id: String,
+    pub owner: String,
+    pub created: u64,
+    /// Tokens of the conversation (the KV holds the first `kv_len` of them).
+    pub tokens: usize,
+    pub kv_len: usize,
+    pub data_values: usize,
+}
+
+/// A 64-bit checksum over bytes, four independent lanes of multiply-xor over 8-byte words
+/// (several GB/s: verifying a snapshot must not cost what re-prefilling it would).
+#[derive(Clone)]
+struct Checksum {
+    lanes: [u64; 4],
+    tail: Vec<u8>,
+    total: u64,
+}
+
+impl Checksum {
+    fn new() -> Self {
+        Self {
+            lanes: [
+                0x243f_6a88_85a3_08d3,
+                0x1319_8a2e_0370_7344,
+                0xa409_3822_299f_31d0,
+                0x082e_fa98_ec4e_6c89,
+            ],
+            tail: Vec::new(),
+            total: 0,
+        }
+    }
+
+    fn mix(h: u64, w: u64) -> u64 {
+        let x = (h ^ w).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        x ^ (x >> 29)
+    }
+
+    fn update(&mut self, mut bytes: &[u8]) {
+        self.total += bytes.len() as u64;
+        if !self.tail.is_empty() {
+            let take = (32 - self.tail.len()).min(bytes.len());
+            self.tail.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.tail.len() == 32 {
+                let t = std::mem::take(&mut self.tail);
+                self.block(&t);
+            }
+        }
+        let whole = bytes.len() / 32 * 32;
+        for c in bytes[..whole].chunks_exact(32) {
+            self.block(c);
+        }
+        self.tail.extend_from_slice(&bytes[whole..]);
+    }
+
+    fn block(&mut self, c: &[u8]) {
+        for (lane, w) in self.lanes.iter_mut().zip(c.chunks_exact(8)) {
+            *lane = Self::mix(*lane, u64::from_le_bytes(w.try_into().unwrap()));
+        }
+    }
+
+    fn finish(mut self) -> u64 {
+        let mut h = self.total;
+        let tail = std::mem::take(&mut self.tail);
+        for w in tail.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..w.len()].copy_from_slice(w);
+            h = Self::mix(h, u64::from_le_bytes(b));
+        }
+        for l in self.lanes {
+            h = Self::mix(h, l);
+        }
+        h
+    }
+}
+
+fn as_bytes(data: &[KvElem]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() * 2);
+    for v in data {
+        out.extend_from_slice(&v.to_bits().to_le_bytes());
+    }
+    out
+}
+
+/// Identify a model file cheaply: its size and a checksum of its first and last MiB (the
+/// metadata and tokenizer at the front, the last tensors at the back). None if unreadable.
+pub fn file_fingerprint(path: &Path) -> Option<String> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = File::open(path).ok()?;
+    let size = f.metadata().ok()?.len();
+    let mut sum = Checksum::new();
+    let mut buf = vec![0u8; (1 << 20).min(size as usize)];
+    f.read_exact(&mut buf).ok()?;
+    sum.update(&buf);
+    f.seek(SeekFrom::Start(size - buf.len() as u64)).ok()?;
+    f.read_exact(&mut buf).ok()?;
+    sum.update(&buf);
+    Some(format!("size={size}|sum={:016x}", sum.finish()))
+}
+
+/// The directory of snapshots of one model.
+pub struct DiskStore {
+    dir: PathBuf,
+    fingerprint: String,
+    layout: KvLayout,
+}
+
+impl DiskStore {
+    /// `fingerprint` should change whenever the KV of the same tokens would (other model file,
+    /// quantisation or layout); the layout is added to it here.
+    pub fn new(dir: &Path, model_fingerprint: &str, layout: KvLayout) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let fingerprint = format!(
+            "{model_fingerprint}|layers={}|kv_heads={}|head_dim={}|block={BLOCK_TOKENS}|f16",
+            layout.n_layers, layout.n_kv_heads, layout.head_dim
+        );
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            fingerprint,
+            layout,
+        })
+    }
+
+    pub fn path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.{EXT}"))
+    }
+
+    /// Write a context's snapshot (to a temporary name, then renamed: a crash never leaves
+    /// half a file under the real name). Returns the file's size.
+    pub fn write(
+        &self,
+        id: &str,
+        owner: &str,
+        created: u64,
+        tokens: &[u32],
+        kv_len: usize,
+        data: &[KvElem],
+    ) -> Result<u64, String> {
+        let meta = SnapshotMeta {
+            fingerprint: self.fingerprint.clone(),
+            id: id.to_string(),
+            owner: owner.to_string(),
+            created,
+            tokens: tokens.len(),
+            kv_len,
+            data_values: data.len(),
+        };
+        let header = serde_json::to_vec(&meta).map_err(|e| e.to_string())?;
+        let path = self.path(id);
+        let tmp = path.with_extension("tmp");
+        let res = (|| -> std::io::Result<u64> {
+            let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+            let mut sum = Checksum::new();
+            let mut put = |w: &mut BufWriter<File>, b: &[u8]| -> std::io::Result<()> {
+                sum.update(b);
+                w.write_all(b)
+            };
+            put(&mut w, MAGIC)?;
+            put(&mut w, &(header.len() as u32).to_le_bytes())?;
+            put(&mut w, &header)?;
+            let tok: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+            put(&mut w, &tok)?;
+            for chunk in data.chunks(1 << 18) {
+                put(&mut w, &as_bytes(chunk))?;
+            }
+            w.write_all(&sum.finish().to_le_bytes())?;
+            let f = w.into_inner().map_err(|e| e.into_error())?;
+            f.sync_data()?;
+            Ok(f.metadata()?.len())
+        })();
+        match res {
+            Ok(n) => {
+                std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+                Ok(n)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(format!("writing {}: {e}", path.display()))
+            }
+        }
+    }
+
+    /// Read and verify a snapshot: magic, fingerprint, lengths, checksum.
+    pub fn read(&self, path: &Path) -> Result<(SnapshotMeta, Vec<u32>, Vec<KvElem>), String> {
+        let mut bytes = Vec::new();
+        File::open(path)
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .map_err(|e| e.to_string())?;
+        if bytes.len() < 8 + 4 + 8 || &bytes[..8] != MAGIC {
+            return Err("not an aios KV snapshot (bad magic or too short)".into());
+        }
+        let body = bytes.len() - 8;
+        let mut sum = Checksum::new();
+        sum.update(&bytes[..body]);
+        let stored = u64::from_le_bytes(bytes[body..].try_into().unwrap());
+        let hlen = u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize;
+        let header = bytes
+            .get(12..12 + hlen)
+            .ok_or("truncated (the header runs past the end)")?;
+        let meta: SnapshotMeta =
+            serde_json::from_slice(header).map_err(|e| format!("unreadable header: {e}"))?;
+        if meta.fingerprint != self.fingerprint {
+            return Err(format!(
+                "written for another model or KV layout ({}; this server: {})",
+                meta.fingerprint, self.fingerprint
+            ));
+        }
+        let want = 12 + hlen + meta.tokens * 4 + meta.data_values * 2 + 8;
+        if bytes.len() != want {
+            return Err(format!(
+                "truncated or padded: {} bytes where the header says {want}",
+                bytes.len()
+            ));
+        }
+        if sum.finish() != stored {
+            return Err("checksum mismatch (the file is corrupt)".into());
+        }
+        let per_block = BLOCK_TOKENS * self.layout.bytes_per_token() / 2;
+        if meta.kv_len > meta.tokens || meta.data_values != meta.kv_len.div_ceil(BLOCK_TOKENS) * per_block
+        {
+            return Err("the header's lengths do not agree with the KV layout".into());
+        }
+        let mut at = 12 + hlen;
+        let tokens: Vec<u32> = bytes[at..at + meta.tokens * 4]
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        at += meta.tokens * 4;
+        let data: Vec<KvElem> = bytes[at..at + meta.data_values * 2]
+            .chunks_exact(2)
+            .map(|c| KvElem::from_bits(u16::from_le_bytes([c[0], c[1]])))
+            .collect();
+        Ok((meta, tokens, data))
+    }
+
+    /// Every snapshot in the directory, verified. Files that fail are renamed to
+    /// `<name>.rejected` (kept for inspection, never loaded) and reported with their reason.
+    pub fn scan(&self) -> (Vec<(SnapshotMeta, Vec<u32>, Vec<KvElem>, u64)>, Vec<String>) {
+        let mut good = Vec::new();
+        let mut refused = Vec::new();
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return (good, refused);
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.extension().and_then(|x| x.to_str()) != Some(EXT) {
+                continue;
+            }
+            let size = e.metadata().map(|m| m.len()).unwrap_or(0);
+            let named_right = |m: &SnapshotMeta| {
+                path.file_stem().and_then(|s| s.to_str()) == Some(m.id.as_str())
+            };
+            match self.read(&path) {
+                Ok((m, t, d)) if named_right(&m) => good.push((m, t, d, size)),
+                Ok(_) => refused.push(self.reject(&path, "its name does not match its id")),
+                Err(why) => refused.push(self.reject(&path, &why)),
+            }
+        }
+        (good, refused)
+    }
+
+    fn reject(&self, path: &Path, why: &str) -> String {
+        let mut to = path.as_os_str().to_owned();
+        to.push(".rejected");
+        let _ = std::fs::rename(path, &to);
+        format!("refused KV snapshot {}: {why}", path.display())
+    }
+
+    pub fn remove(&self, id: &str) {
+        let _ = std::fs::remove_file(self.path(id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(dir: &Path, fp: &str) -> DiskStore {
+        let layout = KvLayout {
+            n_layers: 2,
+            n_kv_heads: 1,
+            head_dim: 4,
+        };
+        DiskStore::new(dir, fp, layout).unwrap()
+    }
+
+    #[test]
+    fn snapshots_round_trip_and_damage_is_refused() {
+        let dir = std::env::temp_dir().join(format!("aios-snap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let s = store(&dir, "model-a");
+        let per_block = BLOCK_TOKENS * 2 * 2 * 4; // layers × K/V × head_dim
+        let data: Vec<KvElem> = (0..2 * per_block)
+            .map(|i| KvElem::from_f32(i as f32 * 0.25))
+            .collect();
+        let tokens: Vec<u32> = (0..20).collect();
+        s.write("ctx-1", "alice", 7, &tokens, 20, &data).unwrap();
+        let (m, t, d) = s.read(&s.path("ctx-1")).unwrap();
+        assert_eq!((m.owner.as_str(), m.kv_len, t, d), ("alice", 20, tokens.clone(), data.clone()));
+
+        // Another model's store refuses it.
+        let other = store(&dir, "model-b");
+        let err = other.read(&s.path("ctx-1")).unwrap_err();
+        assert!(err.contains("another model"), "{err}");
+
+        // One flipped byte in the KV, a truncated copy.
+        let mut bytes = std::fs::read(s.path("ctx-1")).unwrap();
+        s.write("ctx-2", "alice", 7, &tokens, 20, &data).unwrap();
+        std::fs::write(s.path("ctx-2"), &bytes[..bytes.len() - 100]).unwrap();
+        let n = bytes.len();
+        bytes[n - 50] ^= 0x40;
+        std::fs::write(s.path("ctx-1"), &bytes).unwrap();
+        assert!(s.read(&s.path("ctx-1")).unwrap_err().contains("checksum"));
+        assert!(s.read(&s.path("ctx-2")).unwrap_err().contains("truncated"));
+
+        s.write("ctx-3", "bob", 8, &tokens, 20, &data).unwrap();
+        let (good, refused) = s.scan();
+        assert_eq!(good.len(), 1);
+        assert_eq!(good[0].0.id, "ctx-3");
+        assert_eq!(refused.len(), 2, "{refused:?}");
+        assert!(dir.join("ctx-1.kvctx.rejected").exists());
+        assert!(!s.path("ctx-1").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
