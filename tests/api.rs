@@ -626,3 +626,61 @@ fn a_conversation_on_a_context_prefills_only_each_new_turn() {
         200
     );
 }
+
+#[test]
+fn a_conversation_continues_the_same_after_its_context_went_to_host_memory_and_to_disk() {
+    use reqwest::Method;
+    let agent = "tier-agent";
+    let (_, ctx) = as_agent(Method::POST, "/v1/contexts", agent, Some(&json!({})));
+    let id = ctx["id"].as_str().unwrap().to_string();
+    let path = format!("/v1/contexts/{id}");
+    let mut messages: Vec<Value> = vec![];
+    let mut held = 0u64;
+    for (turn, tier) in [
+        ("My name is Ada and I like sailing. Say hello.", "host"),
+        ("What is my name?", "disk"),
+        ("What do I like?", "host"),
+    ] {
+        messages.push(json!({"role": "user", "content": turn}));
+        let body = json!({"messages": messages, "max_tokens": 16, "temperature": 0});
+        let mut on_ctx = body.clone();
+        on_ctx["context_id"] = json!(id);
+        let (s, v) = as_agent(Method::POST, "/v1/chat/completions", agent, Some(&on_ctx));
+        assert_eq!(s, 200, "{v}");
+        let (_, plain) = as_agent(Method::POST, "/v1/chat/completions", "no-ctx", Some(&body));
+        let answer = v["choices"][0]["message"]["content"].as_str().unwrap();
+        assert_eq!(answer, plain["choices"][0]["message"]["content"]);
+        let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        assert!(cached + 1 >= held, "{turn:?}: {cached} cached, {held} held");
+        messages.push(json!({"role": "assistant", "content": answer}));
+        // Push the context out of the pool before the next turn.
+        let (s, info) = as_agent(
+            Method::POST,
+            &format!("{path}/snapshot"),
+            agent,
+            Some(&json!({"tier": tier})),
+        );
+        assert_eq!(s, 200, "{info}");
+        assert_eq!(info["tier"], tier);
+        held = info["tokens"].as_u64().unwrap();
+        assert!(info["bytes"].as_u64().unwrap() > 0);
+    }
+    // Another agent can neither snapshot it nor learn it exists.
+    let (s, _) = as_agent(
+        Method::POST,
+        &format!("{path}/snapshot"),
+        "intruder",
+        Some(&json!({})),
+    );
+    assert_eq!(s, 404);
+    let (s, v) = as_agent(
+        Method::POST,
+        &format!("{path}/snapshot"),
+        agent,
+        Some(&json!({"tier": "tape"})),
+    );
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(as_agent(Method::DELETE, &path, agent, None).0, 200);
+}

@@ -359,3 +359,175 @@ fn a_small_kv_pool_caps_the_context_and_refuses_what_can_never_fit() {
     assert!(stop(child).success());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// POST (or GET without a body) as agent `agent`; returns status and JSON.
+fn call(url: &str, path: &str, agent: &str, body: Option<&Value>) -> (u16, Value) {
+    let c = common::client();
+    let r = match body {
+        Some(b) => c.post(format!("{url}{path}")).json(b),
+        None => c.get(format!("{url}{path}")),
+    };
+    let resp = r.header("X-Agent-Id", agent).send().unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().unwrap_or(Value::Null))
+}
+
+/// One turn on context `id`: checks the answer equals the same conversation sent whole (no
+/// context) and that the KV the context held was reused; appends the answer to `messages`.
+fn turn(url: &str, id: &str, messages: &mut Vec<Value>, text: &str, held: u64) -> Value {
+    messages.push(json!({"role": "user", "content": text}));
+    let body = json!({"messages": messages, "max_tokens": 12, "temperature": 0});
+    let mut on_ctx = body.clone();
+    on_ctx["context_id"] = json!(id);
+    let (s, v) = call(url, "/v1/chat/completions", "snap-agent", Some(&on_ctx));
+    assert_eq!(s, 200, "{v}");
+    let (_, whole) = call(url, "/v1/chat/completions", "other", Some(&body));
+    let answer = v["choices"][0]["message"]["content"].clone();
+    assert_eq!(answer, whole["choices"][0]["message"]["content"]);
+    let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(cached + 1 >= held, "{cached} cached, {held} held: {v}");
+    messages.push(json!({"role": "assistant", "content": answer}));
+    v
+}
+
+fn tokens_of(url: &str, id: &str) -> (u64, String) {
+    let (s, info) = call(url, &format!("/v1/contexts/{id}"), "snap-agent", None);
+    assert_eq!(s, 200, "{info}");
+    (
+        info["tokens"].as_u64().unwrap(),
+        info["tier"].as_str().unwrap().to_string(),
+    )
+}
+
+#[test]
+fn contexts_on_disk_survive_a_restart_and_corrupt_snapshots_are_refused() {
+    let dir = std::env::temp_dir().join(format!("aios-snap-{}", std::process::id()));
+    let snaps = dir.join("snapshots");
+    let sections = format!("[kv]\ndisk_dir = {:?}\n", snaps.to_str().unwrap());
+    let (child, url, _) = serve_with_config("snap", &sections, "");
+    let new_ctx = |url: &str| {
+        let (s, c) = call(url, "/v1/contexts", "snap-agent", Some(&json!({})));
+        assert_eq!(s, 200, "{c}");
+        c["id"].as_str().unwrap().to_string()
+    };
+    let (a, b) = (new_ctx(&url), new_ctx(&url));
+    let mut conv_a = vec![];
+    let mut conv_b = vec![];
+    turn(
+        &url,
+        &a,
+        &mut conv_a,
+        "My name is Ada and I like sailing.",
+        0,
+    );
+    turn(&url, &b, &mut conv_b, "I am Bob and I grow tomatoes.", 0);
+    for id in [&a, &b] {
+        let (s, v) = call(
+            &url,
+            &format!("/v1/contexts/{id}/snapshot"),
+            "snap-agent",
+            Some(&json!({})),
+        );
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["tier"], "disk");
+    }
+    let file = |id: &str| snaps.join("smollm2").join(format!("{id}.kvctx"));
+    assert!(file(&a).exists() && file(&b).exists());
+    assert!(stop(child).success());
+
+    // B's file is damaged while the server is down.
+    let mut bytes = std::fs::read(file(&b)).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(file(&b), &bytes).unwrap();
+
+    let (child, url, _) = serve_with_config("snap", &sections, "");
+    let (held, tier) = tokens_of(&url, &a);
+    assert_eq!(tier, "disk");
+    // A continues from its snapshot: only the new turn is prefilled, answers as if whole.
+    turn(&url, &a, &mut conv_a, "What is my name?", held);
+    assert_eq!(tokens_of(&url, &a).1, "pool");
+    // B was refused at start: not listed, kept aside as .rejected, never loaded.
+    let path_b = format!("/v1/contexts/{b}");
+    assert_eq!(call(&url, &path_b, "snap-agent", None).0, 404);
+    assert!(!file(&b).exists());
+    let mut rejected = file(&b).into_os_string();
+    rejected.push(".rejected");
+    assert!(std::path::Path::new(&rejected).exists());
+
+    // A file damaged while the server runs is refused when it is loaded: a clear error, the
+    // context is gone, the server keeps serving.
+    let (s, _) = call(
+        &url,
+        &format!("/v1/contexts/{a}/snapshot"),
+        "snap-agent",
+        Some(&json!({"tier": "disk"})),
+    );
+    assert_eq!(s, 200);
+    let mut bytes = std::fs::read(file(&a)).unwrap();
+    let n = bytes.len();
+    std::fs::write(file(&a), &bytes[..n - 1000]).unwrap();
+    bytes.clear();
+    conv_a.push(json!({"role": "user", "content": "What do I like?"}));
+    let body = json!({"messages": conv_a, "max_tokens": 4, "context_id": a});
+    let (s, v) = call(&url, "/v1/chat/completions", "snap-agent", Some(&body));
+    assert_eq!(s, 500, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("could not be loaded") && msg.contains("truncated"),
+        "{msg}"
+    );
+    assert_eq!(
+        call(&url, &format!("/v1/contexts/{a}"), "snap-agent", None).0,
+        404
+    );
+    let (s, _) = call(
+        &url,
+        "/v1/chat/completions",
+        "snap-agent",
+        Some(&json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})),
+    );
+    assert_eq!(s, 200);
+    assert!(stop(child).success());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn idle_contexts_move_to_host_then_disk_under_pressure_and_come_back() {
+    // A pool of 24 blocks and room in host memory for about one context: five contexts of
+    // about 100 tokens (7 blocks) each push the oldest out of the pool, then on to disk.
+    let dir = std::env::temp_dir().join(format!("aios-tiers-{}", std::process::id()));
+    let sections = format!(
+        "[kv]\nbytes = {}\nhost_bytes = {}\nprefix_cache = false\ndisk_dir = {:?}\n",
+        24 * 16 * 23_040,
+        3_000_000,
+        dir.join("snapshots").to_str().unwrap()
+    );
+    let (child, url, _) = serve_with_config("tiers", &sections, "");
+    let topics = ["sailing", "tomatoes", "chess", "violins", "mountains"];
+    let mut convs = Vec::new();
+    for topic in topics {
+        let (_, c) = call(&url, "/v1/contexts", "snap-agent", Some(&json!({})));
+        let id = c["id"].as_str().unwrap().to_string();
+        let mut conv = vec![];
+        let text = format!(
+            "I want to learn about {topic}. {}Tell me one fact.",
+            "Please keep the answer short and simple. ".repeat(6)
+        );
+        turn(&url, &id, &mut conv, &text, 0);
+        convs.push((id, conv));
+    }
+    let tiers: Vec<String> = convs.iter().map(|(id, _)| tokens_of(&url, id).1).collect();
+    assert!(tiers.contains(&"host".to_string()), "{tiers:?}");
+    assert!(tiers.contains(&"disk".to_string()), "{tiers:?}");
+    assert_eq!(tiers.last().unwrap(), "pool", "{tiers:?}");
+    // Each comes back for its next turn, reusing its KV from whichever tier it was in.
+    for (id, conv) in convs.iter_mut() {
+        let (held, _) = tokens_of(&url, id);
+        turn(&url, id, conv, "Thank you. Another one?", held);
+    }
+    assert!(stop(child).success());
+    std::fs::remove_dir_all(dir).unwrap();
+}

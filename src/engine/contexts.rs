@@ -161,7 +161,7 @@ impl Contexts {
             for why in refused {
                 tracing::error!("{why}");
             }
-            for (meta, tokens, _, size) in good {
+            for crate::kv::snapshot::Scanned { meta, tokens, size } in good {
                 let kv = KvSeq::in_pool(pool.clone());
                 map.insert(
                     meta.id,
@@ -287,7 +287,7 @@ impl Contexts {
                         }
                         self.enforce_host_budget(&[]);
                     }
-                    Tier::Disk => self.to_disk(&id, true)?,
+                    Tier::Disk => self.move_to_disk(&id, true)?,
                 }
                 Ok(vec![Self::info(&id, &self.map[&id])])
             }
@@ -296,7 +296,7 @@ impl Contexts {
 
     /// Write context `id` to disk and free its memory. `explicit`: the client asked, so a
     /// missing or full disk tier is its error; otherwise the KV is dropped instead.
-    fn to_disk(&mut self, id: &str, explicit: bool) -> Result<(), ContextError> {
+    fn move_to_disk(&mut self, id: &str, explicit: bool) -> Result<(), ContextError> {
         let Some(store) = self.store.clone() else {
             if explicit {
                 return Err(ContextError::Unsupported(
@@ -354,7 +354,7 @@ impl Contexts {
                 .min_by_key(|(_, c)| c.last_used)
                 .map(|(id, _)| id.clone());
             let Some(id) = oldest else { return };
-            if let Err(e) = self.to_disk(&id, false) {
+            if let Err(e) = self.move_to_disk(&id, false) {
                 tracing::warn!("context {id}: {e}; its KV is dropped instead");
                 self.drop_kv(&id);
             }

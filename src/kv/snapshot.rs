@@ -130,6 +130,14 @@ pub fn file_fingerprint(path: &Path) -> Option<String> {
     Some(format!("size={size}|sum={:016x}", sum.finish()))
 }
 
+/// A snapshot found (and verified) in the store.
+pub struct Scanned {
+    pub meta: SnapshotMeta,
+    pub tokens: Vec<u32>,
+    /// File size in bytes.
+    pub size: u64,
+}
+
 /// The directory of snapshots of one model.
 pub struct DiskStore {
     dir: PathBuf,
@@ -248,7 +256,8 @@ impl DiskStore {
             return Err("checksum mismatch (the file is corrupt)".into());
         }
         let per_block = BLOCK_TOKENS * self.layout.bytes_per_token() / 2;
-        if meta.kv_len > meta.tokens || meta.data_values != meta.kv_len.div_ceil(BLOCK_TOKENS) * per_block
+        if meta.kv_len > meta.tokens
+            || meta.data_values != meta.kv_len.div_ceil(BLOCK_TOKENS) * per_block
         {
             return Err("the header's lengths do not agree with the KV layout".into());
         }
@@ -267,7 +276,7 @@ impl DiskStore {
 
     /// Every snapshot in the directory, verified. Files that fail are renamed to
     /// `<name>.rejected` (kept for inspection, never loaded) and reported with their reason.
-    pub fn scan(&self) -> (Vec<(SnapshotMeta, Vec<u32>, Vec<KvElem>, u64)>, Vec<String>) {
+    pub fn scan(&self) -> (Vec<Scanned>, Vec<String>) {
         let mut good = Vec::new();
         let mut refused = Vec::new();
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
@@ -279,11 +288,12 @@ impl DiskStore {
                 continue;
             }
             let size = e.metadata().map(|m| m.len()).unwrap_or(0);
-            let named_right = |m: &SnapshotMeta| {
-                path.file_stem().and_then(|s| s.to_str()) == Some(m.id.as_str())
-            };
+            let named_right =
+                |m: &SnapshotMeta| path.file_stem().and_then(|s| s.to_str()) == Some(m.id.as_str());
             match self.read(&path) {
-                Ok((m, t, d)) if named_right(&m) => good.push((m, t, d, size)),
+                Ok((meta, tokens, _)) if named_right(&meta) => {
+                    good.push(Scanned { meta, tokens, size })
+                }
                 Ok(_) => refused.push(self.reject(&path, "its name does not match its id")),
                 Err(why) => refused.push(self.reject(&path, &why)),
             }
@@ -328,7 +338,10 @@ mod tests {
         let tokens: Vec<u32> = (0..20).collect();
         s.write("ctx-1", "alice", 7, &tokens, 20, &data).unwrap();
         let (m, t, d) = s.read(&s.path("ctx-1")).unwrap();
-        assert_eq!((m.owner.as_str(), m.kv_len, t, d), ("alice", 20, tokens.clone(), data.clone()));
+        assert_eq!(
+            (m.owner.as_str(), m.kv_len, t, d),
+            ("alice", 20, tokens.clone(), data.clone())
+        );
 
         // Another model's store refuses it.
         let other = store(&dir, "model-b");
@@ -348,7 +361,7 @@ mod tests {
         s.write("ctx-3", "bob", 8, &tokens, 20, &data).unwrap();
         let (good, refused) = s.scan();
         assert_eq!(good.len(), 1);
-        assert_eq!(good[0].0.id, "ctx-3");
+        assert_eq!(good[0].meta.id, "ctx-3");
         assert_eq!(refused.len(), 2, "{refused:?}");
         assert!(dir.join("ctx-1.kvctx.rejected").exists());
         assert!(!s.path("ctx-1").exists());

@@ -47,6 +47,11 @@ pub fn server() -> &'static str {
                 aios::init_threads(2);
                 let mut cfg = aios::config::Config::default();
                 cfg.models[0].path = default_model_path().display().to_string();
+                // A disk tier for context snapshots, fresh for each test binary's server.
+                let snaps =
+                    std::env::temp_dir().join(format!("aios-test-kv-{}", std::process::id()));
+                let _ = std::fs::remove_dir_all(&snaps);
+                cfg.kv.disk_dir = snaps.display().to_string();
                 let state = aios::start_loading(&cfg);
                 let server = aios::api::Server::start(state, "127.0.0.1", 0, TEST_MAX_BODY)
                     .await
