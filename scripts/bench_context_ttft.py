@@ -1,11 +1,17 @@
-"""Time to first token of an agent's next turn on a context holding ~1,400 tokens, against a
-cold prefill of the same prompt (fresh random words, so no cache helps it). Against a running
-aios server:
+"""Time to first token of an agent's next turn on a context holding ~1,400 tokens, with the
+context's KV in each tier (the pool, host memory, disk), against a cold prefill of the same
+prompt (fresh random words, so no cache helps it). Against a running aios server:
 
-    python3 scripts/bench_context_ttft.py http://127.0.0.1:8000 [REPEATS]
+    python3 scripts/bench_context_ttft.py http://127.0.0.1:8000 [REPEATS] [SNAPSHOT_DIR]
+
+The disk tier needs the server's `[kv] disk_dir`. Without SNAPSHOT_DIR the snapshot is read back
+from the page cache (it was just written); give the model's subdirectory of disk_dir as
+SNAPSHOT_DIR (e.g. /tmp/snaps/smollm2) and each file is dropped from the page cache before the
+turn (posix_fadvise DONTNEED), so the figure includes reading it from the device.
 """
 
 import json
+import os
 import random
 import sys
 import time
@@ -43,22 +49,37 @@ def words(rng, n):
 def main():
     url = sys.argv[1].rstrip("/")
     repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    snap_dir = sys.argv[3] if len(sys.argv) > 3 else None
     rng = random.Random()
-    cold, warm = [], []
+    cold = []
+    tiers = {"pool": [], "host": [], "disk": []}
     for _ in range(repeats):
         history = words(rng, 1400)  # about 1,400 tokens (one token a word)
         # Cold: a prompt no cache has seen.
         cold.append(ttft(url, {"prompt": history + " Next:", "max_tokens": 1}, "bench-cold"))
-        # Warm: the same history held by a context, then the next turn.
-        history = words(rng, 1400)
-        ctx = call(url, "/v1/contexts", {})
-        call(url, "/v1/completions",
-             {"prompt": history, "max_tokens": 1, "context_id": ctx["id"]})
-        warm.append(ttft(url, {"prompt": history + " Next:", "max_tokens": 1,
-                               "context_id": ctx["id"]}, "bench-agent"))
-        call(url, "/v1/contexts/" + ctx["id"], method="DELETE")
-    c, w = sorted(cold)[len(cold) // 2], sorted(warm)[len(warm) // 2]
-    print(json.dumps({"cold_ttft_ms": c * 1e3, "context_ttft_ms": w * 1e3, "ratio": c / w}))
+        for tier, times in tiers.items():
+            # The same kind of history held by a context, moved to the tier, then the next turn.
+            history = words(rng, 1400)
+            ctx = call(url, "/v1/contexts", {})
+            call(url, "/v1/completions",
+                 {"prompt": history, "max_tokens": 1, "context_id": ctx["id"]})
+            if tier != "pool":
+                info = call(url, "/v1/contexts/%s/snapshot" % ctx["id"], {"tier": tier})
+                assert info["tier"] == tier, info
+            if tier == "disk" and snap_dir:
+                fd = os.open(os.path.join(snap_dir, ctx["id"] + ".kvctx"), os.O_RDONLY)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.close(fd)
+            times.append(ttft(url, {"prompt": history + " Next:", "max_tokens": 1,
+                                    "context_id": ctx["id"]}, "bench-agent"))
+            call(url, "/v1/contexts/" + ctx["id"], method="DELETE")
+    med = lambda xs: sorted(xs)[len(xs) // 2]
+    c = med(cold)
+    out = {"cold_ttft_ms": round(c * 1e3, 1)}
+    for tier, times in tiers.items():
+        out[tier + "_ttft_ms"] = round(med(times) * 1e3, 1)
+        out[tier + "_ratio"] = round(c / med(times), 1)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ pub struct KvSection {
     pub disk_dir: String,
     /// Most bytes of snapshots in the disk tier.
     pub disk_bytes: u64,
+    /// Pool memory committed at start (in the background) rather than on first use.
+    pub prefault_bytes: u64,
 }
 
 impl Default for KvSection {
@@ -58,6 +60,7 @@ impl Default for KvSection {
             host_bytes: 4 << 30,
             disk_dir: String::new(),
             disk_bytes: 64 << 30,
+            prefault_bytes: 1 << 30,
         }
     }
 }
@@ -122,6 +125,7 @@ impl Config {
             host_bytes: self.kv.host_bytes,
             snapshot_dir: None,
             disk_bytes: self.kv.disk_bytes,
+            prefault_bytes: self.kv.prefault_bytes,
             agent_priority: std::sync::Arc::new(
                 self.agents
                     .iter()

@@ -225,6 +225,8 @@ pub struct EngineConfig {
     pub snapshot_dir: Option<std::path::PathBuf>,
     /// Most bytes of snapshots on disk.
     pub disk_bytes: u64,
+    /// Pool memory committed at start, on a background thread (the rest on first use).
+    pub prefault_bytes: u64,
     /// Priorities of named agents, for requests without an `X-Priority` header.
     pub agent_priority: Arc<std::collections::HashMap<String, i32>>,
 }
@@ -288,6 +290,7 @@ impl Default for EngineConfig {
             host_bytes: 4 << 30,
             snapshot_dir: None,
             disk_bytes: 64 << 30,
+            prefault_bytes: 1 << 30,
             agent_priority: Default::default(),
         }
     }
@@ -303,6 +306,13 @@ pub fn spawn(model: LoadedModel, cfg: EngineConfig) -> EngineHandle {
         format,
     } = model;
     let pool = KvPool::with_bytes(llama.kv_layout(), cfg.kv.bytes() as usize);
+    if cfg.prefault_bytes > 0 {
+        let p = pool.clone();
+        let blocks = cfg.prefault_bytes as usize / p.layout().bytes_per_block();
+        let _ = std::thread::Builder::new()
+            .name("kv-prefault".into())
+            .spawn(move || p.prefault(blocks));
+    }
     // A sequence must fit the pool alone: serve at most what the pool holds.
     let mut context_length = llama.context_length();
     if pool.capacity_tokens() < context_length {

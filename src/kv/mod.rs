@@ -182,6 +182,37 @@ impl KvPool {
         }
     }
 
+    /// Commit the memory of the first `blocks` blocks now (the pool is allocated lazily: a
+    /// block's first use otherwise costs a page fault in each of its 2 × layers × heads regions,
+    /// some 30 ms for 1,400 tokens of this model, paid by whoever first writes there; the
+    /// lowest-numbered free blocks are handed out first, so these are the ones used). Safe
+    /// beside running sequences: the kernel populates pages without changing their contents.
+    /// A no-op where `MADV_POPULATE_WRITE` is unknown (Linux before 5.14, other systems).
+    pub fn prefault(&self, blocks: usize) {
+        #[cfg(target_os = "linux")]
+        {
+            let blocks = blocks.min(self.n_blocks);
+            let page = 4096usize;
+            for seg in 0..self.segs_per_block() {
+                // SAFETY: address arithmetic inside the pool's allocation.
+                let start = unsafe { self.base.add(self.seg_at(0, seg)) } as usize;
+                let end = start + blocks * self.seg_elems() * std::mem::size_of::<KvElem>();
+                let (a, b) = (start.div_ceil(page) * page, end / page * page);
+                if b > a {
+                    // SAFETY: the range lies inside the pool; populating changes no contents.
+                    let r = unsafe {
+                        libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_POPULATE_WRITE)
+                    };
+                    if r != 0 {
+                        return;
+                    }
+                }
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = blocks;
+    }
+
     pub fn free_blocks(&self) -> usize {
         self.n_blocks - self.used.load(Ordering::Acquire)
     }

@@ -106,12 +106,19 @@ impl Checksum {
     }
 }
 
-fn as_bytes(data: &[KvElem]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(data.len() * 2);
-    for v in data {
-        out.extend_from_slice(&v.to_bits().to_le_bytes());
+fn as_bytes(data: &[KvElem]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        // SAFETY: f16 is two plain bytes, stored little-endian here.
+        std::borrow::Cow::Borrowed(unsafe {
+            std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), data.len() * 2)
+        })
+    } else {
+        std::borrow::Cow::Owned(
+            data.iter()
+                .flat_map(|v| v.to_bits().to_le_bytes())
+                .collect(),
+        )
     }
-    out
 }
 
 /// Identify a model file cheaply: its size and a checksum of its first and last MiB (the
@@ -220,25 +227,31 @@ impl DiskStore {
         }
     }
 
-    /// Read and verify a snapshot: magic, fingerprint, lengths, checksum.
+    /// Read and verify a snapshot: magic, fingerprint, lengths, checksum. The KV is read
+    /// straight into its final buffer (one pass over the file, no conversion copy).
     pub fn read(&self, path: &Path) -> Result<(SnapshotMeta, Vec<u32>, Vec<KvElem>), String> {
-        let mut bytes = Vec::new();
-        File::open(path)
-            .and_then(|mut f| f.read_to_end(&mut bytes))
-            .map_err(|e| e.to_string())?;
-        if bytes.len() < 8 + 4 + 8 || &bytes[..8] != MAGIC {
-            return Err("not an aios KV snapshot (bad magic or too short)".into());
-        }
-        let body = bytes.len() - 8;
+        let mut f = File::open(path).map_err(|e| e.to_string())?;
+        let size = f.metadata().map_err(|e| e.to_string())?.len() as usize;
         let mut sum = Checksum::new();
-        sum.update(&bytes[..body]);
-        let stored = u64::from_le_bytes(bytes[body..].try_into().unwrap());
-        let hlen = u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize;
-        let header = bytes
-            .get(12..12 + hlen)
-            .ok_or("truncated (the header runs past the end)")?;
+        let mut take = |f: &mut File, buf: &mut [u8], what: &str| -> Result<(), String> {
+            f.read_exact(buf)
+                .map_err(|_| format!("truncated (the file ends inside the {what})"))?;
+            sum.update(buf);
+            Ok(())
+        };
+        let mut head = [0u8; 12];
+        take(&mut f, &mut head, "magic").map_err(|_| "not an aios KV snapshot (too short)")?;
+        if &head[..8] != MAGIC {
+            return Err("not an aios KV snapshot (bad magic)".into());
+        }
+        let hlen = u32::from_le_bytes(head[8..12].try_into().unwrap()) as usize;
+        if hlen > size {
+            return Err("truncated (the header runs past the end)".into());
+        }
+        let mut header = vec![0u8; hlen];
+        take(&mut f, &mut header, "header")?;
         let meta: SnapshotMeta =
-            serde_json::from_slice(header).map_err(|e| format!("unreadable header: {e}"))?;
+            serde_json::from_slice(&header).map_err(|e| format!("unreadable header: {e}"))?;
         if meta.fingerprint != self.fingerprint {
             return Err(format!(
                 "written for another model or KV layout ({}; this server: {})",
@@ -246,14 +259,10 @@ impl DiskStore {
             ));
         }
         let want = 12 + hlen + meta.tokens * 4 + meta.data_values * 2 + 8;
-        if bytes.len() != want {
+        if size != want {
             return Err(format!(
-                "truncated or padded: {} bytes where the header says {want}",
-                bytes.len()
+                "truncated or padded: {size} bytes where the header says {want}"
             ));
-        }
-        if sum.finish() != stored {
-            return Err("checksum mismatch (the file is corrupt)".into());
         }
         let per_block = BLOCK_TOKENS * self.layout.bytes_per_token() / 2;
         if meta.kv_len > meta.tokens
@@ -261,16 +270,29 @@ impl DiskStore {
         {
             return Err("the header's lengths do not agree with the KV layout".into());
         }
-        let mut at = 12 + hlen;
-        let tokens: Vec<u32> = bytes[at..at + meta.tokens * 4]
+        let mut tok = vec![0u8; meta.tokens * 4];
+        take(&mut f, &mut tok, "tokens")?;
+        let tokens = tok
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
             .collect();
-        at += meta.tokens * 4;
-        let data: Vec<KvElem> = bytes[at..at + meta.data_values * 2]
-            .chunks_exact(2)
-            .map(|c| KvElem::from_bits(u16::from_le_bytes([c[0], c[1]])))
-            .collect();
+        let mut data = vec![KvElem::ZERO; meta.data_values];
+        // SAFETY: f16 is two plain bytes; every bit pattern is a valid f16.
+        let raw = unsafe {
+            std::slice::from_raw_parts_mut(data.as_mut_ptr().cast::<u8>(), data.len() * 2)
+        };
+        take(&mut f, raw, "KV")?;
+        if cfg!(target_endian = "big") {
+            for v in data.iter_mut() {
+                *v = KvElem::from_bits(u16::from_le(v.to_bits()));
+            }
+        }
+        let mut stored = [0u8; 8];
+        f.read_exact(&mut stored)
+            .map_err(|_| "truncated (no checksum)".to_string())?;
+        if sum.finish() != u64::from_le_bytes(stored) {
+            return Err("checksum mismatch (the file is corrupt)".into());
+        }
         Ok((meta, tokens, data))
     }
 
