@@ -435,7 +435,13 @@ fn contexts_on_disk_survive_a_restart_and_corrupt_snapshots_are_refused() {
     }
     let file = |id: &str| snaps.join("smollm2").join(format!("{id}.kvctx"));
     assert!(file(&a).exists() && file(&b).exists());
+    // C stays in the pool: a clean stop (SIGTERM) writes it out.
+    let c = new_ctx(&url);
+    let mut conv_c = vec![];
+    turn(&url, &c, &mut conv_c, "Remember the number 42.", 0);
+    assert_eq!(tokens_of(&url, &c).1, "pool");
     assert!(stop(child).success());
+    assert!(file(&c).exists());
 
     // B's file is damaged while the server is down.
     let mut bytes = std::fs::read(file(&b)).unwrap();
@@ -449,6 +455,9 @@ fn contexts_on_disk_survive_a_restart_and_corrupt_snapshots_are_refused() {
     // A continues from its snapshot: only the new turn is prefilled, answers as if whole.
     turn(&url, &a, &mut conv_a, "What is my name?", held);
     assert_eq!(tokens_of(&url, &a).1, "pool");
+    let (held, tier) = tokens_of(&url, &c);
+    assert_eq!(tier, "disk");
+    turn(&url, &c, &mut conv_c, "Which number?", held);
     // B was refused at start: not listed, kept aside as .rejected, never loaded.
     let path_b = format!("/v1/contexts/{b}");
     assert_eq!(call(&url, &path_b, "snap-agent", None).0, 404);

@@ -237,7 +237,8 @@ fn unsupported_or_malformed_formats_are_400s_naming_the_problem() {
     let chat = |rf: Value| {
         post(
             "/v1/chat/completions",
-            &json!({"messages": [{"role": "user", "content": "hi"}], "response_format": rf}),
+            &json!({"messages": [{"role": "user", "content": "hi"}], "response_format": rf,
+                    "max_tokens": 8}),
         )
     };
     let (s, v) = chat(json!({"type": "json_schema", "json_schema": {"name": "x",

@@ -234,11 +234,25 @@ impl Server {
         })
     }
 
-    /// Stop accepting connections and wait for open ones to finish.
+    /// Stop accepting connections, wait for open ones to finish, then write every context
+    /// still in memory to the disk tier (where there is one), so it survives the restart.
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
         let _ = (&mut self.task).await;
+        for m in &self.state.models {
+            let engine = match &*m.state.read().unwrap_or_else(|p| p.into_inner()) {
+                SlotState::Ready(h) => h.clone(),
+                _ => continue,
+            };
+            match engine.context(crate::engine::ContextOp::PersistAll).await {
+                Ok(saved) if !saved.is_empty() => {
+                    tracing::info!("model '{}': {} contexts saved to disk", m.name, saved.len())
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!("model '{}': contexts not saved: {e}", m.name),
+            }
+        }
     }
 }

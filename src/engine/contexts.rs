@@ -86,6 +86,9 @@ pub enum ContextOp {
         owner: String,
         tier: Tier,
     },
+    /// Write every context that is not on disk yet to disk (the server is stopping); returns
+    /// those written. Nothing without a disk tier.
+    PersistAll,
 }
 
 pub(super) struct Context {
@@ -276,6 +279,25 @@ impl Contexts {
                     }
                 }
                 Ok(vec![Self::info(&id, &c)])
+            }
+            ContextOp::PersistAll => {
+                if self.store.is_none() {
+                    return Ok(Vec::new());
+                }
+                let ids: Vec<String> = self
+                    .map
+                    .iter()
+                    .filter(|(_, c)| c.on_disk.is_none() && !c.tokens.is_empty())
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                let mut out = Vec::new();
+                for id in ids {
+                    match self.move_to_disk(&id, true) {
+                        Ok(()) => out.push(Self::info(&id, &self.map[&id])),
+                        Err(e) => tracing::error!("context {id} not saved: {e}"),
+                    }
+                }
+                Ok(out)
             }
             ContextOp::Snapshot { id, owner, tier } => {
                 self.owned(&id, &owner)?;
