@@ -1,9 +1,10 @@
 """32 agents in multi-turn chats that share a ~500-token system prompt, all at once, against a
 running server: served output tokens/s, mean and p99 time to first token, and prompt tokens
 served from cache. Run it against aios with `[kv] prefix_cache = true` (the default) and
-`false` to see what the prefix cache gives.
+`false` to see what the prefix cache gives; with `--contexts` each agent also keeps its
+conversation in a context of its own (`context_id`), so a turn reuses its own history too.
 
-    python3 scripts/bench_shared_prompt.py http://127.0.0.1:8000 [AGENTS] [TURNS]
+    python3 scripts/bench_shared_prompt.py http://127.0.0.1:8000 [AGENTS] [TURNS] [--contexts]
 """
 
 import json
@@ -16,9 +17,19 @@ import urllib.request
 WORDS = "river stone cloud market engine garden letter window silver orange quiet number".split()
 
 
-def chat(url, agent, messages, max_tokens):
+def create_context(url, agent):
+    req = urllib.request.Request(url + "/v1/contexts", data=b"{}")
+    req.add_header("Content-Type", "application/json")
+    req.add_header("X-Agent-Id", agent)
+    with urllib.request.urlopen(req) as r:
+        return json.loads(r.read())["id"]
+
+
+def chat(url, agent, messages, max_tokens, context=None):
     body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    if context:
+        body["context_id"] = context
     req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode())
     req.add_header("Content-Type", "application/json")
     req.add_header("X-Agent-Id", agent)
@@ -41,9 +52,11 @@ def chat(url, agent, messages, max_tokens):
 
 
 def main():
-    url = sys.argv[1].rstrip("/")
-    agents = int(sys.argv[2]) if len(sys.argv) > 2 else 32
-    turns = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+    use_contexts = "--contexts" in sys.argv
+    args = [a for a in sys.argv[1:] if a != "--contexts"]
+    url = args[0].rstrip("/")
+    agents = int(args[1]) if len(args) > 1 else 32
+    turns = int(args[2]) if len(args) > 2 else 3
     rng = random.Random()
     system = "You are a helpful agent. Background: " + " ".join(
         rng.choice(WORDS) for _ in range(490))
@@ -52,10 +65,11 @@ def main():
 
     def agent(i):
         messages = [{"role": "system", "content": system}]
+        ctx = create_context(url, f"agent-{i}") if use_contexts else None
         for t in range(turns):
             messages.append({"role": "user", "content": f"Agent {i}, turn {t}: "
                              + " ".join(rng.choice(WORDS) for _ in range(20))})
-            first, text, usage = chat(url, f"agent-{i}", messages, 32)
+            first, text, usage = chat(url, f"agent-{i}", messages, 32, ctx)
             messages.append({"role": "assistant", "content": text})
             with lock:
                 ttfts.append(first)
@@ -72,7 +86,7 @@ def main():
     wall = time.perf_counter() - t0
     ttfts.sort()
     print(json.dumps({
-        "agents": agents, "turns": turns, "wall_s": wall,
+        "agents": agents, "turns": turns, "contexts": use_contexts, "wall_s": wall,
         "output_tok_s": outputs[0] / wall,
         "ttft_mean_ms": 1e3 * sum(ttfts) / len(ttfts),
         "ttft_p99_ms": 1e3 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],

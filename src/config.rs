@@ -7,6 +7,8 @@ use serde::Deserialize;
 
 /// The default model: SmolLM2-135M-Instruct (Q4_1), fetched by `scripts/fetch-model.sh`.
 pub const DEFAULT_MODEL_PATH: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+/// The default embedding model: all-MiniLM-L6-v2, fetched by `scripts/fetch-model.sh`.
+pub const DEFAULT_EMBEDDING_PATH: &str = "models/all-MiniLM-L6-v2";
 pub const DEFAULT_MODEL_NAME: &str = "smollm2";
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -18,6 +20,26 @@ pub struct Config {
     /// Named agents: `[agents.NAME] priority = N`.
     pub agents: std::collections::BTreeMap<String, AgentConfig>,
     pub models: Vec<ModelConfig>,
+    pub embeddings: EmbeddingsSection,
+}
+
+/// The model behind `/v1/embeddings`: a sentence-transformers folder (BERT).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddingsSection {
+    /// The name clients use in `"model"`.
+    pub name: String,
+    /// The model folder; empty turns embeddings off.
+    pub path: String,
+}
+
+impl Default for EmbeddingsSection {
+    fn default() -> Self {
+        Self {
+            name: "all-minilm-l6-v2".into(),
+            path: DEFAULT_EMBEDDING_PATH.into(),
+        }
+    }
 }
 
 /// What the configuration says of one agent (the `X-Agent-Id` it sends).
@@ -202,6 +224,7 @@ impl Default for Config {
                 DEFAULT_MODEL_NAME,
                 DEFAULT_MODEL_PATH,
             )],
+            embeddings: EmbeddingsSection::default(),
         }
     }
 }

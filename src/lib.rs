@@ -8,6 +8,7 @@ pub mod api;
 pub mod bench;
 pub mod config;
 pub mod devices;
+pub mod embed;
 pub mod engine;
 pub mod kv;
 pub mod model;
@@ -66,7 +67,13 @@ pub fn load_configured(m: &ModelConfig) -> Result<LoadedModel, String> {
 /// 503 until they are ready.
 pub fn start_loading(cfg: &Config) -> Arc<AppState> {
     let created = api::unix_now();
+    let embeddings_on = !cfg.embeddings.path.is_empty();
     let state = Arc::new(AppState {
+        embeddings: RwLock::new(if embeddings_on {
+            api::EmbedSlot::Loading
+        } else {
+            api::EmbedSlot::Off
+        }),
         models: cfg
             .models
             .iter()
@@ -78,6 +85,23 @@ pub fn start_loading(cfg: &Config) -> Arc<AppState> {
             })
             .collect(),
     });
+    if embeddings_on {
+        let (state, e) = (state.clone(), cfg.embeddings.clone());
+        std::thread::spawn(move || {
+            let dir = std::path::Path::new(&e.path);
+            let next = match embed::Embedder::load(dir, &e.name) {
+                Ok(m) => {
+                    tracing::info!("embedding model '{}' ready: {}", e.name, e.path);
+                    api::EmbedSlot::Ready(Arc::new(m))
+                }
+                Err(why) => {
+                    tracing::warn!("embedding model '{}' not loaded: {why}", e.name);
+                    api::EmbedSlot::Failed(why)
+                }
+            };
+            *state.embeddings.write().unwrap_or_else(|p| p.into_inner()) = next;
+        });
+    }
     let engine_cfg = cfg.engine_config();
     for (i, m) in cfg.models.iter().cloned().enumerate() {
         let state = state.clone();

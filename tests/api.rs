@@ -413,6 +413,7 @@ fn a_model_still_loading_gives_503_and_health_says_so() {
             created: 0,
             state: std::sync::RwLock::new(SlotState::Loading),
         }],
+        embeddings: std::sync::RwLock::new(aios::api::EmbedSlot::Off),
     });
     let server = rt
         .block_on(Server::start(state, "127.0.0.1", 0, 1 << 16))
@@ -683,4 +684,124 @@ fn a_conversation_continues_the_same_after_its_context_went_to_host_memory_and_t
     );
     assert_eq!(s, 400, "{v}");
     assert_eq!(as_agent(Method::DELETE, &path, agent, None).0, 200);
+}
+
+/// Embeddings from the server, as floats.
+fn embed(input: Value) -> (u16, Value) {
+    post(
+        "/v1/embeddings",
+        &json!({"input": input, "model": "all-minilm-l6-v2"}),
+    )
+}
+
+fn vectors(v: &Value) -> Vec<Vec<f32>> {
+    v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            d["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[test]
+fn embeddings_match_sentence_transformers_all_minilm_l6_v2() {
+    // The similarities sentence-transformers documents for this model and these sentences.
+    let (s, v) = embed(json!([
+        "The weather is lovely today.",
+        "It's so sunny outside!",
+        "He drove to the stadium."
+    ]));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["model"], "all-minilm-l6-v2");
+    let e = vectors(&v);
+    assert_eq!(e.len(), 3);
+    for x in &e {
+        assert_eq!(x.len(), 384);
+        assert!((cosine(x, x) - 1.0).abs() < 1e-4);
+    }
+    for (got, want) in [
+        (cosine(&e[0], &e[1]), 0.6660),
+        (cosine(&e[0], &e[2]), 0.1046),
+        (cosine(&e[1], &e[2]), 0.1411),
+    ] {
+        assert!(
+            (got - want).abs() < 0.002,
+            "similarity {got}, sentence-transformers {want}"
+        );
+    }
+    assert_eq!(v["usage"]["prompt_tokens"], v["usage"]["total_tokens"]);
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 15);
+    // One input alone (no padding) gives what it gives in the padded batch.
+    let (_, one) = embed(json!("He drove to the stadium."));
+    let single = &vectors(&one)[0];
+    assert!(single.iter().zip(&e[2]).all(|(a, b)| (a - b).abs() < 1e-4));
+    // base64: the same floats, little-endian.
+    let (s, b64) = post(
+        "/v1/embeddings",
+        &json!({"input": "He drove to the stadium.", "encoding_format": "base64"}),
+    );
+    assert_eq!(s, 200, "{b64}");
+    let text = b64["data"][0]["embedding"].as_str().unwrap();
+    assert_eq!(text.len(), (384 * 4_usize).div_ceil(3) * 4, "{text}");
+    let decoded = decode_base64(text);
+    let floats: Vec<f32> = decoded
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(floats, *single);
+}
+
+fn decode_base64(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {c}"),
+    } as u32;
+    let mut out = Vec::new();
+    for chunk in s.as_bytes().chunks(4) {
+        let pad = chunk.iter().filter(|&&c| c == b'=').count();
+        let n = chunk
+            .iter()
+            .map(|&c| if c == b'=' { 0 } else { val(c) })
+            .fold(0u32, |acc, x| acc << 6 | x);
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&bytes[..3 - pad]);
+    }
+    out
+}
+
+#[test]
+fn bad_embedding_requests_are_clear_errors() {
+    for (body, status, needle) in [
+        (json!({"input": []}), 400, "empty"),
+        (json!({"input": [1, 2, 3]}), 400, "token ids"),
+        (json!({"input": 5}), 400, "string"),
+        (json!({}), 400, "required"),
+        (json!({"input": "x", "model": "nope"}), 404, "nope"),
+        (json!({"input": "x", "dimensions": 128}), 400, "384"),
+        (json!({"input": "x", "encoding_format": "hex"}), 400, "hex"),
+        (json!({"input": "word ".repeat(300)}), 400, "at most 256"),
+    ] {
+        let (s, v) = post("/v1/embeddings", &body);
+        assert_eq!(s, status, "{body}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(needle), "{body}: {msg}");
+    }
+    let (s, _) = embed(json!("still serving"));
+    assert_eq!(s, 200);
 }

@@ -4,6 +4,7 @@
 mod chat;
 mod completions;
 mod contexts;
+mod embeddings;
 pub mod error;
 mod generate;
 mod params;
@@ -42,6 +43,16 @@ pub enum SlotState {
 pub struct AppState {
     /// The first model is the default one.
     pub models: Vec<ModelSlot>,
+    /// The embedding model, loading in the background like the others.
+    pub embeddings: RwLock<EmbedSlot>,
+}
+
+/// Where the embedding model stands.
+pub enum EmbedSlot {
+    Off,
+    Loading,
+    Ready(Arc<crate::embed::Embedder>),
+    Failed(String),
 }
 
 impl AppState {
@@ -85,6 +96,7 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         )
         .route("/v1/contexts/{id}/fork", post(contexts::fork))
         .route("/v1/contexts/{id}/snapshot", post(contexts::snapshot))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::map_response(json_errors))

@@ -52,6 +52,8 @@ pub fn server() -> &'static str {
                     std::env::temp_dir().join(format!("aios-test-kv-{}", std::process::id()));
                 let _ = std::fs::remove_dir_all(&snaps);
                 cfg.kv.disk_dir = snaps.display().to_string();
+                cfg.embeddings.path =
+                    concat!(env!("CARGO_MANIFEST_DIR"), "/models/all-MiniLM-L6-v2").into();
                 let state = aios::start_loading(&cfg);
                 let server = aios::api::Server::start(state, "127.0.0.1", 0, TEST_MAX_BODY)
                     .await

@@ -140,6 +140,21 @@ try:
     parsed = r.choices[0].message.parsed
     check("client.chat.completions.parse gives a pydantic object", isinstance(parsed, Place), r)
 
+    # Embeddings.
+    e = client.embeddings.create(model="all-minilm-l6-v2",
+                                 input=["The weather is lovely today.", "It's so sunny outside!"])
+    a, b = e.data[0].embedding, e.data[1].embedding
+    sim = sum(x * y for x, y in zip(a, b))
+    check("embeddings: 384 dims, sentence-transformers similarity", len(a) == 384
+          and abs(sim - 0.6660) < 0.002, (len(a), sim))
+    e64 = client.embeddings.create(model="all-minilm-l6-v2", input="The weather is lovely today.",
+                                   encoding_format="base64")
+    import base64, struct
+    raw = e64.data[0].embedding
+    floats = list(struct.unpack("<384f", base64.b64decode(raw))) if isinstance(raw, str) else raw
+    check("embeddings: base64 decodes to the same vector",
+          max(abs(x - y) for x, y in zip(floats, a)) < 1e-5, raw[:20])
+
     try:
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
         check("unknown model raises NotFoundError", False)
