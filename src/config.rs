@@ -21,6 +21,23 @@ pub struct Config {
     pub agents: std::collections::BTreeMap<String, AgentConfig>,
     pub models: Vec<ModelConfig>,
     pub embeddings: EmbeddingsSection,
+    pub memory: MemorySection,
+}
+
+/// Per-agent long-term memory (`/v1/memories`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemorySection {
+    /// The SQLite file; empty turns memory off.
+    pub path: String,
+}
+
+impl Default for MemorySection {
+    fn default() -> Self {
+        Self {
+            path: "data/memory.sqlite".into(),
+        }
+    }
 }
 
 /// The model behind `/v1/embeddings`: a sentence-transformers folder (BERT).
@@ -225,6 +242,7 @@ impl Default for Config {
                 DEFAULT_MODEL_PATH,
             )],
             embeddings: EmbeddingsSection::default(),
+            memory: MemorySection::default(),
         }
     }
 }

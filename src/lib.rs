@@ -11,6 +11,7 @@ pub mod devices;
 pub mod embed;
 pub mod engine;
 pub mod kv;
+pub mod memory;
 pub mod model;
 pub mod ops;
 
@@ -68,7 +69,19 @@ pub fn load_configured(m: &ModelConfig) -> Result<LoadedModel, String> {
 pub fn start_loading(cfg: &Config) -> Arc<AppState> {
     let created = api::unix_now();
     let embeddings_on = !cfg.embeddings.path.is_empty();
+    let memory = if cfg.memory.path.is_empty() {
+        None
+    } else {
+        match memory::MemoryStore::open(std::path::Path::new(&cfg.memory.path)) {
+            Ok(m) => Some(Arc::new(m)),
+            Err(e) => {
+                tracing::error!("long-term memory is off: {e}");
+                None
+            }
+        }
+    };
     let state = Arc::new(AppState {
+        memory,
         embeddings: RwLock::new(if embeddings_on {
             api::EmbedSlot::Loading
         } else {

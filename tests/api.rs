@@ -414,6 +414,7 @@ fn a_model_still_loading_gives_503_and_health_says_so() {
             state: std::sync::RwLock::new(SlotState::Loading),
         }],
         embeddings: std::sync::RwLock::new(aios::api::EmbedSlot::Off),
+        memory: None,
     });
     let server = rt
         .block_on(Server::start(state, "127.0.0.1", 0, 1 << 16))
@@ -804,4 +805,114 @@ fn bad_embedding_requests_are_clear_errors() {
     }
     let (s, _) = embed(json!("still serving"));
     assert_eq!(s, 200);
+}
+
+#[test]
+fn memories_are_searched_by_meaning_and_private_to_their_agent() {
+    use reqwest::Method;
+    let me = "memory-agent";
+    let add = |content: &str, meta: Value| {
+        let (s, v) = as_agent(
+            Method::POST,
+            "/v1/memories",
+            me,
+            Some(&json!({"content": content, "metadata": meta})),
+        );
+        assert_eq!(s, 200, "{v}");
+        v["id"].as_str().unwrap().to_string()
+    };
+    let weather = add(
+        "The forecast says heavy rain and storms tomorrow.",
+        json!({"kind": "weather"}),
+    );
+    let boat = add("I keep a small sailing boat in the harbour.", json!({}));
+    let tea = add("My favourite drink is green tea.", json!({}));
+    let search = |agent: &str, q: &str| {
+        let (s, v) = as_agent(
+            Method::POST,
+            "/v1/memories/search",
+            agent,
+            Some(&json!({"query": q, "k": 3})),
+        );
+        assert_eq!(s, 200, "{v}");
+        v["data"].as_array().unwrap().clone()
+    };
+    let hits = search(me, "Will it rain?");
+    assert_eq!(hits.len(), 3);
+    assert_eq!(hits[0]["id"], weather.as_str());
+    assert_eq!(hits[0]["metadata"]["kind"], "weather");
+    let scores: Vec<f64> = hits.iter().map(|h| h["score"].as_f64().unwrap()).collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
+    assert_eq!(
+        search(me, "What do I like to drink?")[0]["id"],
+        tea.as_str()
+    );
+
+    // Another agent sees none of it and can change none of it.
+    let other = "memory-intruder";
+    assert!(search(other, "Will it rain?").is_empty());
+    let path = format!("/v1/memories/{weather}");
+    assert_eq!(as_agent(Method::GET, &path, other, None).0, 404);
+    assert_eq!(as_agent(Method::DELETE, &path, other, None).0, 404);
+    let patch = |agent: &str, body: Value| {
+        common::client()
+            .patch(format!("{}/v1/memories/{boat}", server()))
+            .header("X-Agent-Id", agent)
+            .json(&body)
+            .send()
+            .unwrap()
+    };
+    assert_eq!(patch(other, json!({"content": "hacked"})).status(), 404);
+    assert_eq!(
+        as_agent(Method::GET, "/v1/memories", other, None).1["data"],
+        json!([])
+    );
+
+    // New content is embedded again: the memory is now found by its new meaning.
+    let r = patch(
+        me,
+        json!({"content": "I play the violin every evening.", "metadata": {"v": 2}}),
+    );
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        search(me, "Which musical instrument?")[0]["id"],
+        boat.as_str()
+    );
+    let (_, got) = as_agent(Method::GET, &format!("/v1/memories/{boat}"), me, None);
+    assert_eq!(got["content"], "I play the violin every evening.");
+    assert_eq!(got["metadata"], json!({"v": 2}));
+
+    assert_eq!(
+        as_agent(Method::GET, "/v1/memories", me, None).1["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(as_agent(Method::DELETE, &path, me, None).0, 200);
+    assert_eq!(as_agent(Method::GET, &path, me, None).0, 404);
+    assert_eq!(
+        as_agent(Method::GET, "/v1/memories", me, None).1["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    for (body, needle) in [
+        (json!({"content": "  "}), "empty"),
+        (json!({}), "required"),
+        (json!({"content": "x", "metadata": [1]}), "object"),
+    ] {
+        let (s, v) = as_agent(Method::POST, "/v1/memories", me, Some(&body));
+        assert_eq!(s, 400, "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(needle));
+    }
+    let (s, _) = as_agent(
+        Method::POST,
+        "/v1/memories/search",
+        me,
+        Some(&json!({"k": 2})),
+    );
+    assert_eq!(s, 400);
 }

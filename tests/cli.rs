@@ -540,3 +540,45 @@ fn idle_contexts_move_to_host_then_disk_under_pressure_and_come_back() {
     assert!(stop(child).success());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn memories_survive_a_restart() {
+    let dir = std::env::temp_dir().join(format!("aios-mem-{}", std::process::id()));
+    let sections = format!(
+        "[memory]\npath = {:?}\n\n[embeddings]\npath = {:?}\n",
+        dir.join("memory.sqlite").to_str().unwrap(),
+        concat!(env!("CARGO_MANIFEST_DIR"), "/models/all-MiniLM-L6-v2")
+    );
+    let (child, url, _) = serve_with_config("mem", &sections, "");
+    // The embedding model loads beside the chat model: wait for it.
+    let mut added = None;
+    for _ in 0..200 {
+        let (s, v) = call(
+            &url,
+            "/v1/memories",
+            "mem-agent",
+            Some(&json!({"content": "The spare key is under the blue flowerpot."})),
+        );
+        if s == 200 {
+            added = Some(v);
+            break;
+        }
+        assert_eq!(s, 503, "{v}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let id = added.expect("the embedding model never loaded")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(stop(child).success());
+    let (child, url, _) = serve_with_config("mem", &sections, "");
+    let (s, v) = call(&url, &format!("/v1/memories/{id}"), "mem-agent", None);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["content"], "The spare key is under the blue flowerpot.");
+    assert_eq!(
+        call(&url, &format!("/v1/memories/{id}"), "someone-else", None).0,
+        404
+    );
+    assert!(stop(child).success());
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -14,6 +14,54 @@ use super::{AppState, EmbedSlot};
 /// Most inputs in one request (as OpenAI allows).
 const MAX_INPUTS: usize = 2048;
 
+/// The embedding model when it is ready; `None` when embeddings are off.
+pub(super) fn embedder(state: &AppState) -> Result<Arc<crate::embed::Embedder>, Option<ApiError>> {
+    match &*state.embeddings.read().unwrap_or_else(|p| p.into_inner()) {
+        EmbedSlot::Ready(m) => Ok(m.clone()),
+        EmbedSlot::Loading => Err(Some(ApiError::unavailable(
+            "the embedding model is still loading; retry shortly",
+        ))),
+        EmbedSlot::Failed(why) => Err(Some(ApiError::unavailable(format!(
+            "the embedding model failed to load: {why} (scripts/fetch-model.sh fetches it)"
+        )))),
+        EmbedSlot::Off => Err(None),
+    }
+}
+
+/// The embedding of one text (on a blocking worker), refused when too long.
+pub(super) async fn embed_one(
+    state: &AppState,
+    text: &str,
+    param: &str,
+) -> Result<Vec<f32>, ApiError> {
+    let m = embedder(state).map_err(|e| {
+        e.unwrap_or_else(|| {
+            ApiError::unavailable("no embedding model is configured ([embeddings] path)")
+        })
+    })?;
+    let (text, param) = (text.to_string(), param.to_string());
+    tokio::task::spawn_blocking(move || {
+        let ids = m
+            .tokenize(std::slice::from_ref(&text))
+            .map_err(ApiError::internal)?;
+        if ids[0].len() > m.max_tokens {
+            return Err(ApiError::param(
+                &param,
+                format!(
+                    "{param} is {} tokens; {} takes at most {}",
+                    ids[0].len(),
+                    m.name,
+                    m.max_tokens
+                ),
+            ));
+        }
+        let mut v = m.embed(&ids).map_err(ApiError::internal)?;
+        Ok(v.remove(0))
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+}
+
 pub async fn embeddings(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     match run(&state, &body).await {
         Ok(v) => axum::Json(v).into_response(),
@@ -23,24 +71,10 @@ pub async fn embeddings(State(state): State<Arc<AppState>>, body: Bytes) -> Resp
 
 async fn run(state: &AppState, bytes: &[u8]) -> Result<Value, ApiError> {
     let b = Body::parse(bytes)?;
-    let model = match &*state.embeddings.read().unwrap_or_else(|p| p.into_inner()) {
-        EmbedSlot::Ready(m) => m.clone(),
-        EmbedSlot::Loading => {
-            return Err(ApiError::unavailable(
-                "the embedding model is still loading; retry shortly",
-            ))
-        }
-        EmbedSlot::Failed(why) => {
-            return Err(ApiError::unavailable(format!(
-                "the embedding model failed to load: {why} (scripts/fetch-model.sh fetches it)"
-            )))
-        }
-        EmbedSlot::Off => {
-            return Err(ApiError::model_not_found(
-                b.string("model")?.unwrap_or("embeddings"),
-            ))
-        }
-    };
+    let model = embedder(state).map_err(|e| match e {
+        None => ApiError::model_not_found(b.string("model").ok().flatten().unwrap_or("embeddings")),
+        Some(e) => e,
+    })?;
     if let Some(name) = b.string("model")? {
         if name != model.name {
             return Err(ApiError::model_not_found(name));

@@ -7,6 +7,7 @@ mod contexts;
 mod embeddings;
 pub mod error;
 mod generate;
+mod memories;
 mod params;
 mod structured;
 
@@ -45,6 +46,8 @@ pub struct AppState {
     pub models: Vec<ModelSlot>,
     /// The embedding model, loading in the background like the others.
     pub embeddings: RwLock<EmbedSlot>,
+    /// Long-term memory; None when off.
+    pub memory: Option<Arc<crate::memory::MemoryStore>>,
 }
 
 /// Where the embedding model stands.
@@ -97,6 +100,14 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/v1/contexts/{id}/fork", post(contexts::fork))
         .route("/v1/contexts/{id}/snapshot", post(contexts::snapshot))
         .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/v1/memories", post(memories::create).get(memories::list))
+        .route("/v1/memories/search", post(memories::search_route))
+        .route(
+            "/v1/memories/{id}",
+            get(memories::get)
+                .patch(memories::patch)
+                .delete(memories::delete),
+        )
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::map_response(json_errors))
