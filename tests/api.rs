@@ -916,3 +916,199 @@ fn memories_are_searched_by_meaning_and_private_to_their_agent() {
     );
     assert_eq!(s, 400);
 }
+
+fn aios_query(agent: &str, query_type: &str, data: Value) -> Value {
+    let (s, v) = post(
+        "/query",
+        &json!({"query_type": query_type, "agent_name": agent, "query_data": data}),
+    );
+    assert_eq!(s, 200, "{v}");
+    v
+}
+
+#[test]
+fn cerebrum_agents_run_through_query() {
+    let (s, list) = {
+        let r = common::client()
+            .get(format!("{}/core/llms/list", server()))
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().unwrap())
+    };
+    assert_eq!(s, 200);
+    assert_eq!(list["status"], "success");
+    assert_eq!(list["llms"][0]["name"], "smollm2");
+
+    // The current SDK's shape: a preference list whose first entry we do not serve.
+    let question = json!([{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]);
+    let v = aios_query(
+        "demo/writer",
+        "llm",
+        json!({
+            "query_class": "llm", "llms": [{"name": "gpt-9", "backend": "openai"}, {"name": "smollm2", "backend": "aios"}],
+            "messages": question, "tools": null, "action_type": "chat", "temperature": 0,
+            "max_new_tokens": 24, "message_return_type": "text", "response_format": null,
+        }),
+    );
+    let r = &v["response"];
+    assert_eq!(r["response_class"], "llm");
+    assert_eq!(r["status_code"], 200);
+    assert_eq!(r["finished"], true);
+    assert!(r["error"].is_null());
+    assert!(
+        r["response_message"].as_str().unwrap().contains("Paris"),
+        "{v}"
+    );
+    let (t0, t1) = (
+        v["start_times"][0].as_f64().unwrap(),
+        v["end_times"][0].as_f64().unwrap(),
+    );
+    assert!(t1 >= t0 && t0 > 1.7e9);
+    assert!(v["turnaround_times"][0].as_f64().unwrap() >= 0.0);
+
+    // The older shape: messages only.
+    let v = aios_query(
+        "demo/writer",
+        "llm",
+        json!({"messages": question, "action_type": "chat"}),
+    );
+    assert_eq!(v["response"]["status_code"], 200, "{v}");
+
+    // JSON mode parses.
+    let v = aios_query(
+        "demo/writer",
+        "llm",
+        json!({
+            "messages": [{"role": "user", "content": "Give the capital of France as a JSON object with one key, \"capital\"."}],
+            "action_type": "chat_with_json_output", "temperature": 0, "max_new_tokens": 60,
+        }),
+    );
+    let text = v["response"]["response_message"].as_str().unwrap();
+    assert!(
+        serde_json::from_str::<Value>(text).unwrap().is_object(),
+        "{text}"
+    );
+
+    // A tool whose name has a '/': the reply names it as the agent did.
+    let v = aios_query(
+        "demo/writer",
+        "llm",
+        json!({
+            "messages": [{"role": "user", "content": "What is the weather like in Paris today?"}],
+            "tools": [{"type": "function", "function": {"name": "demo_author/get_weather",
+                "description": "Get the current weather in a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+                               "required": ["city"], "additionalProperties": false}}}],
+            "action_type": "chat_with_tool_call_output", "temperature": 0, "max_new_tokens": 60,
+        }),
+    );
+    let call = &v["response"]["tool_calls"][0];
+    assert_eq!(call["name"], "demo_author/get_weather", "{v}");
+    assert!(call["parameters"]["city"].is_string());
+    assert!(call["id"].is_string());
+
+    // What this kernel does not run: the envelope with a 501 inside, never a crash.
+    let v = aios_query(
+        "demo/writer",
+        "llm",
+        json!({"messages": question, "action_type": "call_tool"}),
+    );
+    assert_eq!(v["response"]["status_code"], 501);
+    assert!(v["response"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("call_tool"));
+    for kind in ["storage", "tool"] {
+        let v = aios_query("demo/writer", kind, json!({}));
+        assert_eq!(v["response"]["status_code"], 501, "{v}");
+    }
+    // A model error comes back in the envelope with its status.
+    let v = aios_query(
+        "demo/writer",
+        "llm",
+        json!({"messages": [], "action_type": "chat"}),
+    );
+    assert_eq!(v["response"]["status_code"], 400, "{v}");
+    assert!(v["response"]["error"].is_string());
+    // A malformed envelope is a 400.
+    let (s, _) = post("/query", &json!({"query_type": "llm", "query_data": {}}));
+    assert_eq!(s, 400);
+}
+
+#[test]
+fn cerebrum_memory_queries_are_per_agent() {
+    let add = aios_query(
+        "mem/one",
+        "memory",
+        json!({"operation_type": "add_memory",
+        "params": {"content": "The meeting with Dana moved to Friday at noon.", "metadata": {"src": "email"}}}),
+    );
+    let r = &add["response"];
+    assert_eq!(r["response_class"], "memory");
+    assert_eq!(r["success"], true, "{add}");
+    let id = r["memory_id"].as_str().unwrap().to_string();
+    aios_query(
+        "mem/one",
+        "memory",
+        json!({"operation_type": "add_memory",
+        "params": {"content": "Buy oat milk and bread."}}),
+    );
+    let found = aios_query(
+        "mem/one",
+        "memory",
+        json!({"operation_type": "retrieve_memory",
+        "params": {"content": "When is the meeting?", "k": 2}}),
+    );
+    let hits = found["response"]["search_results"].as_array().unwrap();
+    assert_eq!(hits.len(), 2);
+    assert_eq!(hits[0]["memory_id"], id.as_str());
+    let got = aios_query(
+        "mem/one",
+        "memory",
+        json!({"operation_type": "get_memory", "params": {"memory_id": id}}),
+    );
+    assert_eq!(got["response"]["metadata"]["src"], "email");
+    // Another agent: nothing to read, find or remove.
+    let other = aios_query(
+        "mem/two",
+        "memory",
+        json!({"operation_type": "get_memory", "params": {"memory_id": id}}),
+    );
+    assert_eq!(other["response"]["success"], false);
+    let none = aios_query(
+        "mem/two",
+        "memory",
+        json!({"operation_type": "retrieve_memory",
+        "params": {"content": "When is the meeting?", "k": 2}}),
+    );
+    assert_eq!(none["response"]["search_results"], json!([]));
+    let rm = aios_query(
+        "mem/two",
+        "memory",
+        json!({"operation_type": "remove_memory", "params": {"memory_id": id}}),
+    );
+    assert_eq!(rm["response"]["success"], false);
+    // Its owner updates and removes it.
+    let up = aios_query(
+        "mem/one",
+        "memory",
+        json!({"operation_type": "update_memory",
+        "params": {"memory_id": id, "content": "The meeting with Dana is cancelled."}}),
+    );
+    assert_eq!(
+        up["response"]["content"],
+        "The meeting with Dana is cancelled."
+    );
+    let rm = aios_query(
+        "mem/one",
+        "memory",
+        json!({"operation_type": "remove_memory", "params": {"memory_id": id}}),
+    );
+    assert_eq!(rm["response"]["success"], true);
+    let bad = aios_query(
+        "mem/one",
+        "memory",
+        json!({"operation_type": "forget_everything"}),
+    );
+    assert_eq!(bad["response"]["success"], false);
+}

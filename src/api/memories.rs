@@ -143,6 +143,17 @@ pub async fn get(
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
 
+/// One of `agent`'s memories, if it exists.
+pub(super) async fn get_one(
+    state: &AppState,
+    agent: &str,
+    id: &str,
+) -> Result<Option<Memory>, ApiError> {
+    let s = store(state)?;
+    let (agent, key) = (agent.to_string(), id.to_string());
+    blocking(move || s.get(&agent, &key)).await
+}
+
 /// Change a memory's content (re-embedded) and/or metadata.
 pub(super) async fn update(
     state: &AppState,

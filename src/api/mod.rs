@@ -1,6 +1,7 @@
 //! The HTTP layer: OpenAI-compatible routes on axum. It parses and checks requests, finds the
 //! model's engine, and streams the engine's events back; it never touches tensors.
 
+mod aios;
 mod chat;
 mod completions;
 mod contexts;
@@ -100,6 +101,8 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/v1/contexts/{id}/fork", post(contexts::fork))
         .route("/v1/contexts/{id}/snapshot", post(contexts::snapshot))
         .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/query", post(aios::query))
+        .route("/core/llms/list", get(aios::llms_list))
         .route("/v1/memories", post(memories::create).get(memories::list))
         .route("/v1/memories/search", post(memories::search_route))
         .route(
