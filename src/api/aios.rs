@@ -160,7 +160,7 @@ async fn llm(
         }
         if !safe.is_empty() {
             body["tools"] = Value::Array(safe);
-            if action == "chat_with_tool_call_output" {
+            if matches!(action, "chat_with_tool_call_output" | "tool_use") {
                 body["tool_choice"] = json!("required");
             }
         }
