@@ -4,17 +4,10 @@ Starts `target/debug/aios serve --port 0` (built by `cargo test`), reads the add
 then runs chat (plain and streaming), completions and model listing through the client.
 """
 import json
-import os
-import subprocess
 import sys
-import time
-import urllib.request
 
+from aios_server import start, stop
 from openai import OpenAI
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TARGET = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
-BIN = os.path.join(TARGET if os.path.isabs(TARGET) else os.path.join(ROOT, TARGET), "debug", "aios")
 
 passed = failed = 0
 
@@ -29,26 +22,8 @@ def check(name, cond, detail=""):
         print(f"FAIL {name} {detail}")
 
 
-proc = subprocess.Popen(
-    [BIN, "serve", "--port", "0", "--threads", "2"],
-    cwd=ROOT, stdout=subprocess.PIPE, stderr=sys.stderr, text=True,
-)
+proc, base = start()
 try:
-    line = proc.stdout.readline()
-    assert "listening on" in line, f"unexpected first line: {line!r}"
-    base = line.strip().split()[-1]
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(base + "/health") as r:
-                if r.status == 200:
-                    break
-        except Exception:
-            pass
-        if time.time() > deadline:
-            raise SystemExit("server never became healthy")
-        time.sleep(0.2)
-
     client = OpenAI(base_url=base + "/v1", api_key="not-needed")
     models = [m.id for m in client.models.list()]
     check("models.list names the default model", "smollm2" in models, models)
@@ -161,11 +136,7 @@ try:
     except Exception as e:  # openai.NotFoundError
         check("unknown model raises NotFoundError", type(e).__name__ == "NotFoundError", repr(e))
 finally:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop(proc)
 
 print(f"openai-client: {passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)
