@@ -839,7 +839,7 @@ fn memories_are_searched_by_meaning_and_private_to_their_agent() {
     };
     let hits = search(me, "Will it rain?");
     assert_eq!(hits.len(), 3);
-    assert_eq!(hits[0]["id"], weather.as_str());
+    assert_eq!(hits[0]["id"], weather.as_str(), "{hits:?}");
     assert_eq!(hits[0]["metadata"]["kind"], "weather");
     let scores: Vec<f64> = hits.iter().map(|h| h["score"].as_f64().unwrap()).collect();
     assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");

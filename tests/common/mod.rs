@@ -54,6 +54,8 @@ pub fn server() -> &'static str {
                 cfg.kv.disk_dir = snaps.display().to_string();
                 cfg.embeddings.path =
                     concat!(env!("CARGO_MANIFEST_DIR"), "/models/all-MiniLM-L6-v2").into();
+                // Long-term memory, fresh too (not the repository's data/memory.sqlite).
+                cfg.memory.path = snaps.join("memory.sqlite").display().to_string();
                 let state = aios::start_loading(&cfg);
                 let server = aios::api::Server::start(state, "127.0.0.1", 0, TEST_MAX_BODY)
                     .await
