@@ -28,6 +28,30 @@ pub(super) fn embedder(state: &AppState) -> Result<Arc<crate::embed::Embedder>, 
     }
 }
 
+/// Token ids of `texts`; an input longer than the model takes is the client's 400 on `param`,
+/// naming the input as `label(i)`.
+fn tokenize_within_limit(
+    m: &crate::embed::Embedder,
+    texts: &[String],
+    param: &str,
+    label: impl Fn(usize) -> String,
+) -> Result<Vec<Vec<u32>>, ApiError> {
+    let ids = m.tokenize(texts).map_err(ApiError::internal)?;
+    if let Some((i, t)) = ids.iter().enumerate().find(|(_, t)| t.len() > m.max_tokens) {
+        return Err(ApiError::param(
+            param,
+            format!(
+                "{} is {} tokens; {} takes at most {}",
+                label(i),
+                t.len(),
+                m.name,
+                m.max_tokens
+            ),
+        ));
+    }
+    Ok(ids)
+}
+
 /// The embedding of one text (on a blocking worker), refused when too long.
 pub(super) async fn embed_one(
     state: &AppState,
@@ -41,20 +65,8 @@ pub(super) async fn embed_one(
     })?;
     let (text, param) = (text.to_string(), param.to_string());
     tokio::task::spawn_blocking(move || {
-        let ids = m
-            .tokenize(std::slice::from_ref(&text))
-            .map_err(ApiError::internal)?;
-        if ids[0].len() > m.max_tokens {
-            return Err(ApiError::param(
-                &param,
-                format!(
-                    "{param} is {} tokens; {} takes at most {}",
-                    ids[0].len(),
-                    m.name,
-                    m.max_tokens
-                ),
-            ));
-        }
+        let ids =
+            tokenize_within_limit(&m, std::slice::from_ref(&text), &param, |_| param.clone())?;
         let mut v = m.embed(&ids).map_err(ApiError::internal)?;
         Ok(v.remove(0))
     })
@@ -132,20 +144,7 @@ async fn run(state: &AppState, bytes: &[u8]) -> Result<Value, ApiError> {
     }
     let m = model.clone();
     let (ids, vectors) = tokio::task::spawn_blocking(move || {
-        let ids = m.tokenize(&texts).map_err(ApiError::internal)?;
-        for (i, t) in ids.iter().enumerate() {
-            if t.len() > m.max_tokens {
-                return Err(ApiError::param(
-                    "input",
-                    format!(
-                        "input[{i}] is {} tokens; {} takes at most {}",
-                        t.len(),
-                        m.name,
-                        m.max_tokens
-                    ),
-                ));
-            }
-        }
+        let ids = tokenize_within_limit(&m, &texts, "input", |i| format!("input[{i}]"))?;
         let v = m.embed(&ids).map_err(ApiError::internal)?;
         Ok((ids, v))
     })

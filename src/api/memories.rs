@@ -133,9 +133,7 @@ pub async fn get(
 ) -> Response {
     let run = async {
         let agent = agent_of(&headers)?;
-        let s = store(&state)?;
-        let key = id.clone();
-        let m = blocking(move || s.get(&agent, &key))
+        let m = get_one(&state, &agent, &id)
             .await?
             .ok_or_else(|| not_found(&id))?;
         Ok::<_, ApiError>(axum::Json(memory_json(&m)).into_response())

@@ -461,10 +461,7 @@ impl Contexts {
                     "context '{id}' could not be loaded from its snapshot ({why}); the context was removed"
                 );
                 if let Some(s) = &self.store {
-                    let p = s.path(id);
-                    let mut to = p.as_os_str().to_owned();
-                    to.push(".rejected");
-                    let _ = std::fs::rename(&p, &to);
+                    s.reject(&s.path(id), &why);
                 }
                 tracing::error!("{msg}");
                 Err(msg)

@@ -323,7 +323,9 @@ impl DiskStore {
         (good, refused)
     }
 
-    fn reject(&self, path: &Path, why: &str) -> String {
+    /// Set a refused file aside as `<name>.rejected` (kept for inspection, never loaded again);
+    /// returns the log line saying why.
+    pub fn reject(&self, path: &Path, why: &str) -> String {
         let mut to = path.as_os_str().to_owned();
         to.push(".rejected");
         let _ = std::fs::rename(path, &to);
