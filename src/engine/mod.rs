@@ -670,11 +670,15 @@ impl Engine {
         for (i, mut row) in sampled.into_iter().zip(rows) {
             self.running[i].advance(&mut row, tok);
         }
-        for s in self.running.iter().filter(|s| s.finished()) {
+        let (done, running) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition::<Vec<_>, _>(|s| s.finished());
+        self.running = running;
+        for s in done {
             if let Some(id) = s.context() {
                 self.contexts.finish(id, s.tokens(), s.kv());
             }
+            s.close();
         }
-        self.running.retain(|s| !s.finished());
     }
 }

@@ -29,6 +29,9 @@ pub struct Sequence {
     stops: StopMatcher,
     events: UnboundedSender<Event>,
     finished: bool,
+    /// The final event (`Done` or `Error`), sent by `close` once the KV and the queue slot are
+    /// released, so a client that has its answer never sees the blocks still held.
+    last: Option<Event>,
     arrived: Instant,
     /// Prompt tokens taken from the prefix cache or a context.
     cached: usize,
@@ -65,6 +68,7 @@ impl Sequence {
             stops: StopMatcher::new(req.stop),
             events,
             finished: false,
+            last: None,
             arrived,
             cached,
             context: req.context,
@@ -157,8 +161,19 @@ impl Sequence {
         self.finished
     }
 
-    pub fn fail(self, msg: String) {
-        let _ = self.events.send(Event::Error(msg));
+    pub fn fail(mut self, msg: String) {
+        self.last = Some(Event::Error(msg));
+        self.close();
+    }
+
+    /// Release this sequence's KV blocks and queue slot, then send its final event.
+    pub fn close(mut self) {
+        let last = self.last.take();
+        let events = self.events.clone();
+        drop(self);
+        if let Some(e) = last {
+            let _ = events.send(e);
+        }
     }
 
     fn usage(&self) -> Usage {
@@ -174,7 +189,7 @@ impl Sequence {
         logits.truncate(tok.vocab_size());
         if let Some(c) = &mut self.constraint {
             if let Err(e) = c.apply(logits) {
-                let _ = self.events.send(Event::Error(e));
+                self.last = Some(Event::Error(e));
                 self.finished = true;
                 return;
             }
@@ -192,7 +207,7 @@ impl Sequence {
                 Some(Ok(true)) => grammar_done = true,
                 Some(Ok(false)) | None => {}
                 Some(Err(e)) => {
-                    let _ = self.events.send(Event::Error(e));
+                    self.last = Some(Event::Error(e));
                     self.finished = true;
                     return;
                 }
@@ -234,7 +249,7 @@ impl Sequence {
                 }
                 rest.push_str(&self.stops.flush());
             }
-            let _ = self.events.send(Event::Done {
+            self.last = Some(Event::Done {
                 finish,
                 text: rest,
                 usage: self.usage(),
