@@ -22,6 +22,59 @@ pub struct Config {
     pub models: Vec<ModelConfig>,
     pub embeddings: EmbeddingsSection,
     pub memory: MemorySection,
+    pub auth: AuthSection,
+    pub limits: LimitsSection,
+}
+
+/// Who may call: API keys (stored as SHA-256 digests) decide the agent identity.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    /// SHA-256 (hex) of the admin key: admin routes (`/admin/*`), and acting as any agent.
+    pub admin_key_sha256: String,
+    /// A file of keys, one `NAME SHA256HEX` per line (`@admin` names the admin key; `#`
+    /// comments). `aios key NAME` prints a fresh key and its line.
+    pub key_file: String,
+    /// Serve beyond loopback with no key configured (anyone who reaches the port is any agent).
+    pub allow_unauthenticated: bool,
+}
+
+/// Limits for every agent (an agent's own section may override the per-agent ones) and for the
+/// server as a whole. 0 means no limit.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Requests an agent may start per minute (429 with Retry-After past it).
+    pub requests_per_minute: u32,
+    /// Prompt and output tokens an agent may use per minute.
+    pub tokens_per_minute: u64,
+    /// Generation requests (streamed or not) an agent may have in flight at once.
+    pub max_streams: u32,
+    /// Largest share of a model's KV pool one request of an agent may need (0 to 1).
+    pub max_kv_share: f64,
+    /// Longest prompt accepted, in tokens, whatever the model's context.
+    pub max_prompt_tokens: usize,
+    /// A request still running after this many seconds is ended (504, or an error event).
+    pub request_timeout_secs: u64,
+    /// Largest total size of a request's headers, in bytes (431 above it).
+    pub max_header_bytes: usize,
+    /// On SIGTERM, how long in-flight requests may run before the server stops anyway.
+    pub drain_secs: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            requests_per_minute: 0,
+            tokens_per_minute: 0,
+            max_streams: 0,
+            max_kv_share: 1.0,
+            max_prompt_tokens: 0,
+            request_timeout_secs: 600,
+            max_header_bytes: 16 * 1024,
+            drain_secs: 30,
+        }
+    }
 }
 
 /// Per-agent long-term memory (`/v1/memories`).
@@ -65,6 +118,13 @@ impl Default for EmbeddingsSection {
 pub struct AgentConfig {
     /// Priority under the `priority` policy when a request has no `X-Priority` header.
     pub priority: i32,
+    /// SHA-256 (hex) of this agent's API key.
+    pub key_sha256: String,
+    /// This agent's own limits, instead of `[limits]`.
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u64>,
+    pub max_streams: Option<u32>,
+    pub max_kv_share: Option<f64>,
 }
 
 /// The KV pool of each model: fixed 16-token blocks allocated once, from `bytes` when set,
@@ -243,6 +303,8 @@ impl Default for Config {
             )],
             embeddings: EmbeddingsSection::default(),
             memory: MemorySection::default(),
+            auth: AuthSection::default(),
+            limits: LimitsSection::default(),
         }
     }
 }
@@ -301,6 +363,9 @@ impl Config {
         }
         if let Some(v) = get("AIOS_MODEL") {
             self.set_model(&v);
+        }
+        if let Some(v) = get("AIOS_ADMIN_KEY") {
+            self.auth.admin_key_sha256 = crate::auth::digest_hex(v.trim());
         }
         Ok(())
     }
@@ -372,6 +437,21 @@ impl Config {
                 "kv.memory_fraction = {f} must be above 0 and at most 0.95"
             )));
         }
+        let shares = std::iter::once(("limits".to_string(), Some(self.limits.max_kv_share))).chain(
+            self.agents
+                .iter()
+                .map(|(n, a)| (format!("agents.{n}"), a.max_kv_share)),
+        );
+        for (at, share) in shares {
+            if let Some(f) = share {
+                if f.is_nan() || f <= 0.0 || f > 1.0 {
+                    return Err(ConfigError(format!(
+                        "{at}.max_kv_share = {f} must be above 0 and at most 1"
+                    )));
+                }
+            }
+        }
+        crate::auth::KeyTable::from_config(self).map_err(ConfigError)?;
         if self.models.is_empty() {
             return Err(ConfigError(
                 "models: at least one model must be configured".into(),

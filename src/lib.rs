@@ -5,13 +5,16 @@
 //! [`model`] (loading, tokenizer, forward pass) → [`kv`] and [`ops`].
 
 pub mod api;
+pub mod auth;
 pub mod bench;
 pub mod config;
 pub mod devices;
 pub mod embed;
 pub mod engine;
 pub mod kv;
+pub mod limits;
 pub mod memory;
+pub mod metrics;
 pub mod model;
 pub mod ops;
 
@@ -66,7 +69,7 @@ pub fn load_configured(m: &ModelConfig) -> Result<LoadedModel, String> {
 
 /// The server state for `cfg`, with every model loading in the background. `/health` answers
 /// 503 until they are ready.
-pub fn start_loading(cfg: &Config) -> Arc<AppState> {
+pub fn start_loading(cfg: &Config) -> Result<Arc<AppState>, String> {
     let created = api::unix_now();
     let embeddings_on = !cfg.embeddings.path.is_empty();
     let memory = if cfg.memory.path.is_empty() {
@@ -80,24 +83,22 @@ pub fn start_loading(cfg: &Config) -> Arc<AppState> {
             }
         }
     };
-    let state = Arc::new(AppState {
-        memory,
-        embeddings: RwLock::new(if embeddings_on {
-            api::EmbedSlot::Loading
-        } else {
-            api::EmbedSlot::Off
-        }),
-        models: cfg
-            .models
-            .iter()
-            .map(|m| ModelSlot {
-                name: m.name.clone(),
-                aliases: m.aliases.clone(),
-                created,
-                state: RwLock::new(SlotState::Loading),
-            })
-            .collect(),
-    });
+    let slots = cfg
+        .models
+        .iter()
+        .map(|m| ModelSlot {
+            name: m.name.clone(),
+            aliases: m.aliases.clone(),
+            created,
+            state: RwLock::new(SlotState::Loading),
+        })
+        .collect();
+    let embed = if embeddings_on {
+        api::EmbedSlot::Loading
+    } else {
+        api::EmbedSlot::Off
+    };
+    let state = Arc::new(AppState::new(cfg, slots, embed, memory)?);
     if embeddings_on {
         let (state, e) = (state.clone(), cfg.embeddings.clone());
         std::thread::spawn(move || {
@@ -151,5 +152,5 @@ pub fn start_loading(cfg: &Config) -> Arc<AppState> {
                 .unwrap_or_else(|p| p.into_inner()) = next;
         });
     }
-    state
+    Ok(state)
 }

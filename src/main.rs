@@ -28,6 +28,12 @@ enum Cmd {
     Models(Common),
     /// Measure TTFT, inter-token latency and throughput of aios or any OpenAI-compatible server.
     Bench(BenchArgs),
+    /// Print a fresh API key for agent NAME (`@admin` for the admin key) and the line that
+    /// configures it; the key itself is not stored anywhere.
+    Key {
+        /// The agent the key is for, or `@admin`.
+        name: String,
+    },
     /// Chat with the default model in the terminal.
     Chat {
         #[command(flatten)]
@@ -122,16 +128,34 @@ impl Common {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AIOS_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    use std::io::IsTerminal;
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("AIOS_LOG").unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // AIOS_LOG_FORMAT=json: one JSON object per line, for log collectors.
+    if std::env::var("AIOS_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        logs.json().init();
+    } else {
+        logs.with_ansi(std::io::stderr().is_terminal()).init();
+    }
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Serve(c) => serve(c.config()?),
+        Cmd::Serve(c) => serve(c),
+        Cmd::Key { name } => {
+            let key = aios::auth::new_key();
+            let digest = aios::auth::digest_hex(&key);
+            println!("key: {key}");
+            println!("# for the key file (auth.key_file):");
+            println!("{name} {digest}");
+            if name == "@admin" {
+                println!("# or in the config: [auth] admin_key_sha256 = \"{digest}\"");
+            } else {
+                println!("# or in the config: [agents.{name}] key_sha256 = \"{digest}\"");
+            }
+            Ok(())
+        }
         Cmd::Models(c) => models(c.config()?),
         Cmd::Bench(b) => bench(b),
         Cmd::Chat {
@@ -143,14 +167,19 @@ fn main() -> Result<()> {
     }
 }
 
-fn serve(cfg: Config) -> Result<()> {
+fn serve(common: Common) -> Result<()> {
+    let cfg = common.config()?;
     aios::init_process_threads(cfg.server.threads);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let state = aios::start_loading(&cfg);
+        let keys = aios::auth::KeyTable::from_config(&cfg).map_err(anyhow::Error::msg)?;
+        let state = aios::start_loading(&cfg).map_err(anyhow::Error::msg)?;
+        let _ = state
+            .reload_source
+            .set(Box::new(move || common.config().map_err(|e| format!("{e:#}"))));
         let server = aios::api::Server::start(
             state,
             &cfg.server.host,
@@ -162,15 +191,48 @@ fn serve(cfg: Config) -> Result<()> {
         // Tests and scripts read this line to find the port.
         println!("aios listening on http://{}", server.addr);
         std::io::stdout().flush().ok();
-        if !server.addr.ip().is_loopback() {
-            tracing::warn!(
-                "listening on {} without authentication: anyone who can reach it can use it",
-                server.addr
-            );
+        if !keys.is_on() {
+            if !server.addr.ip().is_loopback() && !cfg.auth.allow_unauthenticated {
+                let addr = server.addr;
+                server.stop(std::time::Duration::ZERO).await;
+                bail!(
+                    "refusing to listen on {addr} with no API key configured: set [auth] keys, or \
+                     [auth] allow_unauthenticated = true to let anyone who reaches the port in"
+                );
+            }
+            if server.addr.ip().is_loopback() {
+                tracing::info!(
+                    "no API keys configured: serving on loopback only; callers name their agent with X-Agent-Id"
+                );
+            } else {
+                tracing::warn!(
+                    "listening on {} without authentication (allow_unauthenticated): anyone who can reach it can use it",
+                    server.addr
+                );
+            }
         }
+        let state = server.state.clone();
+        tokio::spawn(async move {
+            #[cfg(unix)]
+            {
+                use tokio::signal::unix::{signal, SignalKind};
+                let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                    return;
+                };
+                while hup.recv().await.is_some() {
+                    if let Err(e) = state.reload() {
+                        tracing::error!("reload on SIGHUP refused; the old configuration stays: {e}");
+                    }
+                }
+            }
+        });
         shutdown_signal().await;
-        tracing::info!("shutting down");
-        server.stop().await;
+        let grace = std::time::Duration::from_secs(server.state.live().config.limits.drain_secs);
+        tracing::info!(
+            "shutting down: refusing new requests, giving those in flight up to {}s",
+            grace.as_secs()
+        );
+        server.stop(grace).await;
         Ok(())
     })
 }

@@ -406,16 +406,15 @@ fn a_model_still_loading_gives_503_and_health_says_so() {
         .enable_all()
         .build()
         .unwrap();
-    let state = std::sync::Arc::new(AppState {
-        models: vec![ModelSlot {
-            name: "slow".into(),
-            aliases: vec![],
-            created: 0,
-            state: std::sync::RwLock::new(SlotState::Loading),
-        }],
-        embeddings: std::sync::RwLock::new(aios::api::EmbedSlot::Off),
-        memory: None,
-    });
+    let slots = vec![ModelSlot {
+        name: "slow".into(),
+        aliases: vec![],
+        created: 0,
+        state: std::sync::RwLock::new(SlotState::Loading),
+    }];
+    let cfg = aios::config::Config::default();
+    let state =
+        std::sync::Arc::new(AppState::new(&cfg, slots, aios::api::EmbedSlot::Off, None).unwrap());
     let server = rt
         .block_on(Server::start(state, "127.0.0.1", 0, 1 << 16))
         .unwrap();
@@ -440,7 +439,7 @@ fn a_model_still_loading_gives_503_and_health_says_so() {
             .contains("loading"),
         "{chat}"
     );
-    rt.block_on(server.stop());
+    rt.block_on(server.stop(std::time::Duration::from_secs(5)));
 }
 
 #[test]

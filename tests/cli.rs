@@ -2,64 +2,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 use serde_json::{json, Value};
 
-const BIN: &str = env!("CARGO_BIN_EXE_aios");
-
-/// Start `aios serve` with `args`; returns the child and its base URL.
-fn serve(args: &[&str]) -> (std::process::Child, String) {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--port", "0", "--threads", "2"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line.trim().rsplit(' ').next().unwrap().to_string();
-    assert!(url.starts_with("http://127.0.0.1:"), "{line}");
-    (child, url)
-}
-
-/// Start `aios serve` on a config of `sections` plus the default model (with `model_extra`
-/// lines), written to a fresh directory; waits until it is healthy. Returns the child, its
-/// URL and the directory (the caller removes it).
-fn serve_with_config(
-    tag: &str,
-    sections: &str,
-    model_extra: &str,
-) -> (std::process::Child, String, std::path::PathBuf) {
-    let dir = std::env::temp_dir().join(format!("aios-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("config.toml");
-    let model = common::default_model_path();
-    std::fs::write(
-        &cfg,
-        format!(
-            "{sections}\n[[models]]\nname = \"smollm2\"\npath = {:?}\n{model_extra}",
-            model.to_str().unwrap()
-        ),
-    )
-    .unwrap();
-    let (child, url) = serve(&["--config", cfg.to_str().unwrap()]);
-    common::wait_healthy(&url);
-    (child, url, dir)
-}
-
-fn stop(mut child: std::process::Child) -> std::process::ExitStatus {
-    sigterm(child.id());
-    child.wait().unwrap()
-}
-
-fn sigterm(pid: u32) {
-    Command::new("kill").arg(pid.to_string()).status().unwrap();
-}
+use common::{serve, serve_with_config, stop, BIN};
 
 #[test]
 fn serve_answers_then_shuts_down_cleanly_on_sigterm() {

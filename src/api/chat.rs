@@ -90,7 +90,7 @@ fn prepare(
         env: Envelope {
             id: new_id("chatcmpl"),
             created: unix_now(),
-            model: name,
+            model: name.clone(),
         },
         info,
         logprobs,
@@ -99,11 +99,7 @@ fn prepare(
         held: Vec::new(),
     };
     Ok((
-        Job {
-            engine,
-            prompts: vec![prompt],
-            params,
-        },
+        Job::new(state, engine, &name, vec![prompt], params, headers),
         format,
     ))
 }

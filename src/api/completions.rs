@@ -121,7 +121,7 @@ fn prepare(
         env: Envelope {
             id: new_id("cmpl"),
             created: unix_now(),
-            model: name,
+            model: name.clone(),
         },
         info,
         logprobs: logprobs.is_some(),
@@ -130,11 +130,7 @@ fn prepare(
         n: params.n,
     };
     Ok((
-        Job {
-            engine,
-            prompts,
-            params,
-        },
+        Job::new(state, engine, &name, prompts, params, headers),
         format,
     ))
 }

@@ -16,6 +16,7 @@ use super::params::GenParams;
 use crate::engine::{
     EngineHandle, Event, FinishReason, GenRequest, SubmitError, TokenLogprobs, Usage,
 };
+use crate::metrics::Observer;
 
 /// One output token with what the client may want to know about it.
 #[derive(Debug, Clone)]
@@ -77,12 +78,55 @@ pub struct Job {
     pub engine: EngineHandle,
     pub prompts: Vec<Vec<u32>>,
     pub params: GenParams,
+    /// Metrics, the agent's limits and usage, and the request's log line.
+    pub obs: Observer,
+    /// `[limits] max_prompt_tokens` (0: none).
+    pub max_prompt_tokens: usize,
 }
 
 impl Job {
-    /// Refuse prompts that do not leave room for the requested output.
-    pub fn check_context(&self) -> Result<(), ApiError> {
+    pub fn new(
+        state: &super::AppState,
+        engine: EngineHandle,
+        model: &str,
+        prompts: Vec<Vec<u32>>,
+        params: GenParams,
+        headers: &axum::http::HeaderMap,
+    ) -> Self {
+        let live = state.live();
+        let request_id = headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let obs = Observer::new(
+            state.metrics.clone(),
+            state.governor.clone(),
+            live.limits.of(&params.agent),
+            model,
+            &params.agent,
+            request_id,
+        );
+        Self {
+            engine,
+            prompts,
+            params,
+            obs,
+            max_prompt_tokens: live.config.limits.max_prompt_tokens,
+        }
+    }
+
+    /// Refuse prompts that do not leave room for the requested output, are longer than the
+    /// server allows, or would take more of the KV pool than the agent's share.
+    pub fn check_context(&mut self) -> Result<(), ApiError> {
         let ctx = self.engine.model.context_length;
+        let max = self.max_prompt_tokens;
+        if let Some(p) = self.prompts.iter().find(|p| max > 0 && p.len() > max) {
+            return Err(ApiError::invalid(format!(
+                "the prompt has {} tokens; this server accepts at most {max}",
+                p.len()
+            ))
+            .with_code("context_length_exceeded"));
+        }
         for p in &self.prompts {
             let want = p.len() + self.params.max_tokens.unwrap_or(1);
             if p.is_empty() {
@@ -102,6 +146,24 @@ impl Job {
                 return Err(ApiError::invalid(msg).with_code("context_length_exceeded"));
             }
         }
+        let need: usize = self
+            .prompts
+            .iter()
+            .map(|p| {
+                let out = self
+                    .params
+                    .max_tokens
+                    .unwrap_or(ctx.saturating_sub(p.len()));
+                (p.len() + out).min(ctx) * self.params.n.max(1)
+            })
+            .sum();
+        let (gov, limits, agent) = self.obs.governor();
+        let capacity = self.engine.kv_usage().blocks_total * self.engine.kv_usage().block_tokens;
+        let model = self.obs.model().to_string();
+        let kv = gov
+            .reserve_kv(agent, limits, &model, need, capacity)
+            .map_err(super::gate::rate_limited)?;
+        self.obs.kv = Some(kv);
         Ok(())
     }
 
@@ -159,7 +221,7 @@ impl Job {
     }
 
     /// Run the job and answer: one JSON object, or an SSE stream.
-    pub async fn respond<F: Format>(self, format: F) -> Response {
+    pub async fn respond<F: Format>(mut self, format: F) -> Response {
         if let Some(id) = &self.params.context {
             if self.params.n > 1 || self.prompts.len() > 1 {
                 return ApiError::param("context_id", "context_id runs one prompt with n = 1")
@@ -186,6 +248,7 @@ impl Job {
             loop {
                 match rx.recv().await {
                     Some(Event::Token { id, text, logprobs }) => {
+                        self.obs.token(choices.len());
                         c.text.push_str(&text);
                         c.tokens.push(OutToken { id, logprobs });
                     }
@@ -195,6 +258,7 @@ impl Job {
                         usage,
                     }) => {
                         c.text.push_str(&text);
+                        self.obs.done(&usage, finish);
                         c.finish = Some(finish);
                         c.usage = usage;
                         break;
@@ -214,7 +278,7 @@ impl Job {
     }
 
     fn stream<F: Format>(
-        self,
+        mut self,
         receivers: Vec<mpsc::UnboundedReceiver<Event>>,
         mut format: F,
     ) -> Response {
@@ -243,6 +307,7 @@ impl Job {
             while let Some((i, ev)) = merged.next().await {
                 let chunks = match ev {
                     Event::Token { id, text, logprobs } => {
+                        self.obs.token(i);
                         let tok = OutToken { id, logprobs };
                         if text.is_empty() && tok.logprobs.is_none() {
                             vec![]
@@ -255,6 +320,7 @@ impl Job {
                         text,
                         usage,
                     } => {
+                        self.obs.done(&usage, finish);
                         completion += usage.completion_tokens;
                         cached[i] = usage.cached_tokens;
                         open -= 1;

@@ -1,12 +1,14 @@
 //! The HTTP layer: OpenAI-compatible routes on axum. It parses and checks requests, finds the
 //! model's engine, and streams the engine's events back; it never touches tensors.
 
+mod admin;
 mod aios;
 mod chat;
 mod completions;
 mod contexts;
 mod embeddings;
 pub mod error;
+mod gate;
 mod generate;
 mod memories;
 mod params;
@@ -49,6 +51,38 @@ pub struct AppState {
     pub embeddings: RwLock<EmbedSlot>,
     /// Long-term memory; None when off.
     pub memory: Option<Arc<crate::memory::MemoryStore>>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Every agent's limits state and usage.
+    pub governor: Arc<crate::limits::Governor>,
+    /// What a reload may change: keys, limits, agents, policies.
+    live: RwLock<Arc<Live>>,
+    /// Re-reads the configuration for a reload (set by the command line that started us).
+    pub reload_source: std::sync::OnceLock<ConfigSource>,
+    /// Set on SIGTERM: new requests get 503 and `/health` turns unready.
+    pub draining: std::sync::atomic::AtomicBool,
+    /// Requests in flight, bodies included; `idle` is notified when it drops to zero.
+    pub inflight: std::sync::atomic::AtomicUsize,
+    pub idle: tokio::sync::Notify,
+}
+
+/// How to read the configuration again (file, environment, command line), validated.
+pub type ConfigSource = Box<dyn Fn() -> Result<crate::config::Config, String> + Send + Sync>;
+
+/// The part of the configuration a reload replaces.
+pub struct Live {
+    pub config: crate::config::Config,
+    pub keys: crate::auth::KeyTable,
+    pub limits: crate::limits::Limits,
+}
+
+impl Live {
+    pub fn new(config: crate::config::Config) -> Result<Self, String> {
+        Ok(Self {
+            keys: crate::auth::KeyTable::from_config(&config)?,
+            limits: crate::limits::Limits::from_config(&config),
+            config,
+        })
+    }
 }
 
 /// Where the embedding model stands.
@@ -60,6 +94,49 @@ pub enum EmbedSlot {
 }
 
 impl AppState {
+    /// State for `cfg` with these model slots (loading or not).
+    pub fn new(
+        cfg: &crate::config::Config,
+        models: Vec<ModelSlot>,
+        embeddings: EmbedSlot,
+        memory: Option<Arc<crate::memory::MemoryStore>>,
+    ) -> Result<Self, String> {
+        Ok(Self {
+            models,
+            embeddings: RwLock::new(embeddings),
+            memory,
+            metrics: Arc::new(crate::metrics::Metrics::new()),
+            governor: Arc::default(),
+            live: RwLock::new(Arc::new(Live::new(cfg.clone())?)),
+            reload_source: std::sync::OnceLock::new(),
+            draining: Default::default(),
+            inflight: Default::default(),
+            idle: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// The keys, limits and settings in force now.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_live(&self, live: Live) {
+        *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
+    }
+
+    /// Every model that is ready, with its engine.
+    pub fn ready_engines(&self) -> Vec<(String, EngineHandle)> {
+        self.models
+            .iter()
+            .filter_map(
+                |m| match &*m.state.read().unwrap_or_else(|p| p.into_inner()) {
+                    SlotState::Ready(h) => Some((m.name.clone(), h.clone())),
+                    _ => None,
+                },
+            )
+            .collect()
+    }
+
     /// The engine for the requested model name (`None`: the default model).
     pub fn engine_for(&self, name: Option<&str>) -> Result<(String, EngineHandle), ApiError> {
         let slot = match name {
@@ -105,6 +182,10 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/core/llms/list", get(aios::llms_list))
         .route("/v1/memories", post(memories::create).get(memories::list))
         .route("/v1/memories/search", post(memories::search_route))
+        .route("/metrics", get(admin::metrics))
+        .route("/v1/usage", get(admin::own_usage))
+        .route("/admin/usage", get(admin::all_usage))
+        .route("/admin/reload", post(admin::reload))
         .route(
             "/v1/memories/{id}",
             get(memories::get)
@@ -114,6 +195,10 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::map_response(json_errors))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            gate::gate,
+        ))
         .with_state(state)
 }
 
@@ -198,6 +283,9 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         };
         models.insert(m.name.clone(), s);
     }
+    if state.draining.load(std::sync::atomic::Ordering::Acquire) {
+        status = "draining";
+    }
     let code = if status == "ok" {
         StatusCode::OK
     } else {
@@ -243,6 +331,7 @@ impl Server {
         let app = router(state.clone(), max_body_bytes);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             let r = axum::serve(listener, app)
                 .with_graceful_shutdown(async {
                     let _ = rx.await;
@@ -260,13 +349,39 @@ impl Server {
         })
     }
 
-    /// Stop accepting connections, wait for open ones to finish, then write every context
-    /// still in memory to the disk tier (where there is one), so it survives the restart.
-    pub async fn stop(mut self) {
+    /// Drain, then stop: new requests get 503 and `/health` turns unready while requests in
+    /// flight get up to `grace` to finish; then the listener closes, open connections end, and
+    /// every context still in memory goes to the disk tier (where there is one), so it
+    /// survives the restart.
+    pub async fn stop(mut self, grace: std::time::Duration) {
+        use std::sync::atomic::Ordering;
+        self.state.draining.store(true, Ordering::Release);
+        let drained = async {
+            loop {
+                let idle = self.state.idle.notified();
+                if self.state.inflight.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        };
+        if tokio::time::timeout(grace, drained).await.is_err() {
+            tracing::warn!(
+                "{} requests still in flight after {}s; stopping anyway",
+                self.state.inflight.load(Ordering::Acquire),
+                grace.as_secs()
+            );
+        }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        let _ = (&mut self.task).await;
+        // Connections still open past the grace (a stream that never ends) are cut.
+        if tokio::time::timeout(std::time::Duration::from_secs(5), &mut self.task)
+            .await
+            .is_err()
+        {
+            self.task.abort();
+        }
         for m in &self.state.models {
             let engine = match &*m.state.read().unwrap_or_else(|p| p.into_inner()) {
                 SlotState::Ready(h) => h.clone(),

@@ -130,6 +130,16 @@ pub(super) enum Start {
 /// A snapshot read back from disk (on a loader thread).
 pub(super) type Loaded = Result<(Vec<u32>, usize, Vec<KvElem>), String>;
 
+/// How many contexts each tier holds, and the bytes of the host and disk tiers.
+#[derive(Debug, Default)]
+pub(super) struct TierTotals {
+    pub pool: usize,
+    pub host: usize,
+    pub disk: usize,
+    pub host_bytes: u64,
+    pub disk_bytes: u64,
+}
+
 pub(super) struct Contexts {
     map: HashMap<String, Context>,
     pool: Arc<KvPool>,
@@ -385,6 +395,25 @@ impl Contexts {
 
     /// Under pool pressure: move the least recently used idle context with blocks in the pool
     /// to host memory. False when there is none.
+    pub(super) fn tiers(&self) -> TierTotals {
+        let mut t = TierTotals::default();
+        for c in self.map.values() {
+            match c.tier() {
+                "disk" => {
+                    t.disk += 1;
+                    t.disk_bytes += c.on_disk.unwrap_or(0);
+                }
+                "host" => {
+                    t.host += 1;
+                    t.host_bytes += c.host_bytes() as u64;
+                }
+                "pool" => t.pool += 1,
+                _ => {}
+            }
+        }
+        t
+    }
+
     pub(super) fn evict_one(&mut self, busy: &[&str]) -> bool {
         let victim = self
             .map

@@ -11,7 +11,7 @@ pub mod sampler;
 mod sequence;
 pub mod text;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -91,6 +91,23 @@ pub struct Usage {
     pub completion_tokens: usize,
     /// Prompt tokens whose KV came from the prefix cache instead of a prefill.
     pub cached_tokens: usize,
+    /// Microseconds from arrival to the sequence's first step.
+    pub queued_us: u64,
+}
+
+/// What the engine last saw of its own state, for `/metrics` (updated after every step).
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Sequences that ran in the last step.
+    pub running: AtomicUsize,
+    /// Live sequences that did not: queued, paused by the policy, or loading a context.
+    pub waiting: AtomicUsize,
+    /// Contexts by tier, and the bytes of the host and disk tiers.
+    pub contexts_pool: AtomicUsize,
+    pub contexts_host: AtomicUsize,
+    pub contexts_disk: AtomicUsize,
+    pub host_bytes: AtomicU64,
+    pub disk_bytes: AtomicU64,
 }
 
 enum Command {
@@ -98,6 +115,8 @@ enum Command {
     Context(ContextOp, ContextReply),
     /// A context's snapshot, read from disk by a loader thread.
     Loaded(String, contexts::Loaded),
+    /// Rank sequences by this policy from now on (a configuration reload).
+    SetPolicy(PolicyKind, PolicyParams),
 }
 
 type ContextReply = tokio::sync::oneshot::Sender<Result<Vec<ContextInfo>, ContextError>>;
@@ -129,7 +148,8 @@ pub struct EngineHandle {
     live: Arc<AtomicUsize>,
     max_live: usize,
     kv: Arc<KvPool>,
-    agent_priority: Arc<std::collections::HashMap<String, i32>>,
+    agent_priority: Arc<std::sync::RwLock<Arc<std::collections::HashMap<String, i32>>>>,
+    stats: Arc<EngineStats>,
 }
 
 /// What the rest of the server needs to know about the model an engine runs.
@@ -192,12 +212,34 @@ impl EngineHandle {
 
     /// The configured priority of an agent (0 when it has none).
     pub fn agent_priority(&self, agent: &str) -> i32 {
-        self.agent_priority.get(agent).copied().unwrap_or(0)
+        let map = self
+            .agent_priority
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        map.get(agent).copied().unwrap_or(0)
+    }
+
+    /// Apply a reloaded configuration: agents' priorities and the scheduling policy.
+    pub fn reconfigure(
+        &self,
+        agent_priority: Arc<std::collections::HashMap<String, i32>>,
+        policy: PolicyKind,
+        params: PolicyParams,
+    ) {
+        *self
+            .agent_priority
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = agent_priority;
+        let _ = self.tx.send(Command::SetPolicy(policy, params));
     }
 
     /// KV blocks in use, free and swapped out.
     pub fn kv_usage(&self) -> KvUsage {
         self.kv.usage()
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
     }
 }
 
@@ -344,11 +386,13 @@ pub fn spawn(model: LoadedModel, cfg: EngineConfig) -> EngineHandle {
         live: Arc::new(AtomicUsize::new(0)),
         max_live: cfg.max_running + cfg.max_queued,
         kv: pool,
-        agent_priority: cfg.agent_priority.clone(),
+        agent_priority: Arc::new(std::sync::RwLock::new(cfg.agent_priority.clone())),
+        stats: Arc::new(EngineStats::default()),
     };
+    let stats = handle.stats.clone();
     std::thread::Builder::new()
         .name("aios-engine".into())
-        .spawn(move || Engine::new(llama, thread_info, cfg, thread_pool, loopback).run(rx))
+        .spawn(move || Engine::new(llama, thread_info, cfg, thread_pool, loopback, stats).run(rx))
         .expect("spawn engine thread");
     handle
 }
@@ -367,6 +411,9 @@ struct Engine {
     waiting: Vec<(Box<GenRequest>, UnboundedSender<Event>, LiveSlot)>,
     /// Where loader threads send what they read.
     loopback: mpsc::Sender<Command>,
+    stats: Arc<EngineStats>,
+    /// Sequences that ran in the last step.
+    ran: usize,
 }
 
 /// What identifies the KV a model computes: its file, its format and quantisation.
@@ -383,6 +430,7 @@ impl Engine {
         cfg: EngineConfig,
         pool: Arc<KvPool>,
         loopback: mpsc::Sender<Command>,
+        stats: Arc<EngineStats>,
     ) -> Self {
         let store = cfg.snapshot_dir.as_ref().and_then(|dir| {
             let fp = model_fingerprint(&info);
@@ -404,6 +452,8 @@ impl Engine {
             contexts,
             waiting: Vec::new(),
             loopback,
+            stats,
+            ran: 0,
         }
     }
 
@@ -420,10 +470,27 @@ impl Engine {
                 self.accept(cmd);
             }
             self.running.retain(|s| !s.cancelled());
+            self.ran = 0;
             if !self.running.is_empty() {
                 self.step();
             }
+            self.publish();
         }
+    }
+
+    /// Publish the counts `/metrics` reads.
+    fn publish(&self) {
+        let s = &self.stats;
+        let live = self.running.len() + self.waiting.len();
+        let ran = self.ran.min(self.running.len());
+        s.running.store(ran, Ordering::Relaxed);
+        s.waiting.store(live.saturating_sub(ran), Ordering::Relaxed);
+        let t = self.contexts.tiers();
+        s.contexts_pool.store(t.pool, Ordering::Relaxed);
+        s.contexts_host.store(t.host, Ordering::Relaxed);
+        s.contexts_disk.store(t.disk, Ordering::Relaxed);
+        s.host_bytes.store(t.host_bytes, Ordering::Relaxed);
+        s.disk_bytes.store(t.disk_bytes, Ordering::Relaxed);
     }
 
     fn accept(&mut self, cmd: Command) {
@@ -467,6 +534,11 @@ impl Engine {
             }
             Command::Context(op, reply) => {
                 let _ = reply.send(self.contexts.apply(op));
+            }
+            Command::SetPolicy(kind, params) => {
+                self.cfg.policy = kind;
+                self.cfg.policy_params = params;
+                self.policy = kind.build(params);
             }
             Command::Loaded(id, result) => {
                 let outcome = self.contexts.loaded(&id, result);
@@ -618,6 +690,7 @@ impl Engine {
                 };
                 served.push((i, tokens));
                 inputs.push(input);
+                self.ran += 1;
             }
         }
         let result = if constraints.is_empty() {

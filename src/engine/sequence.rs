@@ -33,6 +33,8 @@ pub struct Sequence {
     /// released, so a client that has its answer never sees the blocks still held.
     last: Option<Event>,
     arrived: Instant,
+    /// When the sequence first ran (its queue time ends).
+    scheduled: Option<Instant>,
     /// Prompt tokens taken from the prefix cache or a context.
     cached: usize,
     context: Option<String>,
@@ -70,6 +72,7 @@ impl Sequence {
             finished: false,
             last: None,
             arrived,
+            scheduled: None,
             cached,
             context: req.context,
             constraint: req.constraint,
@@ -135,6 +138,7 @@ impl Sequence {
     /// Feed at most `budget` pending tokens to the next step. Logits are wanted only when the
     /// chunk reaches the last token (a prompt prefilled in several chunks samples once, at its end).
     pub fn next_input(&mut self, budget: usize) -> SeqInput<'_> {
+        self.scheduled.get_or_insert_with(Instant::now);
         let from = self.kv.len();
         let to = (from + budget).min(self.tokens.len());
         SeqInput {
@@ -181,6 +185,9 @@ impl Sequence {
             prompt_tokens: self.prompt_len,
             completion_tokens: self.generated(),
             cached_tokens: self.cached,
+            queued_us: self.scheduled.map_or(0, |t| {
+                t.saturating_duration_since(self.arrived).as_micros() as u64
+            }),
         }
     }
 

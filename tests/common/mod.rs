@@ -2,7 +2,9 @@
 //! binary on an ephemeral loopback port.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -56,7 +58,7 @@ pub fn server() -> &'static str {
                     concat!(env!("CARGO_MANIFEST_DIR"), "/models/all-MiniLM-L6-v2").into();
                 // Long-term memory, fresh too (not the repository's data/memory.sqlite).
                 cfg.memory.path = snaps.join("memory.sqlite").display().to_string();
-                let state = aios::start_loading(&cfg);
+                let state = aios::start_loading(&cfg).unwrap();
                 let server = aios::api::Server::start(state, "127.0.0.1", 0, TEST_MAX_BODY)
                     .await
                     .unwrap();
@@ -199,4 +201,65 @@ pub fn check_llama_cpp_greedy(m: &aios::model::LoadedModel) {
     }
     // Near ties are rare: nearly every step is an exact match.
     assert!(exact + 2 >= steps, "{exact} of {steps} steps exact");
+}
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_aios");
+
+/// Start `aios serve` with `args`; returns the child and its base URL.
+pub fn serve(args: &[&str]) -> (std::process::Child, String) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--port", "0", "--threads", "2"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line.trim().rsplit(' ').next().unwrap().to_string();
+    assert!(url.starts_with("http://127.0.0.1:"), "{line}");
+    (child, url)
+}
+
+/// Start `aios serve` on a config of `sections` plus the default model (with `model_extra`
+/// lines), written to a fresh directory; waits until it is healthy. Returns the child, its
+/// URL and the directory (the caller removes it).
+pub fn serve_with_config(
+    tag: &str,
+    sections: &str,
+    model_extra: &str,
+) -> (std::process::Child, String, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("aios-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("config.toml");
+    let model = default_model_path();
+    std::fs::write(
+        &cfg,
+        format!(
+            "{sections}\n[[models]]\nname = \"smollm2\"\npath = {:?}\n{model_extra}",
+            model.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let (child, url) = serve(&["--config", cfg.to_str().unwrap()]);
+    wait_healthy(&url);
+    (child, url, dir)
+}
+
+pub fn stop(mut child: std::process::Child) -> std::process::ExitStatus {
+    sigterm(child.id());
+    child.wait().unwrap()
+}
+
+pub fn sighup(pid: u32) {
+    Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap();
+}
+
+pub fn sigterm(pid: u32) {
+    Command::new("kill").arg(pid.to_string()).status().unwrap();
 }
