@@ -105,7 +105,7 @@ fn prepare(
 }
 
 /// Check the messages and flatten their content to text, as the template expects.
-fn read_messages(b: &Body) -> Result<Vec<Value>, ApiError> {
+pub(super) fn read_messages(b: &Body) -> Result<Vec<Value>, ApiError> {
     let list = match b.get("messages") {
         Some(Value::Array(a)) if !a.is_empty() => a,
         Some(Value::Array(_)) => {

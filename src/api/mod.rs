@@ -162,6 +162,25 @@ impl AppState {
     }
 }
 
+/// Parse a chat or completion request body as the handlers do, up to the point where a model
+/// is needed: JSON, generation parameters, messages, response format, tools. The request
+/// fuzz target's way in; the error is the message a client would get.
+#[doc(hidden)]
+pub fn parse_request_body(bytes: &[u8]) -> Result<(), String> {
+    let run = || -> Result<(), ApiError> {
+        let b = params::Body::parse(bytes)?;
+        let keys = ["max_completion_tokens", "max_tokens"];
+        params::GenParams::read(&b, &axum::http::HeaderMap::new(), &keys)?;
+        if b.get("messages").is_some() {
+            chat::read_messages(&b)?;
+        }
+        structured::response_schema(&b)?;
+        structured::Tools::read(&b)?;
+        Ok(())
+    };
+    run().map_err(|e| e.message)
+}
+
 /// The routes, with the body size limit applied.
 pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
     Router::new()

@@ -232,15 +232,24 @@ impl DiskStore {
     pub fn read(&self, path: &Path) -> Result<(SnapshotMeta, Vec<u32>, Vec<KvElem>), String> {
         let mut f = File::open(path).map_err(|e| e.to_string())?;
         let size = f.metadata().map_err(|e| e.to_string())?.len() as usize;
+        self.read_from(&mut f, size)
+    }
+
+    /// [`read`](Self::read) from any reader of `size` bytes (the fuzz target's way in).
+    pub fn read_from<R: Read>(
+        &self,
+        f: &mut R,
+        size: usize,
+    ) -> Result<(SnapshotMeta, Vec<u32>, Vec<KvElem>), String> {
         let mut sum = Checksum::new();
-        let mut take = |f: &mut File, buf: &mut [u8], what: &str| -> Result<(), String> {
+        let mut take = |f: &mut R, buf: &mut [u8], what: &str| -> Result<(), String> {
             f.read_exact(buf)
                 .map_err(|_| format!("truncated (the file ends inside the {what})"))?;
             sum.update(buf);
             Ok(())
         };
         let mut head = [0u8; 12];
-        take(&mut f, &mut head, "magic").map_err(|_| "not an aios KV snapshot (too short)")?;
+        take(f, &mut head, "magic").map_err(|_| "not an aios KV snapshot (too short)")?;
         if &head[..8] != MAGIC {
             return Err("not an aios KV snapshot (bad magic)".into());
         }
@@ -249,7 +258,7 @@ impl DiskStore {
             return Err("truncated (the header runs past the end)".into());
         }
         let mut header = vec![0u8; hlen];
-        take(&mut f, &mut header, "header")?;
+        take(f, &mut header, "header")?;
         let meta: SnapshotMeta =
             serde_json::from_slice(&header).map_err(|e| format!("unreadable header: {e}"))?;
         if meta.fingerprint != self.fingerprint {
@@ -258,7 +267,15 @@ impl DiskStore {
                 meta.fingerprint, self.fingerprint
             ));
         }
-        let want = 12 + hlen + meta.tokens * 4 + meta.data_values * 2 + 8;
+        let want = meta
+            .tokens
+            .checked_mul(4)
+            .zip(meta.data_values.checked_mul(2))
+            .and_then(|(t, d)| t.checked_add(d))
+            .and_then(|n| n.checked_add(12 + hlen + 8));
+        let Some(want) = want else {
+            return Err("the header's lengths are impossibly large".into());
+        };
         if size != want {
             return Err(format!(
                 "truncated or padded: {size} bytes where the header says {want}"
@@ -271,7 +288,7 @@ impl DiskStore {
             return Err("the header's lengths do not agree with the KV layout".into());
         }
         let mut tok = vec![0u8; meta.tokens * 4];
-        take(&mut f, &mut tok, "tokens")?;
+        take(f, &mut tok, "tokens")?;
         let tokens = tok
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
@@ -281,7 +298,7 @@ impl DiskStore {
         let raw = unsafe {
             std::slice::from_raw_parts_mut(data.as_mut_ptr().cast::<u8>(), data.len() * 2)
         };
-        take(&mut f, raw, "KV")?;
+        take(f, raw, "KV")?;
         if cfg!(target_endian = "big") {
             for v in data.iter_mut() {
                 *v = KvElem::from_bits(u16::from_le(v.to_bits()));

@@ -71,6 +71,17 @@ fn bad(path: &Path, e: impl std::fmt::Display) -> ModelError {
     }
 }
 
+/// Read a GGUF header (metadata and tensor index) from `bytes` and the model configuration in
+/// it, as loading does first. The GGUF fuzz target's way in.
+pub fn read_gguf_config(bytes: &[u8]) -> Result<LlamaConfig, ModelError> {
+    let mut r = std::io::Cursor::new(bytes);
+    let ct = gguf_file::Content::read(&mut r).map_err(|e| ModelError::BadFile {
+        path: "<bytes>".into(),
+        reason: format!("not a readable GGUF file: {e}"),
+    })?;
+    LlamaConfig::from_gguf(&ct.metadata, "<bytes>")
+}
+
 fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelError> {
     let mut file = BufReader::new(File::open(path).map_err(|e| bad(path, e))?);
     let ct = gguf_file::Content::read(&mut file)

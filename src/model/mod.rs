@@ -15,7 +15,7 @@ pub mod tokenizer;
 pub use chat_template::ChatTemplate;
 pub use config::LlamaConfig;
 pub use llama::{Llama, SeqInput};
-pub use load::{load_model, LoadOptions};
+pub use load::{load_model, read_gguf_config, LoadOptions};
 pub use tokenizer::Tokenizer;
 
 /// Everything about a model that can go wrong before it serves, each naming what failed.
