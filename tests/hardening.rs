@@ -151,6 +151,28 @@ fn keys_decide_the_agent_and_no_agent_reaches_another_agents_data() {
     );
     assert_eq!(s, 200);
     assert_eq!(all["agents"]["alice"]["completion_tokens"], 3, "{all}");
+    // An AIOS SDK query names its agent in the body: it must be the key's.
+    let q = |name: &str| {
+        json!({"agent_name": name, "query_type": "llm", "query_data": {
+            "messages": [{"role": "user", "content": "Say hi"}], "max_new_tokens": 2}})
+    };
+    let (s, _, v) = req(
+        "POST",
+        &format!("{url}/query"),
+        Some("alice-key"),
+        None,
+        Some(&q("bob")),
+    );
+    assert_eq!(s, 403, "{v}");
+    let (s, _, v) = req(
+        "POST",
+        &format!("{url}/query"),
+        Some("alice-key"),
+        None,
+        Some(&q("alice")),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["response"]["status_code"], 200, "{v}");
     // The admin may act as an agent.
     assert_eq!(
         req("GET", &ctx_url, Some("root-key"), Some("alice"), None).0,

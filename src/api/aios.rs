@@ -73,6 +73,16 @@ pub async fn query(
             Some(a) if !a.is_empty() => a.chars().take(128).collect::<String>(),
             _ => return Err(ApiError::param("agent_name", "agent_name is required")),
         };
+        let proved = headers
+            .get(super::gate::KEY_AGENT)
+            .and_then(|v| v.to_str().ok());
+        if let Some(owner) = proved.filter(|o| *o != agent) {
+            return Err(ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "permission_error",
+                format!("agent_name '{agent}' is not the agent of this API key ('{owner}')"),
+            ));
+        }
         let data = match b.get("query_data") {
             Some(Value::Object(m)) => m.clone(),
             _ => {

@@ -25,6 +25,10 @@ const GENERATION: &[&str] = &[
     "/query",
 ];
 
+/// The header the gate sets to the agent a key proved (a client's own is removed). Routes
+/// that take the agent from the body (`/query`'s `agent_name`) check it against this.
+pub const KEY_AGENT: &str = "x-aios-key-agent";
+
 /// Routes anyone may call, keys or not (probes and scrapers).
 fn is_open(path: &str) -> bool {
     path == "/health" || path == "/metrics"
@@ -145,6 +149,8 @@ fn admit(
             format!("the request's headers take {header_bytes} bytes; the limit is {max}"),
         ));
     }
+    // Set below, by the gate only: the agent a key proved.
+    req.headers_mut().remove(KEY_AGENT);
     if open {
         return Ok(None);
     }
@@ -194,7 +200,8 @@ fn admit(
     if let Some(Who::Agent(name)) = &who {
         let v = HeaderValue::from_str(name)
             .map_err(|_| ApiError::internal("agent name is not a header value"))?;
-        req.headers_mut().insert("x-agent-id", v);
+        req.headers_mut().insert("x-agent-id", v.clone());
+        req.headers_mut().insert(KEY_AGENT, v);
     }
     *agent = req
         .headers()

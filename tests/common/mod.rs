@@ -235,10 +235,16 @@ pub fn serve_with_config(
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("config.toml");
     let model = default_model_path();
+    // Long-term memory in the test's own directory, never the repository's data/.
+    let memory = if sections.contains("[memory]") {
+        String::new()
+    } else {
+        format!("\n[memory]\npath = {:?}\n", dir.join("memory.sqlite"))
+    };
     std::fs::write(
         &cfg,
         format!(
-            "{sections}\n[[models]]\nname = \"smollm2\"\npath = {:?}\n{model_extra}",
+            "{sections}{memory}\n[[models]]\nname = \"smollm2\"\npath = {:?}\n{model_extra}",
             model.to_str().unwrap()
         ),
     )
