@@ -28,7 +28,7 @@ if [ -f "$model" ]; then
 fi
 python3 - <<'PY'
 import json, struct
-meta = {"fingerprint": "fuzz", "id": "ctx-1", "owner": "a", "created": 0,
+meta = {"fingerprint": "fuzz|layers=1|kv_heads=1|head_dim=2|block=16|f16", "id": "ctx-1", "owner": "a", "created": 0,
         "tokens": 3, "kv_len": 2, "data_values": 64}
 h = json.dumps(meta).encode()
 body = b"AIOSKV\0\x01" + struct.pack("<I", len(h)) + h

@@ -408,4 +408,33 @@ mod tests {
         assert!(!s.path("ctx-1").exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn a_header_with_impossible_lengths_is_refused_not_overflowed() {
+        let dir = std::env::temp_dir().join(format!("aios-snap-big-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let s = store(&dir, "m");
+        for (tokens, values) in [
+            (usize::MAX / 2, 1),
+            (1, usize::MAX / 2),
+            (usize::MAX, usize::MAX),
+        ] {
+            let h = format!(
+                r#"{{"fingerprint":{:?},"id":"x","owner":"a","created":0,"tokens":{tokens},"kv_len":0,"data_values":{values}}}"#,
+                s.fingerprint
+            );
+            let mut bytes = MAGIC.to_vec();
+            bytes.extend((h.len() as u32).to_le_bytes());
+            bytes.extend(h.as_bytes());
+            bytes.extend([0u8; 16]);
+            let err = s
+                .read_from(&mut std::io::Cursor::new(&bytes), bytes.len())
+                .unwrap_err();
+            assert!(
+                err.contains("impossibly large") || err.contains("truncated"),
+                "{err}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
