@@ -24,6 +24,28 @@ pub struct Config {
     pub memory: MemorySection,
     pub auth: AuthSection,
     pub limits: LimitsSection,
+    pub kv_events: KvEventsSection,
+}
+
+/// Prefix-cache changes published in vLLM's KV-event format (ZeroMQ PUB), for routers.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KvEventsSection {
+    pub enabled: bool,
+    /// `tcp://HOST:PORT`; `*` binds every interface, port 0 any free port.
+    pub endpoint: String,
+    /// This replica's name in the topic `kv@<instance-id>@<model>` (default: the host name).
+    pub instance_id: String,
+}
+
+impl Default for KvEventsSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            endpoint: "tcp://*:5557".into(),
+            instance_id: String::new(),
+        }
+    }
 }
 
 /// Who may call: API keys (stored as SHA-256 digests) decide the agent identity.
@@ -305,6 +327,7 @@ impl Default for Config {
             memory: MemorySection::default(),
             auth: AuthSection::default(),
             limits: LimitsSection::default(),
+            kv_events: KvEventsSection::default(),
         }
     }
 }

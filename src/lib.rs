@@ -12,6 +12,7 @@ pub mod devices;
 pub mod embed;
 pub mod engine;
 pub mod kv;
+pub mod kv_events;
 pub mod limits;
 pub mod memory;
 pub mod metrics;
@@ -69,7 +70,10 @@ pub fn load_configured(m: &ModelConfig) -> Result<LoadedModel, String> {
 
 /// The server state for `cfg`, with every model loading in the background. `/health` answers
 /// 503 until they are ready.
-pub fn start_loading(cfg: &Config) -> Result<Arc<AppState>, String> {
+pub fn start_loading(
+    cfg: &Config,
+    kv_events: Option<Arc<kv_events::Publisher>>,
+) -> Result<Arc<AppState>, String> {
     let created = api::unix_now();
     let embeddings_on = !cfg.embeddings.path.is_empty();
     let memory = if cfg.memory.path.is_empty() {
@@ -98,7 +102,7 @@ pub fn start_loading(cfg: &Config) -> Result<Arc<AppState>, String> {
     } else {
         api::EmbedSlot::Off
     };
-    let state = Arc::new(AppState::new(cfg, slots, embed, memory)?);
+    let state = Arc::new(AppState::new(cfg, slots, embed, memory, kv_events)?);
     if embeddings_on {
         let (state, e) = (state.clone(), cfg.embeddings.clone());
         std::thread::spawn(move || {
@@ -139,7 +143,11 @@ pub fn start_loading(cfg: &Config) -> Result<Arc<AppState>, String> {
                     if !kv_dir.is_empty() {
                         engine_cfg.snapshot_dir = Some(std::path::Path::new(&kv_dir).join(&m.name));
                     }
-                    SlotState::Ready(engine::spawn(loaded, engine_cfg))
+                    let handle = engine::spawn(loaded, engine_cfg);
+                    if let Some(p) = &state.kv_events {
+                        handle.set_kv_event_sink(p.sink(&m.name));
+                    }
+                    SlotState::Ready(handle)
                 }
                 Err(e) => {
                     tracing::error!("model '{}' failed to load: {e}", m.name);

@@ -176,7 +176,24 @@ fn serve(common: Common) -> Result<()> {
         .build()?;
     rt.block_on(async {
         let keys = aios::auth::KeyTable::from_config(&cfg).map_err(anyhow::Error::msg)?;
-        let state = aios::start_loading(&cfg).map_err(anyhow::Error::msg)?;
+        let kv_events = if cfg.kv_events.enabled {
+            let instance = match cfg.kv_events.instance_id.as_str() {
+                "" => hostname(),
+                id => id.to_string(),
+            };
+            let gpu = cfg.models.iter().any(|m| m.device.starts_with("cuda"));
+            let p = aios::kv_events::Publisher::start(
+                &cfg.kv_events.endpoint,
+                &instance,
+                if gpu { "GPU" } else { "CPU" },
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+            Some(std::sync::Arc::new(p))
+        } else {
+            None
+        };
+        let state = aios::start_loading(&cfg, kv_events.clone()).map_err(anyhow::Error::msg)?;
         let _ = state
             .reload_source
             .set(Box::new(move || common.config().map_err(|e| format!("{e:#}"))));
@@ -190,6 +207,9 @@ fn serve(common: Common) -> Result<()> {
         .with_context(|| format!("binding {}:{}", cfg.server.host, cfg.server.port))?;
         // Tests and scripts read this line to find the port.
         println!("aios listening on http://{}", server.addr);
+        if let Some(p) = &kv_events {
+            println!("aios kv events on {}", p.endpoint);
+        }
         std::io::stdout().flush().ok();
         if !keys.is_on() {
             if !server.addr.ip().is_loopback() && !cfg.auth.allow_unauthenticated {
@@ -235,6 +255,16 @@ fn serve(common: Common) -> Result<()> {
         server.stop(grace).await;
         Ok(())
     })
+}
+
+/// This machine's name (for the KV-event topic), else a random one.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| format!("aios-{:08x}", rand::random::<u32>()))
 }
 
 async fn shutdown_signal() {

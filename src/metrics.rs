@@ -80,6 +80,7 @@ pub struct Metrics {
     contexts: IntGaugeVec,
     tier_bytes: IntGaugeVec,
     rate_limited: IntCounterVec,
+    kv_events: IntCounterVec,
     /// Preemptions already counted, per model (the engine keeps a running total).
     seen_preemptions: Mutex<HashMap<String, u64>>,
 }
@@ -242,6 +243,11 @@ impl Metrics {
                 "Requests refused by an agent limit (429).",
                 &["limit"],
             ),
+            kv_events: counter(
+                "aios_kv_events_total",
+                "KV events (prefix-cache changes) published, or dropped on a full queue.",
+                &["outcome"],
+            ),
             seen_preemptions: Mutex::new(HashMap::new()),
             registry,
         }
@@ -257,6 +263,14 @@ impl Metrics {
     /// Count one request refused by an agent limit.
     pub fn limited(&self, limit: &str) {
         self.rate_limited.with_label_values(&[limit]).inc();
+    }
+
+    /// Bring the KV-event counters up to the publisher's totals.
+    pub fn kv_events(&self, published: u64, dropped: u64) {
+        for (outcome, total) in [("published", published), ("dropped", dropped)] {
+            let c = self.kv_events.with_label_values(&[outcome]);
+            c.inc_by(total.saturating_sub(c.get()));
+        }
     }
 
     /// The text exposition, with the engines' gauges read now.
@@ -330,6 +344,8 @@ pub struct Observer {
     usage: Usage,
     /// The agent's share of the KV pool taken by this request, given back when it ends.
     pub kv: Option<KvReservation>,
+    /// Whether it ran (a rendered request only tokenises: no log line).
+    pub ran: bool,
 }
 
 impl Observer {
@@ -352,6 +368,7 @@ impl Observer {
             last: Vec::new(),
             usage: Usage::default(),
             kv: None,
+            ran: false,
         }
     }
 
@@ -406,6 +423,9 @@ impl Observer {
 
 impl Drop for Observer {
     fn drop(&mut self) {
+        if !self.ran {
+            return;
+        }
         let u = &self.usage;
         let first = self
             .last

@@ -413,8 +413,9 @@ fn a_model_still_loading_gives_503_and_health_says_so() {
         state: std::sync::RwLock::new(SlotState::Loading),
     }];
     let cfg = aios::config::Config::default();
-    let state =
-        std::sync::Arc::new(AppState::new(&cfg, slots, aios::api::EmbedSlot::Off, None).unwrap());
+    let state = std::sync::Arc::new(
+        AppState::new(&cfg, slots, aios::api::EmbedSlot::Off, None, None).unwrap(),
+    );
     let server = rt
         .block_on(Server::start(state, "127.0.0.1", 0, 1 << 16))
         .unwrap();

@@ -14,6 +14,12 @@ use super::{AppState, Live};
 use crate::config::Config;
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    if let Some(p) = &state.kv_events {
+        use std::sync::atomic::Ordering::Relaxed;
+        state
+            .metrics
+            .kv_events(p.published.load(Relaxed), p.dropped.load(Relaxed));
+    }
     let engines = state.ready_engines();
     let text = state
         .metrics
@@ -70,6 +76,9 @@ fn fixed_sections(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.memory != new.memory {
         out.push("memory");
     }
+    if old.kv_events != new.kv_events {
+        out.push("kv_events");
+    }
     let models = |c: &Config| {
         c.models
             .iter()
@@ -110,6 +119,7 @@ impl AppState {
         applied.kv = old.config.kv.clone();
         applied.embeddings = old.config.embeddings.clone();
         applied.memory = old.config.memory.clone();
+        applied.kv_events = old.config.kv_events.clone();
         applied.models = old.config.models.clone();
         for (m, n) in applied.models.iter_mut().zip(&new.models) {
             if m.name == n.name {

@@ -26,6 +26,19 @@ pub async fn chat_completions(
     }
 }
 
+/// `POST /v1/chat/completions/render`: the token ids the engine would run for this request,
+/// chat template (and tools, response format) included.
+pub async fn render(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match prepare(&state, &headers, &body) {
+        Ok((job, _)) => axum::Json(json!({"token_ids": job.prompts[0]})).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
 fn prepare(
     state: &AppState,
     headers: &HeaderMap,

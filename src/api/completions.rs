@@ -25,6 +25,25 @@ pub async fn completions(
     }
 }
 
+/// `POST /v1/completions/render`: the token ids the engine would run for this request (one
+/// list, or a list per prompt), for routers that hash prefixes as we do.
+pub async fn render(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match prepare(&state, &headers, &body) {
+        Ok((job, _)) => {
+            let ids = match job.prompts.as_slice() {
+                [one] => json!(one),
+                many => json!(many),
+            };
+            axum::Json(json!({"token_ids": ids})).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
 fn prepare(
     state: &AppState,
     headers: &HeaderMap,

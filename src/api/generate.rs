@@ -222,6 +222,7 @@ impl Job {
 
     /// Run the job and answer: one JSON object, or an SSE stream.
     pub async fn respond<F: Format>(mut self, format: F) -> Response {
+        self.obs.ran = true;
         if let Some(id) = &self.params.context {
             if self.params.n > 1 || self.prompts.len() > 1 {
                 return ApiError::param("context_id", "context_id runs one prompt with n = 1")

@@ -63,6 +63,8 @@ pub struct AppState {
     /// Requests in flight, bodies included; `idle` is notified when it drops to zero.
     pub inflight: std::sync::atomic::AtomicUsize,
     pub idle: tokio::sync::Notify,
+    /// The KV-event publisher, when on.
+    pub kv_events: Option<Arc<crate::kv_events::Publisher>>,
 }
 
 /// How to read the configuration again (file, environment, command line), validated.
@@ -100,6 +102,7 @@ impl AppState {
         models: Vec<ModelSlot>,
         embeddings: EmbedSlot,
         memory: Option<Arc<crate::memory::MemoryStore>>,
+        kv_events: Option<Arc<crate::kv_events::Publisher>>,
     ) -> Result<Self, String> {
         Ok(Self {
             models,
@@ -112,6 +115,7 @@ impl AppState {
             draining: Default::default(),
             inflight: Default::default(),
             idle: tokio::sync::Notify::new(),
+            kv_events,
         })
     }
 
@@ -186,6 +190,8 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
+        .route("/v1/chat/completions/render", post(chat::render))
+        .route("/v1/completions/render", post(completions::render))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route("/health", get(health))

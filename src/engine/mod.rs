@@ -241,6 +241,11 @@ impl EngineHandle {
     pub fn stats(&self) -> &EngineStats {
         &self.stats
     }
+
+    /// Report this model's prefix-cache changes to `sink` (KV events for routers).
+    pub fn set_kv_event_sink(&self, sink: crate::kv::KvEventSink) {
+        self.kv.set_event_sink(sink);
+    }
 }
 
 /// How the engine forms its steps.

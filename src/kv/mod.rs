@@ -96,12 +96,33 @@ struct FreeList {
 }
 
 impl FreeList {
-    fn forget(&mut self, b: u32) {
-        if let Some(h) = self.hash[b as usize].take() {
-            self.by_hash.remove(&h);
-        }
+    /// Take block `b` out of the prefix cache; returns the hash it was cached under.
+    fn forget(&mut self, b: u32) -> Option<u64> {
+        let h = self.hash[b as usize].take()?;
+        self.by_hash.remove(&h);
+        Some(h)
     }
 }
+
+/// A change to the prefix cache, for routers that track which replica holds which prefix
+/// (published in vLLM's KV-event format by `crate::kv_events`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KvEvent {
+    /// A full block entered the cache: its chain hash, the previous block's (None for the
+    /// first block of a sequence) and its tokens.
+    Stored {
+        hash: u64,
+        parent: Option<u64>,
+        tokens: Vec<u32>,
+    },
+    /// A block left the cache (evicted or rewritten).
+    Removed { hash: u64 },
+    /// The cache is empty (a fresh pool).
+    Cleared,
+}
+
+/// Where a pool reports its cache changes; it must not block (the engine step calls it).
+pub type KvEventSink = Arc<dyn Fn(KvEvent) + Send + Sync>;
 
 /// A fixed pool of KV blocks.
 ///
@@ -123,6 +144,7 @@ pub struct KvPool {
     recomputes: AtomicUsize,
     /// A private pool (one sequence, tests and benches) grows instead of running out.
     growable: bool,
+    events: std::sync::OnceLock<KvEventSink>,
 }
 
 // SAFETY: element access goes through block ownership (see `data`); the free list is behind
@@ -163,6 +185,7 @@ impl KvPool {
             swap_outs: AtomicUsize::new(0),
             recomputes: AtomicUsize::new(0),
             growable,
+            events: std::sync::OnceLock::new(),
         }
     }
 
@@ -237,7 +260,9 @@ impl KvPool {
         // Evict the least recently used cached blocks to make up the difference.
         while st.free.len() < n {
             let (_, b) = st.lru.pop_first().expect("counted above");
-            st.forget(b);
+            if let Some(h) = st.forget(b) {
+                self.emit(KvEvent::Removed { hash: h });
+            }
             st.free.push(b);
         }
         let at = st.free.len() - n;
@@ -247,7 +272,9 @@ impl KvPool {
         got.reverse();
         for &b in &got {
             st.refs[b as usize] = 1;
-            st.forget(b);
+            if let Some(h) = st.forget(b) {
+                self.emit(KvEvent::Removed { hash: h });
+            }
         }
         self.used.fetch_add(n, Ordering::AcqRel);
         Ok(got)
@@ -300,17 +327,39 @@ impl KvPool {
     }
 
     /// Offer block `b`, full with the tokens whose chain hash is `h`, to the prefix cache.
-    fn register(&self, b: u32, h: u64) {
+    fn register(&self, b: u32, h: u64, parent: u64, tokens: &[u32]) {
         let mut st = self.state.lock().expect("kv pool lock");
         if st.hash[b as usize].is_none() && !st.by_hash.contains_key(&h) {
             st.by_hash.insert(h, b);
             st.hash[b as usize] = Some(h);
+            self.emit(KvEvent::Stored {
+                hash: h,
+                parent: (parent != 0).then_some(parent),
+                tokens: tokens.to_vec(),
+            });
+        }
+    }
+
+    /// Report prefix-cache changes to `sink` from now on (once per pool); it hears first that
+    /// the cache is empty.
+    pub fn set_event_sink(&self, sink: KvEventSink) {
+        let empty = self.state.lock().expect("kv pool lock").by_hash.is_empty();
+        if self.events.set(sink).is_ok() && empty {
+            self.emit(KvEvent::Cleared);
+        }
+    }
+
+    fn emit(&self, e: KvEvent) {
+        if let Some(sink) = self.events.get() {
+            sink(e);
         }
     }
 
     /// Take block `b` out of the prefix cache (its owner is about to rewrite it).
     fn unregister(&self, b: u32) {
-        self.state.lock().expect("kv pool lock").forget(b);
+        if let Some(h) = self.state.lock().expect("kv pool lock").forget(b) {
+            self.emit(KvEvent::Removed { hash: h });
+        }
     }
 
     /// Cached blocks no sequence holds (reusable, evicted first-released-first).
@@ -591,7 +640,8 @@ impl KvSeq {
         for i in self.hashes.len()..full {
             let prev = self.hashes.last().copied().unwrap_or(0);
             let h = chain_hash(prev, &tokens[i * BLOCK_TOKENS..(i + 1) * BLOCK_TOKENS]);
-            self.pool.register(self.blocks[i], h);
+            let block = &tokens[i * BLOCK_TOKENS..(i + 1) * BLOCK_TOKENS];
+            self.pool.register(self.blocks[i], h, prev, block);
             self.hashes.push(h);
         }
     }

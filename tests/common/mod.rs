@@ -58,7 +58,7 @@ pub fn server() -> &'static str {
                     concat!(env!("CARGO_MANIFEST_DIR"), "/models/all-MiniLM-L6-v2").into();
                 // Long-term memory, fresh too (not the repository's data/memory.sqlite).
                 cfg.memory.path = snaps.join("memory.sqlite").display().to_string();
-                let state = aios::start_loading(&cfg).unwrap();
+                let state = aios::start_loading(&cfg, None).unwrap();
                 let server = aios::api::Server::start(state, "127.0.0.1", 0, TEST_MAX_BODY)
                     .await
                     .unwrap();
