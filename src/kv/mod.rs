@@ -332,11 +332,13 @@ impl KvPool {
         if st.hash[b as usize].is_none() && !st.by_hash.contains_key(&h) {
             st.by_hash.insert(h, b);
             st.hash[b as usize] = Some(h);
-            self.emit(KvEvent::Stored {
-                hash: h,
-                parent: (parent != 0).then_some(parent),
-                tokens: tokens.to_vec(),
-            });
+            if self.events.get().is_some() {
+                self.emit(KvEvent::Stored {
+                    hash: h,
+                    parent: (parent != 0).then_some(parent),
+                    tokens: tokens.to_vec(),
+                });
+            }
         }
     }
 
