@@ -47,6 +47,117 @@ fn open_cuda(n: usize) -> Result<Device, String> {
     ))
 }
 
+/// What this machine has to run models on.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeviceReport {
+    pub cpu: CpuInfo,
+    pub gpus: Vec<GpuInfo>,
+    /// "ok", or why NVML could not be used (no NVIDIA driver is the usual reason); not an error.
+    pub nvml: String,
+    /// The driver's version, when NVML answered.
+    pub driver_version: Option<String>,
+    /// Whether this build can run models on CUDA (`--features cuda`).
+    pub cuda_build: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CpuInfo {
+    pub model: String,
+    /// Logical cores this process may use.
+    pub cores: usize,
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GpuInfo {
+    pub index: u32,
+    pub name: String,
+    pub uuid: String,
+    pub memory_total_bytes: u64,
+    pub memory_used_bytes: u64,
+    pub memory_free_bytes: u64,
+    /// Percent of the last sample period a kernel ran, and memory was read or written.
+    pub utilization_gpu_percent: Option<u32>,
+    pub utilization_memory_percent: Option<u32>,
+    pub temperature_c: Option<u32>,
+}
+
+/// One `key: value` line of a /proc file, the value's first word parsed.
+fn proc_field(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split(':').nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn cpu_info() -> CpuInfo {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name") || l.starts_with("Model"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|m| m.trim().to_string())
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    CpuInfo {
+        model,
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        memory_total_bytes: proc_field(&meminfo, "MemTotal").unwrap_or(0) * 1024,
+        memory_available_bytes: proc_field(&meminfo, "MemAvailable").unwrap_or(0) * 1024,
+    }
+}
+
+/// The CPU, and every NVIDIA GPU NVML reports. Without the NVIDIA driver (or with NVML
+/// failing) the report is CPU only, with the reason in `nvml`; this never fails.
+pub fn discover() -> DeviceReport {
+    let mut report = DeviceReport {
+        cpu: cpu_info(),
+        gpus: Vec::new(),
+        nvml: String::new(),
+        driver_version: None,
+        cuda_build: cfg!(feature = "cuda"),
+    };
+    let nvml = match nvml_wrapper::Nvml::init() {
+        Ok(n) => n,
+        Err(e) => {
+            report.nvml = format!("not available: {e}");
+            return report;
+        }
+    };
+    report.driver_version = nvml.sys_driver_version().ok();
+    let count = match nvml.device_count() {
+        Ok(c) => c,
+        Err(e) => {
+            report.nvml = format!("no device count: {e}");
+            return report;
+        }
+    };
+    for index in 0..count {
+        let Ok(d) = nvml.device_by_index(index) else {
+            continue;
+        };
+        let mem = d.memory_info().ok();
+        let util = d.utilization_rates().ok();
+        report.gpus.push(GpuInfo {
+            index,
+            name: d.name().unwrap_or_default(),
+            uuid: d.uuid().unwrap_or_default(),
+            memory_total_bytes: mem.as_ref().map_or(0, |m| m.total),
+            memory_used_bytes: mem.as_ref().map_or(0, |m| m.used),
+            memory_free_bytes: mem.as_ref().map_or(0, |m| m.free),
+            utilization_gpu_percent: util.as_ref().map(|u| u.gpu),
+            utilization_memory_percent: util.as_ref().map(|u| u.memory),
+            temperature_c: d
+                .temperature(nvml_wrapper::enum_wrappers::device::TemperatureSensor::Gpu)
+                .ok(),
+        });
+    }
+    report.nvml = "ok".into();
+    report
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,5 +174,21 @@ mod tests {
             .open()
             .unwrap_err()
             .contains("--features cuda"));
+    }
+
+    #[test]
+    fn discovery_always_reports_the_cpu_and_never_fails() {
+        let r = discover();
+        assert!(r.cpu.cores >= 1);
+        assert!(r.cpu.memory_total_bytes > 0);
+        assert!(r.cpu.memory_available_bytes <= r.cpu.memory_total_bytes);
+        // With NVML absent (no driver) the report says why and lists no GPU.
+        if r.nvml != "ok" {
+            assert!(r.gpus.is_empty());
+            assert!(r.nvml.starts_with("not available") || r.nvml.starts_with("no device"));
+        }
+        for g in &r.gpus {
+            assert!(g.memory_free_bytes <= g.memory_total_bytes, "{g:?}");
+        }
     }
 }

@@ -28,6 +28,12 @@ enum Cmd {
     Models(Common),
     /// Measure TTFT, inter-token latency and throughput of aios or any OpenAI-compatible server.
     Bench(BenchArgs),
+    /// The CPU and the NVIDIA GPUs (through NVML) models can run on.
+    Devices {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a fresh API key for agent NAME (`@admin` for the admin key) and the line that
     /// configures it; the key itself is not stored anywhere.
     Key {
@@ -143,6 +149,50 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Serve(c) => serve(c),
+        Cmd::Devices { json } => {
+            let r = aios::devices::discover();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+                return Ok(());
+            }
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            println!(
+                "cpu     {} · {} cores · {:.1} GiB, {:.1} GiB available",
+                r.cpu.model,
+                r.cpu.cores,
+                gib(r.cpu.memory_total_bytes),
+                gib(r.cpu.memory_available_bytes)
+            );
+            for g in &r.gpus {
+                let opt =
+                    |v: Option<u32>, unit: &str| v.map_or("?".into(), |v| format!("{v}{unit}"));
+                println!(
+                    "cuda:{} {} · {:.1} GiB, {:.1} GiB free · {} busy · {}",
+                    g.index,
+                    g.name,
+                    gib(g.memory_total_bytes),
+                    gib(g.memory_free_bytes),
+                    opt(g.utilization_gpu_percent, "%"),
+                    opt(g.temperature_c, " °C")
+                );
+            }
+            println!(
+                "nvml    {}{}",
+                r.nvml,
+                r.driver_version
+                    .map(|v| format!(" (driver {v})"))
+                    .unwrap_or_default()
+            );
+            println!(
+                "build   {}",
+                if r.cuda_build {
+                    "cpu + cuda"
+                } else {
+                    "cpu only (build with --features cuda for GPUs)"
+                }
+            );
+            Ok(())
+        }
         Cmd::Key { name } => {
             let key = aios::auth::new_key();
             let digest = aios::auth::digest_hex(&key);

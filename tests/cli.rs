@@ -529,3 +529,27 @@ fn memories_survive_a_restart() {
     assert!(stop(child).success());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn devices_reports_the_cpu_and_any_gpu_without_failing() {
+    let out = Command::new(BIN)
+        .args(["devices", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r["cpu"]["cores"].as_u64().unwrap() >= 1, "{r}");
+    assert!(r["cpu"]["memory_total_bytes"].as_u64().unwrap() > 0, "{r}");
+    // No NVIDIA driver: CPU only, and the reason, not an error.
+    if r["nvml"] != "ok" {
+        assert_eq!(r["gpus"], json!([]), "{r}");
+    }
+    let out = Command::new(BIN).arg("devices").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("cpu ") && text.contains("nvml"), "{text}");
+}

@@ -173,6 +173,24 @@ fn keys_decide_the_agent_and_no_agent_reaches_another_agents_data() {
     );
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["response"]["status_code"], 200, "{v}");
+    // Devices are the admin's to see.
+    let (s, _, _) = req(
+        "GET",
+        &format!("{url}/v1/devices"),
+        Some("alice-key"),
+        None,
+        None,
+    );
+    assert_eq!(s, 403);
+    let (s, _, dev) = req(
+        "GET",
+        &format!("{url}/v1/devices"),
+        Some("root-key"),
+        None,
+        None,
+    );
+    assert_eq!(s, 200, "{dev}");
+    assert!(dev["cpu"]["cores"].as_u64().unwrap() >= 1, "{dev}");
     // The admin may act as an agent.
     assert_eq!(
         req("GET", &ctx_url, Some("root-key"), Some("alice"), None).0,

@@ -34,6 +34,14 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
+/// `GET /v1/devices`: the CPU and GPUs (admin key when keys are on).
+pub async fn devices() -> Response {
+    match tokio::task::spawn_blocking(crate::devices::discover).await {
+        Ok(r) => axum::Json(r).into_response(),
+        Err(e) => ApiError::internal(format!("device discovery failed: {e}")).into_response(),
+    }
+}
+
 pub async fn own_usage(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     match agent_of(&headers) {
         Ok(agent) => {

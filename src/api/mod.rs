@@ -209,6 +209,7 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/v1/memories/search", post(memories::search_route))
         .route("/metrics", get(admin::metrics))
         .route("/v1/usage", get(admin::own_usage))
+        .route("/v1/devices", get(admin::devices))
         .route("/admin/usage", get(admin::all_usage))
         .route("/admin/reload", post(admin::reload))
         .route(
