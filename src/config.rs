@@ -25,6 +25,65 @@ pub struct Config {
     pub auth: AuthSection,
     pub limits: LimitsSection,
     pub kv_events: KvEventsSection,
+    /// Remote OpenAI-compatible backends models may spill over to: `[[providers]]`.
+    pub providers: Vec<ProviderConfig>,
+}
+
+/// A remote backend speaking the OpenAI API (OpenAI, Groq, DeepSeek, vLLM, Ollama, another aios).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub name: String,
+    /// `openai` (any OpenAI-compatible API).
+    #[serde(default = "default_provider_kind")]
+    pub kind: String,
+    /// The API root, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// The environment variable holding the API key (the key itself is never in the config).
+    #[serde(default)]
+    pub api_key_env: String,
+    /// Our model name → the provider's (a model not listed keeps its name).
+    #[serde(default)]
+    pub models: std::collections::BTreeMap<String, String>,
+    #[serde(default = "default_provider_timeout")]
+    pub timeout_secs: u64,
+    /// Requests in flight to this provider, at most (0: no limit).
+    #[serde(default)]
+    pub max_concurrency: usize,
+    /// Token buckets; past them requests wait (up to the timeout) rather than fail.
+    #[serde(default)]
+    pub requests_per_minute: u32,
+    #[serde(default)]
+    pub tokens_per_minute: u64,
+    /// Retries of a failed call (connection errors, 429, 5xx), with backoff or `Retry-After`.
+    #[serde(default = "default_provider_retries")]
+    pub max_retries: u32,
+    /// After this many failed calls in a row the provider rests for `cooldown_secs`.
+    #[serde(default = "default_provider_cooldown_after")]
+    pub cooldown_after_failures: u32,
+    #[serde(default = "default_provider_cooldown")]
+    pub cooldown_secs: u64,
+    /// US dollars per million input and output tokens, for the cost ledger.
+    #[serde(default)]
+    pub price_input_per_mtok: f64,
+    #[serde(default)]
+    pub price_output_per_mtok: f64,
+}
+
+fn default_provider_kind() -> String {
+    "openai".into()
+}
+fn default_provider_timeout() -> u64 {
+    60
+}
+fn default_provider_retries() -> u32 {
+    2
+}
+fn default_provider_cooldown_after() -> u32 {
+    3
+}
+fn default_provider_cooldown() -> u64 {
+    30
 }
 
 /// Prefix-cache changes published in vLLM's KV-event format (ZeroMQ PUB), for routers.
@@ -74,6 +133,8 @@ pub struct LimitsSection {
     pub max_streams: u32,
     /// Largest share of a model's KV pool one request of an agent may need (0 to 1).
     pub max_kv_share: f64,
+    /// US dollars an agent may spend on remote backends (0: no limit); then no spill-over.
+    pub cloud_budget_usd: f64,
     /// Longest prompt accepted, in tokens, whatever the model's context.
     pub max_prompt_tokens: usize,
     /// A request still running after this many seconds is ended (504, or an error event).
@@ -91,6 +152,7 @@ impl Default for LimitsSection {
             tokens_per_minute: 0,
             max_streams: 0,
             max_kv_share: 1.0,
+            cloud_budget_usd: 0.0,
             max_prompt_tokens: 0,
             request_timeout_secs: 600,
             max_header_bytes: 16 * 1024,
@@ -147,6 +209,7 @@ pub struct AgentConfig {
     pub tokens_per_minute: Option<u64>,
     pub max_streams: Option<u32>,
     pub max_kv_share: Option<f64>,
+    pub cloud_budget_usd: Option<f64>,
 }
 
 /// The KV pool of each model: fixed 16-token blocks allocated once, from `bytes` when set,
@@ -295,6 +358,13 @@ pub struct ModelConfig {
     /// This model's scheduling policy, instead of `[engine] policy`.
     #[serde(default)]
     pub policy: Option<crate::engine::PolicyKind>,
+    /// Providers (by name) to spill over to, in order, when this model cannot take a request.
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
+    /// Spill over when the predicted wait in the local queue is longer than this (0: only
+    /// when the local engine refuses or fails).
+    #[serde(default)]
+    pub max_queue_ms: u64,
 }
 
 fn default_device() -> String {
@@ -328,6 +398,7 @@ impl Default for Config {
             auth: AuthSection::default(),
             limits: LimitsSection::default(),
             kv_events: KvEventsSection::default(),
+            providers: Vec::new(),
         }
     }
 }
@@ -343,6 +414,8 @@ impl ModelConfig {
             context_length: None,
             device: default_device(),
             policy: None,
+            fallbacks: Vec::new(),
+            max_queue_ms: 0,
         }
     }
 }
@@ -475,6 +548,35 @@ impl Config {
             }
         }
         crate::auth::KeyTable::from_config(self).map_err(ConfigError)?;
+        let mut providers = std::collections::HashSet::new();
+        for (i, p) in self.providers.iter().enumerate() {
+            if p.name.trim().is_empty() || !providers.insert(p.name.as_str()) {
+                return Err(ConfigError(format!(
+                    "providers[{i}].name {:?} is empty or used twice",
+                    p.name
+                )));
+            }
+            if p.kind != "openai" {
+                return Err(ConfigError(format!(
+                    "providers[{i}].kind {:?} is not supported (openai)",
+                    p.kind
+                )));
+            }
+            if !(p.base_url.starts_with("http://") || p.base_url.starts_with("https://")) {
+                return Err(ConfigError(format!(
+                    "providers[{i}].base_url {:?} must start with http:// or https://",
+                    p.base_url
+                )));
+            }
+        }
+        for m in &self.models {
+            if let Some(f) = m.fallbacks.iter().find(|f| !providers.contains(f.as_str())) {
+                return Err(ConfigError(format!(
+                    "models '{}': fallback {f:?} is not a configured provider",
+                    m.name
+                )));
+            }
+        }
         if self.models.is_empty() {
             return Err(ConfigError(
                 "models: at least one model must be configured".into(),

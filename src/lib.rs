@@ -18,6 +18,7 @@ pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod ops;
+pub mod providers;
 
 use std::sync::{Arc, RwLock};
 

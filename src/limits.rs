@@ -17,6 +17,9 @@ pub struct AgentLimits {
     pub tokens_per_minute: u64,
     pub max_streams: u32,
     pub max_kv_share: f64,
+    /// US dollars the agent may spend on remote backends (0: no limit); once spent, requests
+    /// no longer spill over.
+    pub cloud_budget_usd: f64,
 }
 
 /// Every agent's limits, resolved from `[limits]` and `[agents.NAME]`.
@@ -34,6 +37,7 @@ impl Limits {
             tokens_per_minute: l.tokens_per_minute,
             max_streams: l.max_streams,
             max_kv_share: l.max_kv_share,
+            cloud_budget_usd: l.cloud_budget_usd,
         };
         let agents = cfg
             .agents
@@ -46,6 +50,7 @@ impl Limits {
                     tokens_per_minute: a.tokens_per_minute.unwrap_or(default.tokens_per_minute),
                     max_streams: a.max_streams.unwrap_or(default.max_streams),
                     max_kv_share: a.max_kv_share.unwrap_or(default.max_kv_share),
+                    cloud_budget_usd: a.cloud_budget_usd.unwrap_or(default.cloud_budget_usd),
                 };
                 (name.clone(), limits)
             })
@@ -67,15 +72,15 @@ pub struct Refusal {
 
 /// A token bucket holding up to `per_minute`, refilled continuously.
 #[derive(Debug)]
-struct Bucket {
-    level: f64,
+pub(crate) struct Bucket {
+    pub(crate) level: f64,
     at: Instant,
     /// The limit the level was counted under; a new limit (a reload) starts a full bucket.
     limit: f64,
 }
 
 impl Bucket {
-    fn new(now: Instant) -> Self {
+    pub(crate) fn new(now: Instant) -> Self {
         Self {
             level: f64::INFINITY,
             at: now,
@@ -83,7 +88,7 @@ impl Bucket {
         }
     }
 
-    fn refill(&mut self, per_minute: f64, now: Instant) {
+    pub(crate) fn refill(&mut self, per_minute: f64, now: Instant) {
         if per_minute != self.limit {
             self.limit = per_minute;
             self.level = per_minute;
@@ -94,7 +99,7 @@ impl Bucket {
     }
 
     /// Seconds until the level reaches `want`.
-    fn wait_for(&self, want: f64, per_minute: f64) -> Duration {
+    pub(crate) fn wait_for(&self, want: f64, per_minute: f64) -> Duration {
         Duration::from_secs_f64(((want - self.level) * 60.0 / per_minute).max(0.0))
     }
 }
@@ -107,6 +112,17 @@ pub struct AgentUsage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub cached_tokens: u64,
+    /// The ledger: tokens and cost by backend (`local`, or a provider's name).
+    pub backends: std::collections::BTreeMap<String, BackendUsage>,
+}
+
+/// What one agent used on one backend.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct BackendUsage {
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_usd: f64,
 }
 
 #[derive(Debug)]
@@ -300,7 +316,47 @@ impl Governor {
             s.usage.prompt_tokens += u.prompt_tokens as u64;
             s.usage.completion_tokens += u.completion_tokens as u64;
             s.usage.cached_tokens += u.cached_tokens as u64;
+            let b = s.usage.backends.entry("local".into()).or_default();
+            b.requests += 1;
+            b.prompt_tokens += u.prompt_tokens as u64;
+            b.completion_tokens += u.completion_tokens as u64;
         })
+    }
+
+    /// Record a request another backend served for `agent`: its tokens (against the agent's
+    /// tokens per minute too) and its cost.
+    pub fn charge_remote(
+        &self,
+        agent: &str,
+        limits: AgentLimits,
+        backend: &str,
+        prompt: u64,
+        completion: u64,
+        cost: f64,
+    ) {
+        let now = Instant::now();
+        self.with(agent, |s| {
+            let tpm = limits.tokens_per_minute as f64;
+            if tpm > 0.0 {
+                s.tokens.refill(tpm, now);
+                s.tokens.level -= (prompt + completion) as f64;
+            }
+            s.usage.prompt_tokens += prompt;
+            s.usage.completion_tokens += completion;
+            let b = s.usage.backends.entry(backend.to_string()).or_default();
+            b.requests += 1;
+            b.prompt_tokens += prompt;
+            b.completion_tokens += completion;
+            b.cost_usd += cost;
+        })
+    }
+
+    /// What `agent` has spent on remote backends, in US dollars.
+    pub fn remote_spend(&self, agent: &str) -> f64 {
+        let map = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(agent)
+            .map(|s| s.usage.backends.values().map(|b| b.cost_usd).sum())
+            .unwrap_or(0.0)
     }
 
     /// What `agent` has used.
@@ -328,6 +384,7 @@ mod tests {
             tokens_per_minute: tpm,
             max_streams: streams,
             max_kv_share: share,
+            cloud_budget_usd: 0.0,
         }
     }
 

@@ -81,6 +81,8 @@ pub struct Metrics {
     tier_bytes: IntGaugeVec,
     rate_limited: IntCounterVec,
     kv_events: IntCounterVec,
+    fallbacks: IntCounterVec,
+    cost: prometheus::CounterVec,
     /// Preemptions already counted, per model (the engine keeps a running total).
     seen_preemptions: Mutex<HashMap<String, u64>>,
 }
@@ -248,6 +250,19 @@ impl Metrics {
                 "KV events (prefix-cache changes) published, or dropped on a full queue.",
                 &["outcome"],
             ),
+            fallbacks: counter(
+                "aios_fallback_requests_total",
+                "Requests the local engine could not take, by provider and outcome (served, failed, skipped).",
+                &["model_name", "provider", "outcome"],
+            ),
+            cost: reg(
+                r,
+                prometheus::CounterVec::new(
+                    Opts::new("aios_cost_usd_total", "US dollars spent, by backend."),
+                    &["backend"],
+                )
+                .unwrap(),
+            ),
             seen_preemptions: Mutex::new(HashMap::new()),
             registry,
         }
@@ -258,6 +273,16 @@ impl Metrics {
         self.http_requests
             .with_label_values(&[route, &status.to_string(), backend])
             .inc();
+    }
+
+    /// Count one spill-over attempt.
+    pub fn fallback(&self, model: &str, provider: &str, outcome: &str, cost: f64) {
+        self.fallbacks
+            .with_label_values(&[model, provider, outcome])
+            .inc();
+        if cost > 0.0 {
+            self.cost.with_label_values(&[provider]).inc_by(cost);
+        }
     }
 
     /// Count one request refused by an agent limit.
@@ -374,6 +399,10 @@ impl Observer {
 
     pub fn governor(&self) -> (&Arc<Governor>, AgentLimits, &str) {
         (&self.governor, self.limits, &self.agent)
+    }
+
+    pub fn request_id(&self) -> &str {
+        &self.request_id
     }
 
     pub fn model(&self) -> &str {

@@ -87,6 +87,9 @@ fn fixed_sections(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.kv_events != new.kv_events {
         out.push("kv_events");
     }
+    if old.providers != new.providers {
+        out.push("providers");
+    }
     let models = |c: &Config| {
         c.models
             .iter()
@@ -128,6 +131,7 @@ impl AppState {
         applied.embeddings = old.config.embeddings.clone();
         applied.memory = old.config.memory.clone();
         applied.kv_events = old.config.kv_events.clone();
+        applied.providers = old.config.providers.clone();
         applied.models = old.config.models.clone();
         for (m, n) in applied.models.iter_mut().zip(&new.models) {
             if m.name == n.name {

@@ -112,7 +112,11 @@ fn prepare(
         held: Vec::new(),
     };
     Ok((
-        Job::new(state, engine, &name, vec![prompt], params, headers),
+        Job::new(state, engine, &name, vec![prompt], params, headers).with_fallback(
+            state,
+            crate::providers::Route::Chat,
+            bytes,
+        ),
         format,
     ))
 }

@@ -149,7 +149,11 @@ fn prepare(
         n: params.n,
     };
     Ok((
-        Job::new(state, engine, &name, prompts, params, headers),
+        Job::new(state, engine, &name, prompts, params, headers).with_fallback(
+            state,
+            crate::providers::Route::Completions,
+            bytes,
+        ),
         format,
     ))
 }

@@ -13,6 +13,9 @@ pub struct ApiError {
     pub param: Option<String>,
     /// Seconds a client should wait before retrying (`Retry-After`).
     pub retry_after: Option<u64>,
+    /// The local engine lacks the capacity (queue full, KV pool too small): a model with
+    /// fallbacks spills the request over to them.
+    pub local_capacity: bool,
 }
 
 impl ApiError {
@@ -24,6 +27,7 @@ impl ApiError {
             code: None,
             param: None,
             retry_after: None,
+            local_capacity: false,
         }
     }
 
@@ -70,6 +74,7 @@ impl ApiError {
         )
         .with_code("server_overloaded");
         e.retry_after = Some(1);
+        e.local_capacity = true;
         e
     }
 

@@ -110,7 +110,13 @@ pub async fn gate(State(state): State<Arc<AppState>>, mut req: Request, next: Ne
         resp.headers_mut().insert("x-request-id", v);
     }
     let status = resp.status().as_u16();
-    state.metrics.http(&route, status, "local");
+    let backend = resp
+        .headers()
+        .get("x-aios-backend")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("local")
+        .to_string();
+    state.metrics.http(&route, status, &backend);
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     if is_open(&path) && status < 400 {
         // Probes and scrapes come every few seconds: only at debug.

@@ -82,6 +82,17 @@ pub struct Job {
     pub obs: Observer,
     /// `[limits] max_prompt_tokens` (0: none).
     pub max_prompt_tokens: usize,
+    /// Where the request goes when the local engine cannot take it.
+    pub spill: Option<Spill>,
+}
+
+/// A request's way to the model's fallback providers.
+pub struct Spill {
+    fb: super::ModelFallback,
+    route: crate::providers::Route,
+    /// The client's request, forwarded with the provider's model name.
+    body: Value,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl Job {
@@ -112,7 +123,130 @@ impl Job {
             params,
             obs,
             max_prompt_tokens: live.config.limits.max_prompt_tokens,
+            spill: None,
         }
+    }
+
+    /// Let this request spill over to the model's providers (unless it says `"fallback":
+    /// false`) when the local engine cannot take it.
+    pub fn with_fallback(
+        mut self,
+        state: &super::AppState,
+        route: crate::providers::Route,
+        bytes: &[u8],
+    ) -> Self {
+        let Some(fb) = state.fallbacks.get(self.obs.model()) else {
+            return self;
+        };
+        let Ok(body) = serde_json::from_slice::<Value>(bytes) else {
+            return self;
+        };
+        if body.get("fallback") == Some(&Value::Bool(false)) {
+            return self;
+        }
+        self.spill = Some(Spill {
+            fb: fb.clone(),
+            route,
+            body,
+            metrics: state.metrics.clone(),
+        });
+        self
+    }
+
+    /// The local engine cannot take the request (`why`): try the providers in order; a
+    /// request without fallbacks, or a failure that is not about capacity, gets `why`.
+    async fn spill_over(mut self, why: ApiError) -> Response {
+        let Some(spill) = self.spill.take().filter(|_| why.local_capacity) else {
+            return why.into_response();
+        };
+        // The spill-over logs its own line; the local engine ran nothing.
+        self.obs.ran = false;
+        let model = self.obs.model().to_string();
+        let (gov, limits, agent) = self.obs.governor();
+        let (gov, agent) = (gov.clone(), agent.to_string());
+        if limits.cloud_budget_usd > 0.0 && gov.remote_spend(&agent) >= limits.cloud_budget_usd {
+            spill.metrics.fallback(&model, "-", "skipped_budget", 0.0);
+            let mut e = why;
+            e.message = format!(
+                "{} (agent '{agent}' has spent its cloud budget of ${:.2}, so no spill-over)",
+                e.message, limits.cloud_budget_usd
+            );
+            return e.into_response();
+        }
+        let prompt: usize = self.prompts.iter().map(Vec::len).sum();
+        let est = (prompt + self.params.max_tokens.unwrap_or(256)) as u64;
+        let mut failures = Vec::new();
+        for p in &spill.fb.providers {
+            if p.resting() {
+                spill
+                    .metrics
+                    .fallback(&model, p.name(), "skipped_resting", 0.0);
+                failures.push(format!("provider '{}' is resting after failures", p.name()));
+                continue;
+            }
+            let mut body = spill.body.clone();
+            body["model"] = json!(p.model_for(&model));
+            if let Some(o) = body.as_object_mut() {
+                o.remove("context_id");
+                o.remove("fallback");
+            }
+            let wants_usage = self.params.include_usage;
+            if self.params.stream {
+                body["stream_options"] = json!({"include_usage": true});
+            }
+            match p.send(spill.route, &body, est).await {
+                Ok(resp) => {
+                    tracing::info!(
+                        request_id = %self.obs.request_id(), agent = %agent, model = %model,
+                        backend = %p.name(), reason = %why.message, "spilled over"
+                    );
+                    let charge = {
+                        let (gov, agent, p, metrics, model) = (
+                            gov.clone(),
+                            agent.clone(),
+                            p.clone(),
+                            spill.metrics.clone(),
+                            model.clone(),
+                        );
+                        move |prompt: u64, completion: u64| {
+                            let cost = p.cost(prompt, completion);
+                            gov.charge_remote(&agent, limits, p.name(), prompt, completion, cost);
+                            metrics.fallback(&model, p.name(), "served", cost);
+                        }
+                    };
+                    return if self.params.stream {
+                        relay_stream(resp, p.name(), wants_usage, charge)
+                    } else {
+                        match resp.json::<Value>().await {
+                            Ok(v) => {
+                                let n = |k: &str| v["usage"][k].as_u64().unwrap_or(0);
+                                charge(n("prompt_tokens"), n("completion_tokens"));
+                                let mut r = axum::Json(v).into_response();
+                                backend_header(&mut r, p.name());
+                                r
+                            }
+                            Err(e) => ApiError::new(
+                                axum::http::StatusCode::BAD_GATEWAY,
+                                "upstream_error",
+                                format!("provider '{}' sent an unreadable answer: {e}", p.name()),
+                            )
+                            .into_response(),
+                        }
+                    };
+                }
+                Err(e) => {
+                    spill.metrics.fallback(&model, p.name(), "failed", 0.0);
+                    failures.push(e.message);
+                }
+            }
+        }
+        let mut e = ApiError::unavailable(format!(
+            "{}; and no fallback could take it: {}",
+            why.message,
+            failures.join("; ")
+        ));
+        e.retry_after = Some(1);
+        e.into_response()
     }
 
     /// Refuse prompts that do not leave room for the requested output, are longer than the
@@ -143,7 +277,10 @@ impl Job {
                         p.len()
                     ),
                 };
-                return Err(ApiError::invalid(msg).with_code("context_length_exceeded"));
+                let mut e = ApiError::invalid(msg).with_code("context_length_exceeded");
+                // Another backend may hold a longer context.
+                e.local_capacity = true;
+                return Err(e);
             }
         }
         let need: usize = self
@@ -236,12 +373,24 @@ impl Job {
                 return super::contexts::engine_error(e, id).into_response();
             }
         }
+        if let Some(s) = &self.spill {
+            let wait = self.engine.predicted_wait_ms();
+            if s.fb.max_queue_ms > 0 && wait > s.fb.max_queue_ms {
+                let why = ApiError::overloaded(format!(
+                    "the local queue's predicted wait is {wait} ms, over max_queue_ms = {}",
+                    s.fb.max_queue_ms
+                ));
+                return self.spill_over(why).await;
+            }
+        }
         let receivers = match self.check_context().and_then(|_| self.submit()) {
             Ok(r) => r,
-            Err(e) => return e.into_response(),
+            Err(e) => return self.spill_over(e).await,
         };
         if self.params.stream {
-            return self.stream(receivers, format);
+            let mut r = self.stream(receivers, format);
+            backend_header(&mut r, "local");
+            return r;
         }
         let mut choices = Vec::with_capacity(receivers.len());
         for mut rx in receivers {
@@ -275,7 +424,9 @@ impl Job {
         let completion: usize = choices.iter().map(|c| c.usage.completion_tokens).sum();
         let cached: Vec<usize> = choices.iter().map(|c| c.usage.cached_tokens).collect();
         let usage = self.usage_json(completion, &cached);
-        axum::Json(format.response(choices, usage)).into_response()
+        let mut r = axum::Json(format.response(choices, usage)).into_response();
+        backend_header(&mut r, "local");
+        r
     }
 
     fn stream<F: Format>(
@@ -356,4 +507,57 @@ impl Job {
             .keep_alive(KeepAlive::default())
             .into_response()
     }
+}
+
+/// Name the backend that served a response (`X-Aios-Backend`).
+fn backend_header(r: &mut Response, backend: &str) {
+    if let Ok(v) = axum::http::HeaderValue::from_str(backend) {
+        r.headers_mut().insert("x-aios-backend", v);
+    }
+}
+
+/// Pass a provider's SSE stream through to the client as it comes, reading its usage for the
+/// ledger (the trailing usage chunk is dropped when the client did not ask for one).
+fn relay_stream(
+    resp: reqwest::Response,
+    backend: &str,
+    wants_usage: bool,
+    charge: impl FnOnce(u64, u64) + Send + 'static,
+) -> Response {
+    let (tx, rx) = mpsc::channel::<Result<axum::body::Bytes, Infallible>>(64);
+    tokio::spawn(async move {
+        let mut upstream = resp.bytes_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        let (mut prompt, mut completion) = (0, 0);
+        'read: while let Some(chunk) = upstream.next().await {
+            let Ok(chunk) = chunk else { break };
+            buf.extend_from_slice(&chunk);
+            while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+                let event: Vec<u8> = buf.drain(..end + 2).collect();
+                let text = String::from_utf8_lossy(&event);
+                let data = text.trim().strip_prefix("data:").map(str::trim);
+                if let Some(v) = data.and_then(|d| serde_json::from_str::<Value>(d).ok()) {
+                    if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+                        prompt = u["prompt_tokens"].as_u64().unwrap_or(prompt);
+                        completion = u["completion_tokens"].as_u64().unwrap_or(completion);
+                        let empty = v["choices"].as_array().is_none_or(|c| c.is_empty());
+                        if !wants_usage && empty {
+                            continue;
+                        }
+                    }
+                }
+                if tx.send(Ok(event.into())).await.is_err() {
+                    break 'read;
+                }
+            }
+        }
+        charge(prompt, completion);
+    });
+    let mut r = Response::new(axum::body::Body::from_stream(ReceiverStream::new(rx)));
+    r.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("text/event-stream"),
+    );
+    backend_header(&mut r, backend);
+    r
 }

@@ -65,6 +65,15 @@ pub struct AppState {
     pub idle: tokio::sync::Notify,
     /// The KV-event publisher, when on.
     pub kv_events: Option<Arc<crate::kv_events::Publisher>>,
+    /// Each model's spill-over: its providers in order, and the queue wait that triggers it.
+    pub fallbacks: std::collections::HashMap<String, ModelFallback>,
+}
+
+/// Where a model's requests go when the local engine cannot take them.
+#[derive(Clone)]
+pub struct ModelFallback {
+    pub providers: Vec<Arc<crate::providers::Provider>>,
+    pub max_queue_ms: u64,
 }
 
 /// How to read the configuration again (file, environment, command line), validated.
@@ -116,7 +125,37 @@ impl AppState {
             inflight: Default::default(),
             idle: tokio::sync::Notify::new(),
             kv_events,
+            fallbacks: Self::fallbacks(cfg)?,
         })
+    }
+
+    fn fallbacks(
+        cfg: &crate::config::Config,
+    ) -> Result<std::collections::HashMap<String, ModelFallback>, String> {
+        let mut providers = std::collections::HashMap::new();
+        for p in &cfg.providers {
+            providers.insert(
+                p.name.clone(),
+                Arc::new(crate::providers::Provider::new(p.clone())?),
+            );
+        }
+        Ok(cfg
+            .models
+            .iter()
+            .filter(|m| !m.fallbacks.is_empty())
+            .map(|m| {
+                let list = m
+                    .fallbacks
+                    .iter()
+                    .filter_map(|f| providers.get(f).cloned())
+                    .collect();
+                let fb = ModelFallback {
+                    providers: list,
+                    max_queue_ms: m.max_queue_ms,
+                };
+                (m.name.clone(), fb)
+            })
+            .collect())
     }
 
     /// The keys, limits and settings in force now.

@@ -108,6 +108,8 @@ pub struct EngineStats {
     pub contexts_disk: AtomicUsize,
     pub host_bytes: AtomicU64,
     pub disk_bytes: AtomicU64,
+    /// Moving average of how long sequences take, arrival to end (microseconds).
+    pub mean_sequence_us: AtomicU64,
 }
 
 enum Command {
@@ -147,6 +149,7 @@ pub struct EngineHandle {
     pub model: Arc<ModelInfo>,
     live: Arc<AtomicUsize>,
     max_live: usize,
+    max_running: usize,
     kv: Arc<KvPool>,
     agent_priority: Arc<std::sync::RwLock<Arc<std::collections::HashMap<String, i32>>>>,
     stats: Arc<EngineStats>,
@@ -199,6 +202,14 @@ impl EngineHandle {
     /// Sequences running or queued now.
     pub fn live(&self) -> usize {
         self.live.load(Ordering::Acquire)
+    }
+
+    /// How long a request arriving now would wait before its first step, predicted from the
+    /// sequences ahead of it and how long sequences have lately taken.
+    pub fn predicted_wait_ms(&self) -> u64 {
+        let ahead = (self.live() + 1).saturating_sub(self.max_running) as u64;
+        let mean_us = self.stats.mean_sequence_us.load(Ordering::Relaxed);
+        ahead * mean_us / self.max_running.max(1) as u64 / 1000
     }
 
     /// Create, list, read, fork or delete contexts (see [`ContextOp`]).
@@ -390,6 +401,7 @@ pub fn spawn(model: LoadedModel, cfg: EngineConfig) -> EngineHandle {
         model: info,
         live: Arc::new(AtomicUsize::new(0)),
         max_live: cfg.max_running + cfg.max_queued,
+        max_running: cfg.max_running,
         kv: pool,
         agent_priority: Arc::new(std::sync::RwLock::new(cfg.agent_priority.clone())),
         stats: Arc::new(EngineStats::default()),
@@ -756,6 +768,13 @@ impl Engine {
             if let Some(id) = s.context() {
                 self.contexts.finish(id, s.tokens(), s.kv());
             }
+            let took = s.age().as_micros() as u64;
+            let m = &self.stats.mean_sequence_us;
+            let old = m.load(Ordering::Relaxed);
+            m.store(
+                if old == 0 { took } else { (old * 4 + took) / 5 },
+                Ordering::Relaxed,
+            );
             s.close();
         }
     }

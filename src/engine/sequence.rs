@@ -114,6 +114,11 @@ impl Sequence {
         &mut self.kv
     }
 
+    /// Time since the request arrived.
+    pub fn age(&self) -> std::time::Duration {
+        self.arrived.elapsed()
+    }
+
     pub fn agent(&self) -> &str {
         &self.agent
     }
