@@ -253,3 +253,52 @@ impl Provider {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provider(tpm: u64) -> Provider {
+        Provider::new(ProviderConfig {
+            name: "p".into(),
+            kind: "openai".into(),
+            base_url: "http://127.0.0.1:9/v1".into(),
+            api_key_env: String::new(),
+            models: Default::default(),
+            timeout_secs: 5,
+            max_concurrency: 0,
+            requests_per_minute: 0,
+            tokens_per_minute: tpm,
+            max_retries: 0,
+            cooldown_after_failures: 0,
+            cooldown_secs: 0,
+            price_input_per_mtok: 1.0,
+            price_output_per_mtok: 3.0,
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn rate_limits_delay_rather_than_fail() {
+        // 600 tokens a minute: ten a second. The first call spends the minute's 600.
+        let p = provider(600);
+        let far = Instant::now() + Duration::from_secs(5);
+        p.pace(600, far).await.unwrap();
+        // The next waits for the bucket to refill (a tenth of a second), then goes.
+        let t0 = Instant::now();
+        p.pace(10, far).await.unwrap();
+        assert!(
+            t0.elapsed() >= Duration::from_millis(50),
+            "{:?}",
+            t0.elapsed()
+        );
+        // One that could not go before its deadline fails at once, and says why.
+        let e = p
+            .pace(10, Instant::now() + Duration::from_millis(10))
+            .await
+            .unwrap_err();
+        assert_eq!(e.status, Some(429));
+        assert!(e.message.contains("rate limit"), "{}", e.message);
+        assert!((p.cost(1_000_000, 1_000_000) - 4.0).abs() < 1e-9);
+    }
+}
