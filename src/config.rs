@@ -34,7 +34,7 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct ProviderConfig {
     pub name: String,
-    /// `openai` (any OpenAI-compatible API).
+    /// `openai` (any OpenAI-compatible API) or `anthropic` (the Messages API, translated).
     #[serde(default = "default_provider_kind")]
     pub kind: String,
     /// The API root, e.g. `https://api.openai.com/v1`.
@@ -556,9 +556,9 @@ impl Config {
                     p.name
                 )));
             }
-            if p.kind != "openai" {
+            if p.kind != "openai" && p.kind != "anthropic" {
                 return Err(ConfigError(format!(
-                    "providers[{i}].kind {:?} is not supported (openai)",
+                    "providers[{i}].kind {:?} is not one of openai, anthropic",
                     p.kind
                 )));
             }

@@ -142,3 +142,209 @@ fn overflow_goes_to_the_cloud_and_failures_are_clear() {
     std::fs::remove_dir_all(dir).unwrap();
     std::fs::remove_dir_all(cloud_dir).unwrap();
 }
+
+/// Anthropic's documented response bodies, replayed by the stand-in server.
+const MESSAGE: &str = r#"{"id":"msg_01XFDUDYJgAACzvnptvVoYEL","type":"message","role":"assistant","model":"claude-3-5-haiku-20241022","content":[{"type":"text","text":"Paris is the capital of France."}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":21,"output_tokens":9}}"#;
+const TOOL_USE: &str = r#"{"id":"msg_01Aq9w938a90dw8q","type":"message","role":"assistant","model":"claude-3-5-haiku-20241022","content":[{"type":"text","text":"I'll look that up."},{"type":"tool_use","id":"toolu_01A09q90qw90lq917835lq9","name":"get_weather","input":{"city":"Paris"}}],"stop_reason":"tool_use","stop_sequence":null,"usage":{"input_tokens":310,"output_tokens":52}}"#;
+const STREAM: &str = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1nZdL29xx5MUA1yADyHTEsnR8uuvGzszyY\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"model\":\"claude-3-5-haiku-20241022\",\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n\
+event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n\
+event: ping\ndata: {\"type\": \"ping\"}\n\n\
+event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Par\"}}\n\n\
+event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"is.\"}}\n\n\
+event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n\
+event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":15}}\n\n\
+event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+
+/// What the Messages API requires of a request; the reason when it is not met.
+fn check_messages_request(h: &axum::http::HeaderMap, b: &Value) -> Result<(), String> {
+    if h.get("x-api-key").and_then(|v| v.to_str().ok()) != Some("sk-ant-test") {
+        return Err("x-api-key missing or wrong".into());
+    }
+    if h.get("anthropic-version").is_none() || h.get("authorization").is_some() {
+        return Err("anthropic-version missing, or a bearer token sent".into());
+    }
+    if b["model"] != "claude-3-5-haiku-20241022" || !b["max_tokens"].is_u64() {
+        return Err(format!("model or max_tokens: {b}"));
+    }
+    let msgs = b["messages"].as_array().ok_or("no messages")?;
+    for w in msgs.windows(2) {
+        if w[0]["role"] == w[1]["role"] {
+            return Err("roles must alternate".into());
+        }
+    }
+    if msgs.iter().any(|m| m["role"] == "system") || msgs[0]["role"] != "user" {
+        return Err("system in messages, or the first turn is not the user's".into());
+    }
+    Ok(())
+}
+
+#[test]
+fn anthropic_is_translated_both_ways() {
+    use std::sync::{Arc, Mutex};
+    let seen: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let app = axum::Router::new().route(
+                "/v1/messages",
+                axum::routing::post(
+                    move |h: axum::http::HeaderMap, axum::Json(b): axum::Json<Value>| async move {
+                        use axum::response::IntoResponse;
+                        log.lock().unwrap().push(b.clone());
+                        if let Err(e) = check_messages_request(&h, &b) {
+                            let err = json!({"type": "error", "error": {"type": "invalid_request_error", "message": e}});
+                            return (axum::http::StatusCode::BAD_REQUEST, axum::Json(err)).into_response();
+                        }
+                        if b["stream"] == true {
+                            ([("content-type", "text/event-stream")], STREAM).into_response()
+                        } else if b.get("tools").is_some() {
+                            ([("content-type", "application/json")], TOOL_USE).into_response()
+                        } else {
+                            ([("content-type", "application/json")], MESSAGE).into_response()
+                        }
+                    },
+                ),
+            );
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(l.local_addr().unwrap()).unwrap();
+            axum::serve(l, app).await.unwrap();
+        });
+    });
+    let addr = rx.recv().unwrap();
+    std::env::set_var("AIOS_TEST_ANTHROPIC_KEY", "sk-ant-test");
+    let (local, url, dir) = serve_with_config(
+        "anthropic",
+        &format!(
+            "[[providers]]\nname = \"claude\"\nkind = \"anthropic\"\nbase_url = \"http://{addr}/v1\"\n\
+             api_key_env = \"AIOS_TEST_ANTHROPIC_KEY\"\nmodels = {{ smollm2 = \"claude-3-5-haiku-20241022\" }}\n\
+             price_input_per_mtok = 0.8\nprice_output_per_mtok = 4.0\n"
+        ),
+        // A 32-token local context: every chat below spills over.
+        "context_length = 32\nfallbacks = [\"claude\"]\n",
+    );
+    let chat = |body: Value| {
+        let r = common::client()
+            .post(format!("{url}/v1/chat/completions"))
+            .header("X-Agent-Id", "poet")
+            .json(&body)
+            .send()
+            .unwrap();
+        let backend = r
+            .headers()
+            .get("x-aios-backend")
+            .map(|v| v.to_str().unwrap().to_string());
+        (r.status().as_u16(), backend, r.text().unwrap())
+    };
+    let question = "What is the capital of France? Please answer in one short sentence, thank you.";
+    // Plain: system prompt out of the messages, stop sequences, the answer and usage back.
+    let (s, b, text) = chat(json!({"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": question}], "max_tokens": 50, "stop": "\n\n", "temperature": 0.2}));
+    assert_eq!((s, b.as_deref()), (200, Some("claude")), "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "Paris is the capital of France."
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["usage"]["prompt_tokens"], 21);
+    assert_eq!(v["usage"]["completion_tokens"], 9);
+    let sent = seen.lock().unwrap().last().unwrap().clone();
+    assert_eq!(sent["system"], "Be brief.");
+    assert_eq!(sent["stop_sequences"], json!(["\n\n"]));
+    assert_eq!(sent["max_tokens"], 50);
+    assert_eq!(sent["temperature"], 0.2);
+    assert_eq!(sent["messages"][0]["content"][0]["text"], question);
+    // Tools: definitions, a forced call, and a history of a call and its result go over; the
+    // tool use comes back as tool_calls.
+    let (s, _, text) = chat(json!({
+        "messages": [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+              "function": {"name": "get_weather", "arguments": "{\"city\":\"Lyon\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "12 C, rain"},
+            {"role": "user", "content": "And in Paris?"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Weather now",
+                   "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}],
+        "tool_choice": "required", "max_tokens": 64}));
+    assert_eq!(s, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let call = &v["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "get_weather");
+    assert_eq!(
+        serde_json::from_str::<Value>(call["function"]["arguments"].as_str().unwrap()).unwrap(),
+        json!({"city": "Paris"})
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+    let sent = seen.lock().unwrap().last().unwrap().clone();
+    assert_eq!(
+        sent["tools"][0]["input_schema"]["required"],
+        json!(["city"])
+    );
+    assert_eq!(sent["tool_choice"], json!({"type": "any"}));
+    assert_eq!(sent["messages"][1]["content"][0]["type"], "tool_use");
+    assert_eq!(
+        sent["messages"][1]["content"][0]["input"],
+        json!({"city": "Lyon"})
+    );
+    assert_eq!(sent["messages"][2]["content"][0]["type"], "tool_result");
+    assert_eq!(sent["messages"][2]["content"][0]["tool_use_id"], "call_1");
+    // Streaming: Anthropic's events become chat chunks, usage last when asked, then [DONE].
+    let (s, b, text) = chat(json!({"messages": [{"role": "user", "content": question}],
+        "stream": true, "stream_options": {"include_usage": true}, "max_tokens": 20}));
+    assert_eq!((s, b.as_deref()), (200, Some("claude")), "{text}");
+    let chunks: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, "Paris.");
+    assert!(chunks
+        .iter()
+        .any(|c| c["choices"][0]["finish_reason"] == "stop"));
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(
+        (
+            usage["prompt_tokens"].as_u64(),
+            usage["completion_tokens"].as_u64()
+        ),
+        (Some(25), Some(15))
+    );
+    assert!(text.trim_end().ends_with("data: [DONE]"));
+    // The ledger prices what Anthropic reported.
+    let u: Value = common::client()
+        .get(format!("{url}/v1/usage"))
+        .header("X-Agent-Id", "poet")
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let c = &u["usage"]["backends"]["claude"];
+    assert_eq!(c["requests"], 3, "{u}");
+    assert_eq!(c["prompt_tokens"], 21 + 310 + 25, "{u}");
+    let want = ((21 + 310 + 25) as f64 * 0.8 + (9 + 52 + 15) as f64 * 4.0) / 1e6;
+    assert!(
+        (c["cost_usd"].as_f64().unwrap() - want).abs() < 1e-12,
+        "{u}"
+    );
+    // Completions cannot go to the Messages API: a clear 503, not a crash.
+    let r = common::client()
+        .post(format!("{url}/v1/completions"))
+        .json(&json!({"prompt": question.repeat(3), "max_tokens": 4}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.text().unwrap().contains("serves chat requests only"));
+    assert!(stop(local).success());
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -191,7 +191,7 @@ impl Job {
                 o.remove("fallback");
             }
             let wants_usage = self.params.include_usage;
-            if self.params.stream {
+            if self.params.stream && !p.is_anthropic() {
                 body["stream_options"] = json!({"include_usage": true});
             }
             match p.send(spill.route, &body, est).await {
@@ -215,10 +215,19 @@ impl Job {
                         }
                     };
                     return if self.params.stream {
-                        relay_stream(resp, p.name(), wants_usage, charge)
+                        let translate = p
+                            .is_anthropic()
+                            .then(|| crate::providers::anthropic::StreamTranslator::new(&model));
+                        relay_stream(resp, p.name(), wants_usage, translate, charge)
                     } else {
                         match resp.json::<Value>().await {
                             Ok(v) => {
+                                let v = if p.is_anthropic() {
+                                    let m = v["model"].as_str().unwrap_or(&model).to_string();
+                                    crate::providers::anthropic::response(&v, &m)
+                                } else {
+                                    v
+                                };
                                 let n = |k: &str| v["usage"][k].as_u64().unwrap_or(0);
                                 charge(n("prompt_tokens"), n("completion_tokens"));
                                 let mut r = axum::Json(v).into_response();
@@ -522,6 +531,7 @@ fn relay_stream(
     resp: reqwest::Response,
     backend: &str,
     wants_usage: bool,
+    mut translate: Option<crate::providers::anthropic::StreamTranslator>,
     charge: impl FnOnce(u64, u64) + Send + 'static,
 ) -> Response {
     let (tx, rx) = mpsc::channel::<Result<axum::body::Bytes, Infallible>>(64);
@@ -535,6 +545,34 @@ fn relay_stream(
             while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
                 let event: Vec<u8> = buf.drain(..end + 2).collect();
                 let text = String::from_utf8_lossy(&event);
+                if let Some(t) = translate.as_mut() {
+                    // An Anthropic event (`event: …` and `data: …` lines) → OpenAI chunks.
+                    let data = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("data:"))
+                        .map(str::trim);
+                    let Some(v) = data.and_then(|d| serde_json::from_str::<Value>(d).ok()) else {
+                        continue;
+                    };
+                    let mut out: Vec<String> = t
+                        .event(&v)
+                        .iter()
+                        .map(|c| format!("data: {c}\n\n"))
+                        .collect();
+                    if v["type"] == "message_stop" {
+                        if wants_usage {
+                            out.push(format!("data: {}\n\n", t.usage_chunk()));
+                        }
+                        out.push("data: [DONE]\n\n".into());
+                    }
+                    (prompt, completion) = t.usage();
+                    for o in out {
+                        if tx.send(Ok(o.into())).await.is_err() {
+                            break 'read;
+                        }
+                    }
+                    continue;
+                }
                 let data = text.trim().strip_prefix("data:").map(str::trim);
                 if let Some(v) = data.and_then(|d| serde_json::from_str::<Value>(d).ok()) {
                     if let Some(u) = v.get("usage").filter(|u| u.is_object()) {

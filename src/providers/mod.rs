@@ -6,6 +6,8 @@
 //! backoff that honour `Retry-After`, and a cooldown after consecutive failures. Its key comes
 //! from an environment variable and never reaches logs, errors or metrics.
 
+pub mod anthropic;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -82,6 +84,11 @@ impl Provider {
 
     pub fn name(&self) -> &str {
         &self.cfg.name
+    }
+
+    /// Whether this provider speaks Anthropic's Messages API (translated both ways).
+    pub fn is_anthropic(&self) -> bool {
+        self.cfg.kind == "anthropic"
     }
 
     /// Whether the provider is resting after repeated failures.
@@ -166,6 +173,25 @@ impl Provider {
         est_tokens: u64,
     ) -> Result<reqwest::Response, ProviderError> {
         let deadline = Instant::now() + Duration::from_secs(self.cfg.timeout_secs.max(1));
+        let translated;
+        let (body, path) = if self.is_anthropic() {
+            if route != Route::Chat {
+                return Err(ProviderError {
+                    message: format!(
+                        "provider '{}' (anthropic) serves chat requests only",
+                        self.cfg.name
+                    ),
+                    status: None,
+                });
+            }
+            translated = anthropic::request(body).map_err(|message| ProviderError {
+                message,
+                status: None,
+            })?;
+            (&translated, "messages")
+        } else {
+            (body, route.path())
+        };
         self.pace(est_tokens, deadline).await?;
         let _slot = match &self.slots {
             Some(s) => Some(s.acquire().await.map_err(|_| ProviderError {
@@ -174,15 +200,16 @@ impl Provider {
             })?),
             None => None,
         };
-        let url = format!(
-            "{}/{}",
-            self.cfg.base_url.trim_end_matches('/'),
-            route.path()
-        );
+        let url = format!("{}/{path}", self.cfg.base_url.trim_end_matches('/'));
         let mut attempt = 0;
         loop {
             let mut req = self.client.post(&url).json(body);
-            if let Some(k) = &self.key {
+            if self.is_anthropic() {
+                req = req.header("anthropic-version", "2023-06-01");
+                if let Some(k) = &self.key {
+                    req = req.header("x-api-key", k);
+                }
+            } else if let Some(k) = &self.key {
                 req = req.bearer_auth(k);
             }
             let (err, retry_after) = match req.send().await {
