@@ -348,3 +348,42 @@ fn anthropic_is_translated_both_ways() {
     assert!(stop(local).success());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_long_predicted_queue_wait_spills_over() {
+    let (cloud, cloud_url, cloud_dir) = serve_with_config("cloud2", "", "");
+    // One sequence at a time with room to queue: only the predicted wait sends work away.
+    let (local, url, dir) = serve_with_config(
+        "queuewait",
+        &format!(
+            "[engine]\nmax_running = 1\nmax_queued = 16\n\n\
+             [[providers]]\nname = \"cloud\"\nbase_url = \"{cloud_url}/v1\"\n"
+        ),
+        "fallbacks = [\"cloud\"]\nmax_queue_ms = 1\n",
+    );
+    // Alone, nothing waits: local (and the engine learns how long a sequence takes).
+    let (s, b, _) = post(
+        &url,
+        "a",
+        &json!({"prompt": "1, 2, 3,", "max_tokens": 16, "ignore_eos": true}),
+    );
+    assert_eq!((s, b.as_str()), (200, "local"));
+    // Behind a long sequence (streaming here, so it surely runs) the predicted wait is over
+    // 1 ms: the cloud takes the next request.
+    let mut long = common::client()
+        .post(format!("{url}/v1/completions"))
+        .header("X-Agent-Id", "a")
+        .json(&json!({"prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": true, "stream": true}))
+        .send()
+        .unwrap();
+    assert_eq!(long.headers()["x-aios-backend"], "local");
+    let mut first = [0u8; 16];
+    std::io::Read::read_exact(&mut long, &mut first).unwrap();
+    let (s, b, v) = post(&url, "b", &json!({"prompt": "4, 5, 6,", "max_tokens": 2}));
+    assert_eq!((s, b.as_str()), (200, "cloud"), "{v}");
+    drop(long);
+    assert!(stop(local).success());
+    assert!(stop(cloud).success());
+    std::fs::remove_dir_all(dir).unwrap();
+    std::fs::remove_dir_all(cloud_dir).unwrap();
+}

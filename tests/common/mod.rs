@@ -211,7 +211,11 @@ pub fn serve(args: &[&str]) -> (std::process::Child, String) {
         .args(["serve", "--port", "0", "--threads", "2"])
         .args(args)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(if std::env::var_os("AIOS_TEST_LOGS").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .spawn()
         .unwrap();
     let mut line = String::new();
