@@ -35,6 +35,11 @@ pub fn new_key() -> String {
     format!("aios-{a:032x}{b:016x}")
 }
 
+/// Whether `name` can name an agent: 1 to 128 visible ASCII characters (it travels in headers).
+pub fn valid_agent_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 128 && name.bytes().all(|b| b.is_ascii_graphic())
+}
+
 fn checked_digest(d: &str, at: &str) -> Result<String, String> {
     let d = d.trim().to_ascii_lowercase();
     if d.len() != 64 || !d.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -58,6 +63,11 @@ impl KeyTable {
             )?;
         }
         for (name, agent) in &cfg.agents {
+            if !valid_agent_name(name) {
+                return Err(format!(
+                    "agents.{name:?}: an agent name is 1 to 128 visible ASCII characters"
+                ));
+            }
             if !agent.key_sha256.is_empty() {
                 let at = format!("agents.{name}.key_sha256");
                 t.add(
@@ -83,7 +93,7 @@ impl KeyTable {
                 };
                 let who = if name == "@admin" {
                     Who::Admin
-                } else if name.len() > 128 || name.starts_with('@') {
+                } else if !valid_agent_name(name) || name.starts_with('@') {
                     return Err(format!("{at}: {name:?} is not an agent name"));
                 } else {
                     Who::Agent(name.to_string())
@@ -158,6 +168,10 @@ mod tests {
         std::fs::write(&file, format!("bob {}\n", digest_hex("alice-key"))).unwrap();
         let e = KeyTable::from_config(&cfg).unwrap_err();
         assert!(e.contains("already given"), "{e}");
+        // Names travel in headers: visible ASCII only.
+        std::fs::write(&file, format!("jos\u{e9} {}\n", digest_hex("k"))).unwrap();
+        assert!(KeyTable::from_config(&cfg).is_err());
+        assert!(valid_agent_name("ci-bot_2") && !valid_agent_name(" bob") && !valid_agent_name(""));
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -366,6 +366,8 @@ pub struct Observer {
     start: Instant,
     /// Per choice: when its last token came.
     last: Vec<Option<Instant>>,
+    /// When the first token of any choice came.
+    first: Option<Instant>,
     usage: Usage,
     /// The agent's share of the KV pool taken by this request, given back when it ends.
     pub kv: Option<KvReservation>,
@@ -391,6 +393,7 @@ impl Observer {
             request_id: request_id.to_string(),
             start: Instant::now(),
             last: Vec::new(),
+            first: None,
             usage: Usage::default(),
             kv: None,
             ran: false,
@@ -399,6 +402,11 @@ impl Observer {
 
     pub fn governor(&self) -> (&Arc<Governor>, AgentLimits, &str) {
         (&self.governor, self.limits, &self.agent)
+    }
+
+    /// Count a request this observer's checks refused by an agent limit.
+    pub fn limited(&self, limit: &str) {
+        self.metrics.limited(limit);
     }
 
     pub fn request_id(&self) -> &str {
@@ -415,6 +423,7 @@ impl Observer {
             self.last.resize(i + 1, None);
         }
         let now = Instant::now();
+        self.first.get_or_insert(now);
         let m = &self.metrics;
         match self.last[i] {
             None => m
@@ -456,12 +465,7 @@ impl Drop for Observer {
             return;
         }
         let u = &self.usage;
-        let first = self
-            .last
-            .iter()
-            .flatten()
-            .min()
-            .map(|t| (*t - self.start).as_secs_f64() * 1e3);
+        let first = self.first.map(|t| (t - self.start).as_secs_f64() * 1e3);
         tracing::info!(
             request_id = %self.request_id,
             agent = %self.agent,

@@ -143,6 +143,18 @@ impl AppState {
         e.max_running = old.config.engine.max_running;
         e.max_queued = old.config.engine.max_queued;
         let live = Live::new(applied)?;
+        // A reload must not open a server that listens beyond loopback to anyone.
+        let host = &live.config.server.host;
+        let loopback = host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if !live.keys.is_on() && !loopback && !live.config.auth.allow_unauthenticated {
+            return Err(format!(
+                "it has no API key, and this server listens on {host}: keys stay required \
+                 (set [auth] allow_unauthenticated = true to open it)"
+            ));
+        }
         let engine_cfg = live.config.engine_config();
         for (slot, m) in self.models.iter().zip(&live.config.models) {
             if let super::SlotState::Ready(h) =

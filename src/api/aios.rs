@@ -73,9 +73,10 @@ pub async fn query(
             Some(a) if !a.is_empty() => a.chars().take(128).collect::<String>(),
             _ => return Err(ApiError::param("agent_name", "agent_name is required")),
         };
+        // The gate sets this from the key (agent names are visible ASCII); absent without keys.
         let proved = headers
             .get(super::gate::KEY_AGENT)
-            .and_then(|v| v.to_str().ok());
+            .map(|v| v.to_str().unwrap_or("?"));
         if let Some(owner) = proved.filter(|o| *o != agent) {
             return Err(ApiError::new(
                 axum::http::StatusCode::FORBIDDEN,

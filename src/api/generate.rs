@@ -138,6 +138,10 @@ impl Job {
         let Some(fb) = state.fallbacks.get(self.obs.model()) else {
             return self;
         };
+        if self.params.context.is_some() {
+            // A context's KV lives here; elsewhere the conversation would be lost.
+            return self;
+        }
         let Ok(body) = serde_json::from_slice::<Value>(bytes) else {
             return self;
         };
@@ -159,8 +163,9 @@ impl Job {
         let Some(spill) = self.spill.take().filter(|_| why.local_capacity) else {
             return why.into_response();
         };
-        // The spill-over logs its own line; the local engine ran nothing.
+        // The spill-over logs its own line; the local engine ran nothing and holds no KV.
         self.obs.ran = false;
+        self.obs.kv = None;
         let model = self.obs.model().to_string();
         let (gov, limits, agent) = self.obs.governor();
         let (gov, agent) = (gov.clone(), agent.to_string());
@@ -308,7 +313,10 @@ impl Job {
         let model = self.obs.model().to_string();
         let kv = gov
             .reserve_kv(agent, limits, &model, need, capacity)
-            .map_err(super::gate::rate_limited)?;
+            .map_err(|r| {
+                self.obs.limited("max_kv_share");
+                super::gate::rate_limited(r)
+            })?;
         self.obs.kv = Some(kv);
         Ok(())
     }

@@ -224,7 +224,8 @@ impl Provider {
                         .get(reqwest::header::RETRY_AFTER)
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.trim().parse::<f64>().ok())
-                        .map(Duration::from_secs_f64);
+                        .filter(|s| s.is_finite() && *s >= 0.0)
+                        .map(|s| Duration::from_secs_f64(s.min(3600.0)));
                     let text = r.text().await.unwrap_or_default();
                     let detail = serde_json::from_str::<Value>(&text)
                         .ok()
