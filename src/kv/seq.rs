@@ -1,0 +1,369 @@
+//! One sequence's view of the pool: its block table, swapping to host memory and back, and
+//! its part in the prefix cache.
+
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::*;
+
+/// A sequence's KV held in host memory while its blocks are given back to the pool.
+pub struct SwappedKv {
+    len: usize,
+    data: Vec<KvElem>,
+}
+
+/// One sequence's keys and values: a block table into a pool.
+pub struct KvSeq {
+    pool: Arc<KvPool>,
+    blocks: Vec<u32>,
+    len: usize,
+    swapped: Option<SwappedKv>,
+    /// Chain hashes of the leading full blocks offered to (or taken from) the prefix cache.
+    hashes: Vec<u64>,
+}
+
+/// The chain hash of a block of tokens after the block whose hash is `prev`.
+fn chain_hash(prev: u64, tokens: &[u32]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    prev.hash(&mut h);
+    tokens.hash(&mut h);
+    h.finish()
+}
+
+impl KvSeq {
+    /// A sequence with a private pool of room for `capacity` tokens that grows as needed
+    /// (tests, benchmarks, single-sequence use).
+    pub fn new(layout: KvLayout, capacity: usize) -> Self {
+        let blocks = capacity.div_ceil(BLOCK_TOKENS).max(1);
+        Self::in_pool(Arc::new(KvPool::with(layout, blocks, true)))
+    }
+
+    /// An empty sequence in a shared pool.
+    pub fn in_pool(pool: Arc<KvPool>) -> Self {
+        Self {
+            pool,
+            blocks: Vec::new(),
+            len: 0,
+            swapped: None,
+            hashes: Vec::new(),
+        }
+    }
+
+    pub fn layout(&self) -> KvLayout {
+        self.pool.layout
+    }
+
+    /// Tokens whose K/V are stored (all layers have been written up to here).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Blocks this sequence holds in its pool.
+    pub fn blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Blocks needed to hold `tokens` tokens.
+    pub fn blocks_for(tokens: usize) -> usize {
+        tokens.div_ceil(BLOCK_TOKENS)
+    }
+
+    /// More blocks this sequence needs to hold `n` more tokens (after a swap-in, if swapped).
+    pub fn blocks_needed(&self, n: usize) -> usize {
+        Self::blocks_for(self.len + n).saturating_sub(self.blocks.len())
+    }
+
+    pub fn is_swapped(&self) -> bool {
+        self.swapped.is_some()
+    }
+
+    /// Make room for `n` more tokens: all the blocks, or none and an error.
+    pub fn reserve(&mut self, n: usize) -> Result<(), KvFull> {
+        assert!(!self.is_swapped(), "reserve on a swapped-out sequence");
+        let need = self.blocks_needed(n);
+        if need == 0 {
+            return Ok(());
+        }
+        if self.pool.growable && self.pool.free_blocks() < need {
+            self.grow(need);
+        }
+        let got = self.pool.alloc(need)?;
+        self.blocks.extend(got);
+        Ok(())
+    }
+
+    /// A private pool grows: a new pool with more blocks, this sequence's blocks copied over.
+    fn grow(&mut self, need: usize) {
+        let old = self.pool.clone();
+        let n = (old.n_blocks * 2).max(old.n_blocks + need);
+        let pool = Arc::new(KvPool::with(old.layout, n, true));
+        let fresh = pool.alloc(self.blocks.len()).expect("a larger pool");
+        for (&from, &to) in self.blocks.iter().zip(&fresh) {
+            // SAFETY: the new pool's blocks are ours alone; the old ones are only read.
+            unsafe { pool.copy_block(to, &old, from) };
+        }
+        old.release(&self.blocks);
+        self.blocks = fresh;
+        self.pool = pool;
+        self.hashes.clear();
+    }
+
+    /// Write the K and V rows of `n` tokens at positions `len..len+n` of `layer`.
+    /// `k` and `v` are `[n][n_kv_heads][head_dim]` in f32. Call [`KvSeq::reserve`] first and
+    /// [`KvSeq::advance`] after every layer has been written.
+    pub fn write(&mut self, layer: usize, k: &[f32], v: &[f32]) {
+        let l = self.pool.layout;
+        let (h, d) = (l.n_kv_heads, l.head_dim);
+        let n = k.len() / (h * d);
+        assert!(
+            self.len + n <= self.blocks.len() * BLOCK_TOKENS,
+            "reserve() before write()"
+        );
+        // Ownership is settled once per block touched, not once per token (it takes the
+        // pool's lock).
+        let mut owned: Option<(usize, u32)> = None;
+        for t in 0..n {
+            let pos = self.len + t;
+            let i = pos / BLOCK_TOKENS;
+            let b = match owned {
+                Some((j, b)) if j == i => b,
+                _ => {
+                    let b = self.own_block(i);
+                    owned = Some((i, b));
+                    b
+                }
+            };
+            let r = pos % BLOCK_TOKENS;
+            for (kv, src) in [k, v].into_iter().enumerate() {
+                for head in 0..h {
+                    let row = &src[(t * h + head) * d..][..d];
+                    // SAFETY: `own_block` made the block ours alone; `&mut self` keeps
+                    // readers away.
+                    let seg = unsafe { self.pool.seg_n_mut(b, (layer * 2 + kv) * h + head) };
+                    for (o, x) in seg[r * d..(r + 1) * d].iter_mut().zip(row) {
+                        *o = f16::from_f32(*x);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The block at index `i` of the table, copied first if another sequence shares it.
+    fn own_block(&mut self, i: usize) -> u32 {
+        let b = self.blocks[i];
+        if self.pool.refs(b) == 1 {
+            return b;
+        }
+        let fresh = self.pool.alloc(1).expect("a block for copy-on-write")[0];
+        // SAFETY: `fresh` is ours alone; `b` is shared, so only read.
+        unsafe { self.pool.copy_block(fresh, &self.pool, b) };
+        self.pool.release(&[b]);
+        self.blocks[i] = fresh;
+        fresh
+    }
+
+    /// Mark `n` tokens written by [`KvSeq::write`] as stored.
+    pub fn advance(&mut self, n: usize) {
+        self.len += n;
+        debug_assert!(self.len <= self.blocks.len() * BLOCK_TOKENS);
+    }
+
+    /// Forget everything after the first `len` tokens, giving back blocks no longer needed.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+        if let Some(sw) = &mut self.swapped {
+            sw.len = sw.len.min(len);
+            sw.data
+                .truncate(Self::blocks_for(sw.len) * self.pool.block_elems());
+        }
+        let keep = Self::blocks_for(self.len);
+        if self.blocks.len() > keep {
+            let gone = self.blocks.split_off(keep);
+            self.pool.release(&gone);
+        }
+        let full = self.len / BLOCK_TOKENS;
+        if self.hashes.len() > full {
+            // A kept block that is no longer full will be written again: out of the cache
+            // (a shared one is copied on write instead, so it stays).
+            if let Some(&b) = self.blocks.get(full) {
+                if self.pool.refs(b) == 1 {
+                    self.pool.unregister(b);
+                }
+            }
+            self.hashes.truncate(full);
+        }
+    }
+
+    /// Start an empty sequence from the longest cached prefix of `tokens` (whole blocks, and
+    /// never the last token, whose logits the caller needs). Returns the tokens reused.
+    pub fn attach_prefix(&mut self, tokens: &[u32]) -> usize {
+        if self.len > 0 || !self.blocks.is_empty() || self.is_swapped() || tokens.is_empty() {
+            return 0;
+        }
+        let mut hashes = Vec::new();
+        let mut prev = 0;
+        for block in tokens[..tokens.len() - 1].chunks_exact(BLOCK_TOKENS) {
+            prev = chain_hash(prev, block);
+            hashes.push(prev);
+        }
+        self.blocks = self.pool.lookup(&hashes);
+        self.hashes = hashes[..self.blocks.len()].to_vec();
+        self.len = self.blocks.len() * BLOCK_TOKENS;
+        self.len
+    }
+
+    /// Offer the full blocks written so far (holding `tokens[..len]`) to the prefix cache.
+    pub fn register_blocks(&mut self, tokens: &[u32]) {
+        if self.is_swapped() {
+            return;
+        }
+        let full = (self.len / BLOCK_TOKENS).min(tokens.len() / BLOCK_TOKENS);
+        for i in self.hashes.len()..full {
+            let prev = self.hashes.last().copied().unwrap_or(0);
+            let h = chain_hash(prev, &tokens[i * BLOCK_TOKENS..(i + 1) * BLOCK_TOKENS]);
+            let block = &tokens[i * BLOCK_TOKENS..(i + 1) * BLOCK_TOKENS];
+            self.pool.register(self.blocks[i], h, prev, block);
+            self.hashes.push(h);
+        }
+    }
+
+    /// A second sequence sharing this one's blocks (copy-on-write), e.g. a common prefix.
+    pub fn fork(&self) -> KvSeq {
+        assert!(!self.is_swapped(), "fork of a swapped-out sequence");
+        self.pool.retain(&self.blocks);
+        KvSeq {
+            pool: self.pool.clone(),
+            blocks: self.blocks.clone(),
+            len: self.len,
+            swapped: None,
+            hashes: self.hashes.clone(),
+        }
+    }
+
+    /// [`KvSeq::fork`], or `None` while swapped out.
+    pub fn fork_resident(&self) -> Option<KvSeq> {
+        (!self.is_swapped()).then(|| self.fork())
+    }
+
+    /// Copy this sequence's KV to host memory and give its blocks back to the pool.
+    pub fn swap_out(&mut self) {
+        if self.is_swapped() {
+            return;
+        }
+        let n = self.pool.block_elems();
+        let used = Self::blocks_for(self.len);
+        let mut data = Vec::with_capacity(used * n);
+        for &b in &self.blocks[..used] {
+            for seg in 0..self.pool.segs_per_block() {
+                // SAFETY: reading a block we hold a reference to.
+                data.extend_from_slice(unsafe { self.pool.seg_n(b, seg) });
+            }
+        }
+        self.pool.release(&self.blocks);
+        self.blocks.clear();
+        self.swapped = Some(SwappedKv {
+            len: self.len,
+            data,
+        });
+        self.pool.swapped.fetch_add(1, Ordering::AcqRel);
+        self.pool.swap_outs.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Give all blocks back and forget the KV: the sequence's tokens are to be prefilled again
+    /// (preemption by recomputation).
+    pub fn drop_for_recompute(&mut self) {
+        self.truncate(0);
+        self.pool.recomputes.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A sequence of `len` tokens whose KV is `data` in host memory (as [`KvSeq::swap_out`]
+    /// leaves it, e.g. read back from a snapshot file); [`KvSeq::swap_in`] brings it into `pool`.
+    pub fn from_host(pool: Arc<KvPool>, len: usize, data: Vec<KvElem>) -> Result<Self, String> {
+        let want = Self::blocks_for(len) * pool.block_elems();
+        if data.len() != want {
+            return Err(format!(
+                "{len} tokens of KV take {want} values in this layout, not {}",
+                data.len()
+            ));
+        }
+        pool.swapped.fetch_add(1, Ordering::AcqRel);
+        Ok(Self {
+            pool,
+            blocks: Vec::new(),
+            len,
+            swapped: Some(SwappedKv { len, data }),
+            hashes: Vec::new(),
+        })
+    }
+
+    /// The KV in host memory while swapped out.
+    pub fn host_data(&self) -> Option<&[KvElem]> {
+        self.swapped.as_ref().map(|s| s.data.as_slice())
+    }
+
+    /// Bring a swapped-out sequence back into the pool, bit for bit.
+    pub fn swap_in(&mut self) -> Result<(), KvFull> {
+        let Some(sw) = &self.swapped else {
+            return Ok(());
+        };
+        let blocks = self.pool.alloc(Self::blocks_for(sw.len))?;
+        let mut from = sw.data.chunks_exact(self.pool.seg_elems());
+        for &b in &blocks {
+            for seg in 0..self.pool.segs_per_block() {
+                let src = from.next().expect("swapped data for every segment");
+                // SAFETY: freshly allocated, ours alone.
+                unsafe { self.pool.seg_n_mut(b, seg).copy_from_slice(src) };
+            }
+        }
+        self.blocks = blocks;
+        self.swapped = None;
+        // Fresh blocks: offered to the prefix cache again by the next `register_blocks`.
+        self.hashes.clear();
+        self.pool.swapped.fetch_sub(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// The first `upto` rows of K and V for one layer and KV head, as one segment of whole
+    /// rows per block.
+    pub fn segments(
+        &self,
+        layer: usize,
+        kv_head: usize,
+        upto: usize,
+    ) -> impl Iterator<Item = (&[KvElem], &[KvElem])> + '_ {
+        let d = self.pool.layout.head_dim;
+        assert!(
+            upto <= self.blocks.len() * BLOCK_TOKENS,
+            "rows beyond the blocks"
+        );
+        self.blocks
+            .iter()
+            .take(upto.div_ceil(BLOCK_TOKENS))
+            .enumerate()
+            .map(move |(i, &b)| {
+                let rows = (upto - i * BLOCK_TOKENS).min(BLOCK_TOKENS);
+                // SAFETY: writers hold `&mut KvSeq`; this borrow of `self` keeps them away.
+                let (k, v) = unsafe {
+                    (
+                        self.pool.seg(b, layer, 0, kv_head),
+                        self.pool.seg(b, layer, 1, kv_head),
+                    )
+                };
+                (&k[..rows * d], &v[..rows * d])
+            })
+    }
+}
+
+impl Drop for KvSeq {
+    fn drop(&mut self) {
+        self.pool.release(&self.blocks);
+        if self.swapped.take().is_some() {
+            self.pool.swapped.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
