@@ -12,28 +12,14 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::params::{agent_of, Body};
-use super::{AppState, SlotState};
-use crate::engine::{ContextError, ContextInfo, ContextOp, EngineHandle, Tier};
+use super::AppState;
+use crate::engine::{ContextError, ContextInfo, ContextOp, Tier};
 
 fn context_json(model: &str, c: &ContextInfo) -> Value {
     let mut v = json!(c);
     v["object"] = json!("context");
     v["model"] = json!(model);
     v
-}
-
-/// The models that are ready, with their engines.
-fn ready(state: &AppState) -> Vec<(String, EngineHandle)> {
-    state
-        .models
-        .iter()
-        .filter_map(
-            |m| match &*m.state.read().unwrap_or_else(|p| p.into_inner()) {
-                SlotState::Ready(h) => Some((m.name.clone(), h.clone())),
-                _ => None,
-            },
-        )
-        .collect()
 }
 
 fn not_found(id: &str) -> ApiError {
@@ -64,7 +50,7 @@ async fn on_context(
     id: &str,
     op: impl Fn() -> ContextOp,
 ) -> Result<(String, Vec<ContextInfo>), ApiError> {
-    for (name, engine) in ready(state) {
+    for (name, engine) in state.ready_engines() {
         match engine.context(op()).await {
             Ok(v) => return Ok((name, v)),
             Err(ContextError::NotFound(_)) => continue,
@@ -104,7 +90,7 @@ pub async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Res
     let run = async {
         let owner = agent_of(&headers)?;
         let mut data = Vec::new();
-        for (name, engine) in ready(&state) {
+        for (name, engine) in state.ready_engines() {
             let v = engine
                 .context(ContextOp::List {
                     owner: owner.clone(),
