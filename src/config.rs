@@ -27,6 +27,33 @@ pub struct Config {
     pub kv_events: KvEventsSection,
     /// Remote OpenAI-compatible backends models may spill over to: `[[providers]]`.
     pub providers: Vec<ProviderConfig>,
+    /// The exact-match response cache.
+    pub cache: CacheSection,
+}
+
+/// Answers to repeated deterministic requests (temperature 0, `top_k = 1` or a fixed seed),
+/// kept per agent and served again without running the model or calling a provider.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSection {
+    pub enabled: bool,
+    /// Seconds an answer stays servable after it was stored.
+    pub ttl_secs: u64,
+    /// Most answers kept; past it (or past `max_bytes`) the least recently used go first.
+    pub max_entries: usize,
+    /// Most bytes of answers (their JSON) kept.
+    pub max_bytes: usize,
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            ttl_secs: 300,
+            max_entries: 1024,
+            max_bytes: 64 << 20,
+        }
+    }
 }
 
 /// A remote backend speaking the OpenAI API (OpenAI, Groq, DeepSeek, vLLM, Ollama, another aios).
@@ -399,6 +426,7 @@ impl Default for Config {
             limits: LimitsSection::default(),
             kv_events: KvEventsSection::default(),
             providers: Vec::new(),
+            cache: CacheSection::default(),
         }
     }
 }
@@ -547,6 +575,15 @@ impl Config {
                 }
             }
         }
+        if self.cache.enabled
+            && (self.cache.ttl_secs == 0
+                || self.cache.max_entries == 0
+                || self.cache.max_bytes == 0)
+        {
+            return Err(ConfigError(
+                "cache.ttl_secs, cache.max_entries and cache.max_bytes must be positive when the cache is enabled".into(),
+            ));
+        }
         crate::auth::KeyTable::from_config(self).map_err(ConfigError)?;
         let mut providers = std::collections::HashSet::new();
         for (i, p) in self.providers.iter().enumerate() {
@@ -626,6 +663,7 @@ mod tests {
         assert_eq!(cfg.engine, want.engine);
         assert_eq!(cfg.models[0].name, want.models[0].name);
         assert_eq!(cfg.models[0].path, want.models[0].path);
+        assert_eq!(cfg.cache, want.cache);
         cfg.validate().unwrap();
     }
 

@@ -83,6 +83,9 @@ pub struct Metrics {
     kv_events: IntCounterVec,
     fallbacks: IntCounterVec,
     cost: prometheus::CounterVec,
+    cache_lookups: IntCounterVec,
+    cache_stores: IntCounterVec,
+    cache_size: IntGaugeVec,
     /// Preemptions already counted, per model (the engine keeps a running total).
     seen_preemptions: Mutex<HashMap<String, u64>>,
 }
@@ -263,6 +266,21 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            cache_lookups: counter(
+                "aios_response_cache_requests_total",
+                "Generation requests seen by the response cache, by outcome (hit, miss, bypass: not deterministic, on a context or opted out).",
+                &["outcome"],
+            ),
+            cache_stores: counter(
+                "aios_response_cache_stores_total",
+                "Complete answers stored in the response cache, by the backend that produced them.",
+                &["backend"],
+            ),
+            cache_size: igauge(
+                "aios_response_cache_size",
+                "What the response cache holds, in entries and bytes.",
+                &["unit"],
+            ),
             seen_preemptions: Mutex::new(HashMap::new()),
             registry,
         }
@@ -283,6 +301,22 @@ impl Metrics {
         if cost > 0.0 {
             self.cost.with_label_values(&[provider]).inc_by(cost);
         }
+    }
+
+    /// Count one response-cache lookup (`hit`, `miss` or `bypass`).
+    pub fn cache_lookup(&self, outcome: &str) {
+        self.cache_lookups.with_label_values(&[outcome]).inc();
+    }
+
+    /// Count one answer stored in the response cache, which now holds `entries` in `bytes`.
+    pub fn cache_store(&self, backend: &str, entries: usize, bytes: usize) {
+        self.cache_stores.with_label_values(&[backend]).inc();
+        self.cache_size
+            .with_label_values(&["entries"])
+            .set(entries as i64);
+        self.cache_size
+            .with_label_values(&["bytes"])
+            .set(bytes as i64);
     }
 
     /// Count one request refused by an agent limit.

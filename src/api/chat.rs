@@ -22,7 +22,10 @@ pub async fn chat_completions(
 ) -> Response {
     match prepare(&state, &headers, &body) {
         Ok((job, format)) => job.respond(format).await,
-        Err(e) => e.into_response(),
+        Err(e) => {
+            let route = crate::providers::Route::Chat;
+            super::generate::unserved(&state, &headers, &body, route, e).await
+        }
     }
 }
 
@@ -112,11 +115,9 @@ fn prepare(
         held: Vec::new(),
     };
     Ok((
-        Job::new(state, engine, &name, vec![prompt], params, headers).with_fallback(
-            state,
-            crate::providers::Route::Chat,
-            bytes,
-        ),
+        Job::new(state, engine, &name, vec![prompt], params, headers)
+            .with_fallback(state, crate::providers::Route::Chat, bytes)
+            .with_cache(state, crate::providers::Route::Chat, bytes),
         format,
     ))
 }

@@ -21,7 +21,10 @@ pub async fn completions(
 ) -> Response {
     match prepare(&state, &headers, &body) {
         Ok((job, format)) => job.respond(format).await,
-        Err(e) => e.into_response(),
+        Err(e) => {
+            let route = crate::providers::Route::Completions;
+            super::generate::unserved(&state, &headers, &body, route, e).await
+        }
     }
 }
 
@@ -149,11 +152,9 @@ fn prepare(
         n: params.n,
     };
     Ok((
-        Job::new(state, engine, &name, prompts, params, headers).with_fallback(
-            state,
-            crate::providers::Route::Completions,
-            bytes,
-        ),
+        Job::new(state, engine, &name, prompts, params, headers)
+            .with_fallback(state, crate::providers::Route::Completions, bytes)
+            .with_cache(state, crate::providers::Route::Completions, bytes),
         format,
     ))
 }

@@ -13,8 +13,10 @@ pub struct ApiError {
     pub param: Option<String>,
     /// Seconds a client should wait before retrying (`Retry-After`).
     pub retry_after: Option<u64>,
-    /// The local engine lacks the capacity (queue full, KV pool too small): a model with
-    /// fallbacks spills the request over to them.
+    /// The local engine cannot serve the request: it lacks the capacity (queue full, KV pool
+    /// too small, a long predicted wait) or it failed (the model did not load, the engine
+    /// stopped or failed before the first token). A model with fallbacks spills the request
+    /// over to them.
     pub local_capacity: bool,
 }
 

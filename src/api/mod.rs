@@ -3,6 +3,7 @@
 
 mod admin;
 mod aios;
+pub mod cache;
 mod chat;
 mod completions;
 mod contexts;
@@ -67,6 +68,8 @@ pub struct AppState {
     pub kv_events: Option<Arc<crate::kv_events::Publisher>>,
     /// Each model's spill-over: its providers in order, and the queue wait that triggers it.
     pub fallbacks: std::collections::HashMap<String, ModelFallback>,
+    /// Answers to deterministic requests (`[cache]`, whose settings are read per request).
+    pub cache: Arc<cache::ResponseCache>,
 }
 
 /// Where a model's requests go when the local engine cannot take them.
@@ -126,6 +129,7 @@ impl AppState {
             idle: tokio::sync::Notify::new(),
             kv_events,
             fallbacks: Self::fallbacks(cfg)?,
+            cache: Arc::default(),
         })
     }
 
@@ -180,28 +184,35 @@ impl AppState {
             .collect()
     }
 
-    /// The engine for the requested model name (`None`: the default model).
-    pub fn engine_for(&self, name: Option<&str>) -> Result<(String, EngineHandle), ApiError> {
-        let slot = match name {
+    /// The configured model a request names (`None`: the default model), aliases resolved.
+    pub fn slot(&self, name: Option<&str>) -> Option<&ModelSlot> {
+        match name {
             None | Some("") => self.models.first(),
             Some(n) => self
                 .models
                 .iter()
                 .find(|m| m.name == n || m.aliases.iter().any(|a| a == n)),
         }
-        .ok_or_else(|| ApiError::model_not_found(name.unwrap_or("")))?;
+    }
+
+    /// The engine for the requested model name (`None`: the default model). A model that is
+    /// loading or failed to load is an error the model's fallbacks may take over.
+    pub fn engine_for(&self, name: Option<&str>) -> Result<(String, EngineHandle), ApiError> {
+        let slot = self
+            .slot(name)
+            .ok_or_else(|| ApiError::model_not_found(name.unwrap_or("")))?;
         let state = slot.state.read().unwrap_or_else(|p| p.into_inner());
-        match &*state {
-            SlotState::Ready(h) => Ok((slot.name.clone(), h.clone())),
-            SlotState::Loading => Err(ApiError::unavailable(format!(
-                "model '{}' is still loading",
-                slot.name
-            ))),
-            SlotState::Failed(e) => Err(ApiError::unavailable(format!(
-                "model '{}' failed to load: {e}",
-                slot.name
-            ))),
-        }
+        let mut e = match &*state {
+            SlotState::Ready(h) => return Ok((slot.name.clone(), h.clone())),
+            SlotState::Loading => {
+                ApiError::unavailable(format!("model '{}' is still loading", slot.name))
+            }
+            SlotState::Failed(e) => {
+                ApiError::unavailable(format!("model '{}' failed to load: {e}", slot.name))
+            }
+        };
+        e.local_capacity = true;
+        Err(e)
     }
 }
 

@@ -99,6 +99,9 @@ pub struct GenParams {
     pub context: Option<String>,
     /// The grammar the output must follow (`response_format`, tools), set by the endpoint.
     pub constraint: Option<crate::engine::Constraint>,
+    /// `cache` (default true): `false` keeps this request away from the response cache, both
+    /// ways.
+    pub cache: bool,
 }
 
 /// The agent of a request without a body (headers only).
@@ -283,6 +286,7 @@ impl GenParams {
             priority,
             context: b.string("context_id")?.map(String::from),
             constraint: None,
+            cache: b.bool("cache")?.unwrap_or(true),
         })
     }
 }
