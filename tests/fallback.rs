@@ -387,3 +387,89 @@ fn a_long_predicted_queue_wait_spills_over() {
     std::fs::remove_dir_all(dir).unwrap();
     std::fs::remove_dir_all(cloud_dir).unwrap();
 }
+
+#[test]
+fn a_model_that_failed_to_load_spills_over() {
+    let (cloud, cloud_url, cloud_dir) = serve_with_config("cloud3", "", "");
+    // "broken" is a model file that is not a model (a download cut short, a wrong path
+    // typed): it fails to load, and its requests go to its fallback.
+    let dir = std::env::temp_dir().join(format!("aios-broken-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let broken = dir.join("broken.gguf");
+    std::fs::write(&broken, b"GGUF but not really a model").unwrap();
+    let cfg = dir.join("config.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[memory]\npath = {:?}\n\n[cache]\nenabled = true\n\n\
+             [[providers]]\nname = \"cloud\"\nbase_url = \"{cloud_url}/v1\"\n\
+             models = {{ broken = \"smollm2\" }}\n\n\
+             [[models]]\nname = \"smollm2\"\npath = {:?}\n\n\
+             [[models]]\nname = \"broken\"\npath = {:?}\nfallbacks = [\"cloud\"]\n",
+            dir.join("memory.sqlite"),
+            common::default_model_path(),
+            broken,
+        ),
+    )
+    .unwrap();
+    let (local, url) = common::serve(&["--config", cfg.to_str().unwrap()]);
+    // Not healthy (a model failed): wait until both models have settled.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let h: Value = common::client()
+            .get(format!("{url}/health"))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        if h["models"]["smollm2"] == "ready" && h["models"]["broken"]["error"].is_string() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{h}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let req = json!({"model": "broken", "prompt": "1, 2, 3,", "max_tokens": 4, "temperature": 0});
+    let (s, b, v) = post(&url, "a", &req);
+    assert_eq!((s, b.as_str()), (200, "cloud"), "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 4, "{v}");
+    // Chat and streams too; the cloud's stream passes through.
+    let r = common::client()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(
+            &json!({"model": "broken", "messages": [{"role": "user", "content": "Hi"}],
+                      "max_tokens": 3, "stream": true}),
+        )
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-aios-backend"], "cloud");
+    assert!(r.text().unwrap().trim_end().ends_with("data: [DONE]"));
+    // The answer was cached: the same request again does not reach the cloud.
+    let r = common::client()
+        .post(format!("{url}/v1/completions"))
+        .header("X-Agent-Id", "a")
+        .json(&req)
+        .send()
+        .unwrap();
+    assert_eq!(r.headers()["x-aios-backend"], "cache");
+    assert_eq!(r.headers()["x-aios-cache-origin"], "cloud");
+    // Without the fallback, the failure itself.
+    let mut own = req.clone();
+    own["fallback"] = json!(false);
+    let (s, _, v) = post(&url, "a", &own);
+    assert_eq!(s, 503, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("'broken' failed to load"),
+        "{v}"
+    );
+    // The healthy model still answers here.
+    let (s, b, _) = post(&url, "a", &json!({"prompt": "1, 2,", "max_tokens": 2}));
+    assert_eq!((s, b.as_str()), (200, "local"));
+    assert!(stop(local).success());
+    assert!(stop(cloud).success());
+    std::fs::remove_dir_all(dir).unwrap();
+    std::fs::remove_dir_all(cloud_dir).unwrap();
+}

@@ -6,7 +6,8 @@
 //! answer is delivered, `stream`, `stream_options`, `cache` and `fallback`, left out). An
 //! entry is the whole non-streamed response object and the backend that produced it. Entries
 //! expire `ttl` after they were stored; past the bounds on entries or bytes, the least
-//! recently used go first.
+//! recently used go first. (A request with `"fallback": false` is served only answers the
+//! local engine produced; the HTTP layer checks that.)
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;

@@ -195,7 +195,11 @@ impl CacheUse {
         }
         let key = cache::key(route_name(route), &params.agent, model, &body);
         let ttl = std::time::Duration::from_secs(c.ttl_secs);
-        let hit = state.cache.get(&key, ttl, std::time::Instant::now());
+        let hit = state
+            .cache
+            .get(&key, ttl, std::time::Instant::now())
+            // A request that refuses the providers gets no provider's answer.
+            .filter(|h| h.backend == "local" || body.get("fallback") != Some(&Value::Bool(false)));
         state
             .metrics
             .cache_lookup(if hit.is_some() { "hit" } else { "miss" });
