@@ -79,6 +79,10 @@ fn main() {
         "candle M=1",
         "cndl M=16"
     );
+    attention_bench(bw);
+    if std::env::var("AIOS_BENCH_ONLY").as_deref() == Ok("attention") {
+        return;
+    }
     let dev = Device::Cpu;
     let mut rng = 0x9E37_79B9_7F4A_7C15u64;
     let mut next = move || {
@@ -129,6 +133,65 @@ fn main() {
             t16 / o16,
             ours.bytes() as f64 / t1 / 1e9,
             gflop(16, t16),
+        );
+    }
+}
+
+/// Attention of new query rows over a sequence's stored f16 KV, with the default model's shapes
+/// (30 layers, 9 query heads sharing 3 KV heads of 64): a decode step reads every layer's K and
+/// V rows once, so its rate is given as GB/s of KV read, against the measured bandwidth.
+fn attention_bench(bw: f64) {
+    use aios::kv::{KvLayout, KvSeq};
+    use aios::ops::attention::{attention, AttnSeq, Heads};
+    let layout = KvLayout {
+        n_layers: 30,
+        n_kv_heads: 3,
+        head_dim: 64,
+    };
+    let h = Heads {
+        n_heads: 9,
+        n_kv_heads: 3,
+        head_dim: 64,
+    };
+    let width = h.n_heads * h.head_dim;
+    println!(
+        "attention (30 layers, 9 heads / 3 KV heads of 64, f16 KV): {:>6} {:>6} {:>9} {:>8} {:>7}",
+        "ctx", "new", "ms/step", "KV GB/s", "of bw"
+    );
+    for (ctx, new) in [(16, 1), (500, 1), (2000, 1), (4000, 1), (1400, 16)] {
+        let total = ctx + new;
+        let mut kv = KvSeq::new(layout, total);
+        kv.reserve(total).unwrap();
+        let kvw = h.n_kv_heads * h.head_dim;
+        let vals: Vec<f32> = (0..total * kvw)
+            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+            .collect();
+        for layer in 0..layout.n_layers {
+            kv.write(layer, &vals, &vals);
+        }
+        let q: Vec<f32> = (0..new * width)
+            .map(|i| ((i * 31) % 97) as f32 / 97.0 - 0.5)
+            .collect();
+        let seqs = [AttnSeq {
+            kv: &kv,
+            row: 0,
+            n_tokens: new,
+            first_pos: ctx,
+        }];
+        let secs = best(20, || {
+            for layer in 0..layout.n_layers {
+                std::hint::black_box(attention(&q, &seqs, layer, h));
+            }
+        });
+        let bytes = (layout.n_layers * 2 * total * kvw * 2) as f64;
+        let gbs = bytes / secs / 1e9;
+        println!(
+            "{:>66} {:>6} {:>9.3} {:>8.1} {:>6.0}%",
+            ctx,
+            new,
+            secs * 1e3,
+            gbs,
+            100.0 * gbs / bw
         );
     }
 }

@@ -357,6 +357,33 @@ impl KvSeq {
                 (&k[..rows * d], &v[..rows * d])
             })
     }
+
+    /// K and V of one layer and KV head for the blocks holding the first `upto` rows, whole:
+    /// `BLOCK_TOKENS` rows each, the last block's rows past `upto` included (whatever they
+    /// hold), so a kernel may read a block in fixed-size steps and ignore what it does not need.
+    pub fn block_segments(
+        &self,
+        layer: usize,
+        kv_head: usize,
+        upto: usize,
+    ) -> impl Iterator<Item = (&[KvElem], &[KvElem])> + '_ {
+        assert!(
+            upto <= self.blocks.len() * BLOCK_TOKENS,
+            "rows beyond the blocks"
+        );
+        self.blocks
+            .iter()
+            .take(upto.div_ceil(BLOCK_TOKENS))
+            .map(move |&b| {
+                // SAFETY: writers hold `&mut KvSeq`; this borrow of `self` keeps them away.
+                unsafe {
+                    (
+                        self.pool.seg(b, layer, 0, kv_head),
+                        self.pool.seg(b, layer, 1, kv_head),
+                    )
+                }
+            })
+    }
 }
 
 impl Drop for KvSeq {
