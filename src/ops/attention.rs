@@ -158,9 +158,11 @@ impl Partial {
     }
 }
 
-/// K/V rows handled together: one block's segment. Chunks start at fixed positions, so a
-/// query's result does not depend on the other queries in its batch.
-const CHUNK: usize = BLOCK_TOKENS;
+/// K/V rows handled together (two blocks): the running softmax is updated once per chunk.
+/// Chunks start at fixed positions, so a query's result does not depend on the other queries
+/// in its batch.
+const CHUNK: usize = 2 * BLOCK_TOKENS;
+const _: () = assert!(SPLIT_ROWS.is_multiple_of(CHUNK) && CHUNK.is_multiple_of(BLOCK_TOKENS));
 
 /// Attention for `n` consecutive tokens (first at position `first`) and the `group` query heads
 /// that share KV head `g`, against K/V rows `lo..hi` only. `qs` is `[n][group][d]`.
@@ -193,27 +195,46 @@ fn attend_range(
         sum: vec![0.0; nq],
         acc: vec![0.0; nq * d],
     };
-    let segs: Vec<(&[KvElem], &[KvElem])> = kv.block_segments(layer, g, hi).collect();
+    let segs: Vec<Seg> = kv.block_segments(layer, g, hi).collect();
     let mut w = vec![0f32; nq * CHUNK];
     let (mut kbuf, mut vbuf) = (vec![0f32; CHUNK * d], vec![0f32; CHUNK * d]);
     let mut r0 = lo;
     while r0 < hi {
         let cnt = CHUNK.min(hi - r0);
-        let (k, v) = segs[r0 / CHUNK];
-        if let Some(&(nk, nv)) = segs.get(r0 / CHUNK + 1) {
-            prefetch(nk);
-            prefetch(nv);
+        // The chunk's blocks, and how many of its rows each holds.
+        let b0 = r0 / BLOCK_TOKENS;
+        let parts: Vec<(usize, Seg)> = (0..cnt.div_ceil(BLOCK_TOKENS))
+            .map(|i| {
+                let rows = BLOCK_TOKENS.min(cnt - i * BLOCK_TOKENS);
+                (rows, segs[b0 + i])
+            })
+            .collect();
+        // The next chunk's blocks, where they do not simply follow this chunk's in memory (the
+        // hardware prefetcher follows those by itself).
+        let next = b0 + parts.len();
+        if let (Some(&(_, (lk, lv))), Some(&(nk, nv))) = (parts.last(), segs.get(next)) {
+            if lk.as_ptr_range().end != nk.as_ptr() || lv.as_ptr_range().end != nv.as_ptr() {
+                for &(nk, nv) in segs.iter().skip(next).take(CHUNK / BLOCK_TOKENS) {
+                    prefetch(nk);
+                    prefetch(nv);
+                }
+            }
         }
-        // Few queries (a decode step) widen f16 as they go; many (a prefill chunk) widen the
-        // block once for all of them.
-        let (k, v) = if nq > 3 {
-            widen(k, &mut kbuf);
-            widen(&v[..cnt * d], &mut vbuf[..cnt * d]);
-            (Rows::F32(&kbuf), Rows::F32(&vbuf))
+        if nq > 3 {
+            // Many queries (a prefill chunk): widen the chunk once for all of them.
+            for (i, &(rows, (k, v))) in parts.iter().enumerate() {
+                let at = i * BLOCK_TOKENS * d;
+                widen(k, &mut kbuf[at..at + k.len()]);
+                widen(&v[..rows * d], &mut vbuf[at..at + rows * d]);
+            }
+            kernels::scores(&q, nq, d, Rows::F32(&kbuf), cnt, &mut w);
         } else {
-            (Rows::F16(k), Rows::F16(v))
-        };
-        kernels::scores(&q, nq, d, k, cnt, &mut w);
+            // A decode step: f16 widened as it is read, a block at a time.
+            for (i, &(rows, (k, _))) in parts.iter().enumerate() {
+                let off = i * BLOCK_TOKENS;
+                kernels::scores(&q, nq, d, Rows::F16(k), rows, &mut w[off..]);
+            }
+        }
         for j in 0..nq {
             let seen = visible(j).saturating_sub(r0).min(cnt);
             let row = &mut w[j * CHUNK..][..CHUNK];
@@ -239,11 +260,21 @@ fn attend_range(
             // whichever queries share the chunk.
             p.sum[j] += sum(row);
         }
-        kernels::accumulate(&w, nq, d, v, cnt, &mut p.acc);
+        if nq > 3 {
+            kernels::accumulate(&w, nq, d, Rows::F32(&vbuf), cnt, &mut p.acc);
+        } else {
+            for (i, &(rows, (_, v))) in parts.iter().enumerate() {
+                let off = i * BLOCK_TOKENS;
+                kernels::accumulate(&w[off..], nq, d, Rows::F16(v), rows, &mut p.acc);
+            }
+        }
         r0 += cnt;
     }
     p
 }
+
+/// One block's K and V rows for one layer and KV head.
+type Seg<'a> = (&'a [KvElem], &'a [KvElem]);
 
 /// Largest value (eight lanes, so it vectorises; the inputs are finite).
 fn max(x: &[f32]) -> f32 {
@@ -395,13 +426,14 @@ mod kernels {
             k: *const T,
             d: usize,
         ) -> [__m128; Q] {
+            // One K vector live at a time and the queries read from L1 as the FMAs' memory
+            // operand: 4 * Q accumulators stay in registers (Q = 3 leaves 4 of 16 spare).
             let mut a = [[_mm256_setzero_ps(); 4]; Q];
             for c in (0..d).step_by(8) {
-                let kr = [0, 1, 2, 3].map(|r| T::load8(k.add(r * d + c)));
-                for (i, ai) in a.iter_mut().enumerate() {
-                    let qv = _mm256_loadu_ps(q.add(i * d + c));
-                    for r in 0..4 {
-                        ai[r] = _mm256_fmadd_ps(qv, kr[r], ai[r]);
+                for r in 0..4 {
+                    let kv = T::load8(k.add(r * d + c));
+                    for (i, ai) in a.iter_mut().enumerate() {
+                        ai[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i * d + c)), kv, ai[r]);
                     }
                 }
             }
@@ -419,7 +451,7 @@ mod kernels {
         ) {
             // Rows are read four at a time: `k` holds a whole block.
             assert!(cnt <= CHUNK && k.len() >= cnt.next_multiple_of(4) * d);
-            assert!(q.len() >= nq * d && w.len() >= nq * CHUNK);
+            assert!(q.len() >= nq * d && w.len() >= (nq - 1) * CHUNK + cnt.next_multiple_of(4));
             let (qp, kp, wp) = (q.as_ptr(), k.as_ptr(), w.as_mut_ptr());
             let mut j = 0;
             while j < nq {
@@ -462,11 +494,13 @@ mod kernels {
                 }
             }
             for r in 0..cnt {
-                let vr: [__m256; V] = std::array::from_fn(|x| T::load8(v.add(r * d + c + 8 * x)));
-                for (i, ai) in a.iter_mut().enumerate() {
-                    let wi = _mm256_broadcast_ss(&*w.add(i * CHUNK + r));
-                    for x in 0..V {
-                        ai[x] = _mm256_fmadd_ps(wi, vr[x], ai[x]);
+                let wr: [__m256; Q] =
+                    std::array::from_fn(|i| _mm256_broadcast_ss(&*w.add(i * CHUNK + r)));
+                #[allow(clippy::needless_range_loop)]
+                for x in 0..V {
+                    let vx = T::load8(v.add(r * d + c + 8 * x));
+                    for i in 0..Q {
+                        a[i][x] = _mm256_fmadd_ps(wr[i], vx, a[i][x]);
                     }
                 }
             }
@@ -486,7 +520,7 @@ mod kernels {
             cnt: usize,
             acc: &mut [f32],
         ) {
-            assert!(cnt <= CHUNK && w.len() >= nq * CHUNK);
+            assert!(cnt <= CHUNK && w.len() >= (nq - 1) * CHUNK + cnt);
             assert!(v.len() >= cnt * d && acc.len() >= nq * d);
             let (wp, vp, ap) = (w.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
             let mut j = 0;
@@ -495,16 +529,17 @@ mod kernels {
                 let (wj, aj) = (wp.add(j * CHUNK), ap.add(j * d));
                 let mut c = 0;
                 while c < d {
-                    let wide = d - c >= 32;
+                    // Q * V accumulators, V row vectors and Q weights: 11 registers at most.
+                    let wide = d - c >= 16;
                     match (qs, wide) {
-                        (3, true) => add_rows::<3, 4, T>(wj, vp, aj, d, cnt, c),
-                        (2, true) => add_rows::<2, 4, T>(wj, vp, aj, d, cnt, c),
-                        (_, true) => add_rows::<1, 4, T>(wj, vp, aj, d, cnt, c),
+                        (3, true) => add_rows::<3, 2, T>(wj, vp, aj, d, cnt, c),
+                        (2, true) => add_rows::<2, 2, T>(wj, vp, aj, d, cnt, c),
+                        (_, true) => add_rows::<1, 2, T>(wj, vp, aj, d, cnt, c),
                         (3, false) => add_rows::<3, 1, T>(wj, vp, aj, d, cnt, c),
                         (2, false) => add_rows::<2, 1, T>(wj, vp, aj, d, cnt, c),
                         (_, false) => add_rows::<1, 1, T>(wj, vp, aj, d, cnt, c),
                     }
-                    c += if wide { 32 } else { 8 };
+                    c += if wide { 16 } else { 8 };
                 }
                 j += qs;
             }
