@@ -73,6 +73,7 @@ write_report() {
       echo
     fi
     if [ -s "$OUTDIR/devices.txt" ]; then
+      # shellcheck disable=SC2016 # Markdown backquotes, not a command
       echo '`aios devices`:'
       echo
       echo '```'
@@ -151,6 +152,9 @@ fi
 candidates=()
 if [ -n "${CUDA_LIBS:-}" ]; then
   IFS=: read -r -a candidates <<<"$CUDA_LIBS"
+  for i in "${!candidates[@]}"; do
+    [ -d "${candidates[$i]}" ] && candidates[i]=$(cd "${candidates[$i]}" && pwd)
+  done
 else
   for d in "$ROOT"/.venv-cuda/lib/python3*/site-packages/nvidia/cu13/lib \
     "$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null || true)" \
