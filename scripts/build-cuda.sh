@@ -113,7 +113,7 @@ fi
 export LIBRARY_PATH=$STUBS${LIBRARY_PATH:+:$LIBRARY_PATH}
 
 # --- 3. the build ---------------------------------------------------------------------------
-say "cargo build --release --features cuda (CARGO_TARGET_DIR=$CARGO_TARGET_DIR, nice $NICE); a first build takes 10+ minutes on 2 cores"
+say "cargo build --release --features cuda (CARGO_TARGET_DIR=$CARGO_TARGET_DIR, nice $NICE); a first build takes about 20 minutes on 2 cores"
 nice -n "$NICE" cargo build --release --features cuda --bin aios
 BIN=$CARGO_TARGET_DIR/release/aios
 case $BIN in /*) ;; *) BIN=$ROOT/$BIN ;; esac
