@@ -340,49 +340,71 @@ mod x86 {
     /// are chunk `4n + h`, high nibbles chunk `4n + h + 2`) and the high-bit runs (two bits per
     /// chunk). Values are 0..63, stored minus 32: Σ (q − 32)·x = Σ q·x − 32 Σ x, with Σ x per
     /// 16 values kept in the activation blocks.
+    ///
+    /// Two runs' products are summed in 16-bit lanes (at most 2 · 2 · 63 · 127 = 32,004), then
+    /// multiplied by the row's sub-scale and summed in 32 bits by one `madd` (the sub-scale
+    /// repeated in both 16-bit halves of the row's lane); the 32 offset is taken off in 32 bits.
+    /// Only a chunk's total (two sub-blocks) is converted to f32.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q6k_x8<const A: usize>(
         grp: *const u8,
         ap: [*const ActBlock; A],
         nb: usize,
     ) -> [[f32; 8]; A] {
-        let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); A];
+        // Sub-scale `s` of the eight rows: as i32 lanes, and repeated in both 16-bit halves.
+        let sub = |p: *const u8, s: usize| -> (__m256i, __m256i) {
+            let v = _mm256_cvtepi8_epi32(_mm_cvtsi64_si128(plane(p.add(16), s) as i64));
+            let lo = _mm256_and_si256(v, _mm256_set1_epi32(0xFFFF));
+            (v, _mm256_or_si256(lo, _mm256_slli_epi32(v, 16)))
+        };
         for b in 0..nb {
             let p = grp.add(b * 1680);
             let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
             for n in 0..2 {
                 for h in 0..2 {
                     let (c0, c1) = (4 * n + h, 4 * n + h + 2);
+                    let mut i0 = [_mm256_setzero_si256(); A];
+                    let mut i1 = [_mm256_setzero_si256(); A];
                     for half in 0..2 {
-                        // Four runs (16 values of each chunk, one sub-scale each).
-                        let mut s0 = [_mm256_setzero_si256(); A];
-                        let mut s1 = [_mm256_setzero_si256(); A];
-                        for t in 0..4 {
-                            let (q0, q1) = q6k_run(p, n, h, 4 * half + t);
+                        let (sc0, sd0) = sub(p, 2 * c0 + half);
+                        let (sc1, sd1) = sub(p, 2 * c1 + half);
+                        for pair in 0..2 {
+                            let t = 4 * half + 2 * pair;
+                            let (qa0, qa1) = q6k_run(p, n, h, t);
+                            let (qb0, qb1) = q6k_run(p, n, h, t + 1);
+                            let at = 16 * half + 8 * pair;
                             for k in 0..A {
                                 let a0 = &*ap[k].add(b * 8 + c0);
                                 let a1 = &*ap[k].add(b * 8 + c1);
-                                let x0 = _mm256_maddubs_epi16(q0, bcast4(a0, 16 * half + 4 * t));
-                                let x1 = _mm256_maddubs_epi16(q1, bcast4(a1, 16 * half + 4 * t));
-                                s0[k] = _mm256_add_epi32(s0[k], _mm256_madd_epi16(x0, ones));
-                                s1[k] = _mm256_add_epi32(s1[k], _mm256_madd_epi16(x1, ones));
+                                let x0 = _mm256_add_epi16(
+                                    _mm256_maddubs_epi16(qa0, bcast4(a0, at)),
+                                    _mm256_maddubs_epi16(qb0, bcast4(a0, at + 4)),
+                                );
+                                let x1 = _mm256_add_epi16(
+                                    _mm256_maddubs_epi16(qa1, bcast4(a1, at)),
+                                    _mm256_maddubs_epi16(qb1, bcast4(a1, at + 4)),
+                                );
+                                i0[k] = _mm256_add_epi32(i0[k], _mm256_madd_epi16(x0, sd0));
+                                i1[k] = _mm256_add_epi32(i1[k], _mm256_madd_epi16(x1, sd1));
                             }
                         }
-                        for (c, sums) in [(c0, &s0), (c1, &s1)] {
-                            let sub = plane(p.add(16), 2 * c + half);
-                            let sc = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(
-                                sub as i64,
-                            )));
-                            let scale = _mm256_mul_ps(d, sc);
-                            for k in 0..A {
-                                let ab = &*ap[k].add(b * 8 + c);
-                                let off = _mm256_set1_epi32(32 * ab.half_sums[half] as i32);
-                                let dot = _mm256_cvtepi32_ps(_mm256_sub_epi32(sums[k], off));
-                                let f = _mm256_mul_ps(scale, _mm256_set1_ps(ab.d));
-                                acc[k] = _mm256_fmadd_ps(f, dot, acc[k]);
-                            }
+                        for k in 0..A {
+                            let a0 = &*ap[k].add(b * 8 + c0);
+                            let a1 = &*ap[k].add(b * 8 + c1);
+                            let o0 = _mm256_set1_epi32(32 * a0.half_sums[half] as i32);
+                            let o1 = _mm256_set1_epi32(32 * a1.half_sums[half] as i32);
+                            i0[k] = _mm256_sub_epi32(i0[k], _mm256_mullo_epi32(sc0, o0));
+                            i1[k] = _mm256_sub_epi32(i1[k], _mm256_mullo_epi32(sc1, o1));
                         }
+                    }
+                    for k in 0..A {
+                        let a0 = &*ap[k].add(b * 8 + c0);
+                        let a1 = &*ap[k].add(b * 8 + c1);
+                        let f0 = _mm256_mul_ps(d, _mm256_set1_ps(a0.d));
+                        let f1 = _mm256_mul_ps(d, _mm256_set1_ps(a1.d));
+                        acc[k] = _mm256_fmadd_ps(f0, _mm256_cvtepi32_ps(i0[k]), acc[k]);
+                        acc[k] = _mm256_fmadd_ps(f1, _mm256_cvtepi32_ps(i1[k]), acc[k]);
                     }
                 }
             }
