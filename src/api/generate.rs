@@ -637,7 +637,8 @@ impl Job {
             return self.stream(receivers, format).await;
         }
         let mut choices = Vec::with_capacity(receivers.len());
-        for mut rx in receivers {
+        let mut pending = receivers.into_iter();
+        while let Some(mut rx) = pending.next() {
             let mut c = ChoiceOut::default();
             loop {
                 match rx.recv().await {
@@ -657,11 +658,10 @@ impl Job {
                         c.usage = usage;
                         break;
                     }
-                    // Nothing has reached the client yet: another backend may still answer.
-                    Some(Event::Error(e)) => return self.spill_over(engine_failed(e)).await,
+                    Some(Event::Error(e)) => return self.failed(pending, &choices, e).await,
                     None => {
-                        let e = engine_failed("the engine dropped the request".into());
-                        return self.spill_over(e).await;
+                        let e = "the engine dropped the request".to_string();
+                        return self.failed(pending, &choices, e).await;
                     }
                 }
             }
@@ -679,12 +679,32 @@ impl Job {
         r
     }
 
-    /// Stream the choices as SSE. The backend is settled by the first event: an engine that
-    /// fails before it sends the request to the fallbacks; after it, never.
+    /// The local engine failed a non-streamed request. Nothing has reached the client, so
+    /// another backend may answer, unless a choice already finished (its tokens are charged
+    /// to the local backend: a second backend would charge them again); then it is a 500.
+    async fn failed(
+        self,
+        pending: impl Iterator<Item = mpsc::UnboundedReceiver<Event>>,
+        done: &[ChoiceOut],
+        why: String,
+    ) -> Response {
+        // Dropping the other choices' receivers cancels their sequences.
+        drop(pending);
+        if done.is_empty() {
+            self.spill_over(engine_failed(why)).await
+        } else {
+            ApiError::internal(why).into_response()
+        }
+    }
+
+    /// Stream the choices as SSE. Where fallbacks could take the request, its headers wait for
+    /// the first event (at most `SPILL_HOLD`): an engine that fails before it sends the request
+    /// to the fallbacks. Otherwise, and once the first event or `SPILL_HOLD` has passed, the
+    /// stream is local for good, with keep-alive comments while it waits.
     async fn stream<F: Format>(
-        mut self,
+        self,
         receivers: Vec<mpsc::UnboundedReceiver<Event>>,
-        mut format: F,
+        format: F,
     ) -> Response {
         let n = receivers.len();
         let mut merged = select_all(
@@ -693,19 +713,31 @@ impl Job {
                 .enumerate()
                 .map(|(i, r)| UnboundedReceiverStream::new(r).map(move |e| (i, e))),
         );
-        let first = match merged.next().await {
-            Some((_, Event::Error(e))) => Err(e),
-            None => Err("the engine dropped the request".into()),
-            Some(ev) => Ok(ev),
+        if self.spill.is_none() {
+            return self.stream_local(merged, n, None, format);
+        }
+        let failed = match tokio::time::timeout(SPILL_HOLD, merged.next()).await {
+            Ok(Some((_, Event::Error(e)))) => e,
+            Ok(None) => "the engine dropped the request".to_string(),
+            Ok(Some(ev)) => return self.stream_local(merged, n, Some(ev), format),
+            Err(_) => return self.stream_local(merged, n, None, format),
         };
-        let first = match first {
-            Ok(ev) => ev,
-            Err(e) => {
-                // Dropping the receivers cancels the other choices.
-                drop(merged);
-                return self.spill_over(engine_failed(e)).await;
-            }
-        };
+        // Dropping the receivers cancels the other choices.
+        drop(merged);
+        self.spill_over(engine_failed(failed)).await
+    }
+
+    /// The SSE response of a stream served locally; `first` is an event already received.
+    fn stream_local<F: Format, S>(
+        mut self,
+        mut merged: S,
+        n: usize,
+        first: Option<(usize, Event)>,
+        mut format: F,
+    ) -> Response
+    where
+        S: futures_util::Stream<Item = (usize, Event)> + Unpin + Send + 'static,
+    {
         let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
         let send = |v: Value| SseEvent::default().data(v.to_string());
         let store = self.cache.store();
@@ -722,7 +754,7 @@ impl Job {
             let mut open = n;
             // What the choices amount to, for the cache.
             let mut whole: Vec<ChoiceOut> = (0..n).map(|_| ChoiceOut::default()).collect();
-            let mut next = Some(first);
+            let mut next = first;
             // A dropped client closes `tx`; returning drops the engine receivers, which
             // cancels the sequences.
             loop {
@@ -800,6 +832,11 @@ impl Job {
 
 /// The local engine failed on a request (`why`) before anything reached the client: a model
 /// with fallbacks sends it there; without, a 500.
+/// How long a stream that could still spill over holds its headers for the first event. Past
+/// it the stream is local for good: proxies and clients with a first-byte timeout (often 60 s)
+/// must see headers and keep-alives long before a slow prefill ends.
+const SPILL_HOLD: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn engine_failed(why: String) -> ApiError {
     let mut e = ApiError::internal(why);
     e.local_capacity = true;
