@@ -4,6 +4,7 @@
 mod admin;
 mod aios;
 pub mod cache;
+mod cached;
 mod chat;
 mod completions;
 mod contexts;
@@ -13,6 +14,7 @@ mod gate;
 mod generate;
 mod memories;
 mod params;
+mod spill;
 mod structured;
 
 use std::net::SocketAddr;
