@@ -137,16 +137,28 @@ fn main() {
     }
 }
 
-/// Attention of new query rows over a sequence's stored f16 KV, with the default model's shapes
-/// (30 layers, 9 query heads sharing 3 KV heads of 64): a decode step reads every layer's K and
-/// V rows once, so its rate is given as GB/s of KV read, against the measured bandwidth.
+/// Attention of new query rows over a sequence's stored KV (f16, then q8), with the default
+/// model's shapes (30 layers, 9 query heads sharing 3 KV heads of 64): a decode step reads every
+/// layer's K and V rows once, so its rate is given as GB/s of KV read, against the measured
+/// bandwidth.
 fn attention_bench(bw: f64) {
+    use aios::kv::KvDtype;
+    for dtype in [KvDtype::F16, KvDtype::Q8] {
+        if std::env::var("AIOS_BENCH_KV").is_ok_and(|d| d != dtype.name()) {
+            continue;
+        }
+        attention_bench_of(bw, dtype);
+    }
+}
+
+fn attention_bench_of(bw: f64, dtype: aios::kv::KvDtype) {
     use aios::kv::{KvLayout, KvSeq};
     use aios::ops::attention::{attention, AttnSeq, Heads};
     let layout = KvLayout {
         n_layers: 30,
         n_kv_heads: 3,
         head_dim: 64,
+        dtype,
     };
     let h = Heads {
         n_heads: 9,
@@ -155,10 +167,20 @@ fn attention_bench(bw: f64) {
     };
     let width = h.n_heads * h.head_dim;
     println!(
-        "attention (30 layers, 9 heads / 3 KV heads of 64, f16 KV): {:>6} {:>6} {:>9} {:>8} {:>7}",
-        "ctx", "new", "ms/step", "KV GB/s", "of bw"
+        "attention (30 layers, 9 heads / 3 KV heads of 64, {:>3} KV): {:>6} {:>6} {:>9} {:>8} {:>7}",
+        dtype.name(),
+        "ctx",
+        "new",
+        "ms/step",
+        "KV GB/s",
+        "of bw"
     );
+    // AIOS_BENCH_ATTN=2000x1 times one shape only (for a profiler).
+    let only = std::env::var("AIOS_BENCH_ATTN").ok();
     for (ctx, new) in [(16, 1), (500, 1), (2000, 1), (4000, 1), (1400, 16)] {
+        if only.as_ref().is_some_and(|o| *o != format!("{ctx}x{new}")) {
+            continue;
+        }
         let total = ctx + new;
         let mut kv = KvSeq::new(layout, total);
         kv.reserve(total).unwrap();
@@ -178,12 +200,13 @@ fn attention_bench(bw: f64) {
             n_tokens: new,
             first_pos: ctx,
         }];
-        let secs = best(20, || {
+        let reps = if only.is_some() { 500 } else { 20 };
+        let secs = best(reps, || {
             for layer in 0..layout.n_layers {
                 std::hint::black_box(attention(&q, &seqs, layer, h));
             }
         });
-        let bytes = (layout.n_layers * 2 * total * kvw * 2) as f64;
+        let bytes = (total * layout.bytes_per_token()) as f64;
         let gbs = bytes / secs / 1e9;
         println!(
             "{:>66} {:>6} {:>9.3} {:>8.1} {:>6.0}%",

@@ -259,6 +259,9 @@ pub struct KvSection {
     pub disk_bytes: u64,
     /// Pool memory committed at start (in the background) rather than on first use.
     pub prefault_bytes: u64,
+    /// How KV rows are stored: `f16` (default) or `q8` (8-bit with a scale per row: half the
+    /// memory and memory traffic, answers within rounding of f16's).
+    pub dtype: crate::kv::KvDtype,
 }
 
 impl Default for KvSection {
@@ -272,6 +275,7 @@ impl Default for KvSection {
             disk_dir: String::new(),
             disk_bytes: 64 << 30,
             prefault_bytes: 1 << 30,
+            dtype: Default::default(),
         }
     }
 }
@@ -337,6 +341,7 @@ impl Config {
             snapshot_dir: None,
             disk_bytes: self.kv.disk_bytes,
             prefault_bytes: self.kv.prefault_bytes,
+            kv_dtype: self.kv.dtype,
             agent_priority: std::sync::Arc::new(
                 self.agents
                     .iter()

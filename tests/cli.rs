@@ -451,6 +451,90 @@ fn contexts_on_disk_survive_a_restart_and_corrupt_snapshots_are_refused() {
 }
 
 #[test]
+fn with_8_bit_kv_a_context_survives_a_restart_and_an_f16_server_refuses_its_snapshot() {
+    let dir = std::env::temp_dir().join(format!("aios-q8-{}", std::process::id()));
+    let snaps = dir.join("snapshots");
+    let kv = |dtype: &str| {
+        format!(
+            "[kv]\ndtype = {dtype:?}\ndisk_dir = {:?}\n",
+            snaps.to_str().unwrap()
+        )
+    };
+    let (child, url, _) = serve_with_config("q8", &kv("q8"), "");
+    let health: Value = common::client()
+        .get(format!("{url}/health"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let pool = &health["kv"]["smollm2"];
+    // 30 layers × K/V × 3 heads × (64 values + a 4-byte scale) × 16 tokens.
+    assert_eq!(pool["dtype"], "q8", "{health}");
+    assert_eq!(pool["bytes_per_block"], 30 * 2 * 3 * 68 * 16, "{health}");
+    let (s, c) = call(&url, "/v1/contexts", "snap-agent", Some(&json!({})));
+    assert_eq!(s, 200, "{c}");
+    let id = c["id"].as_str().unwrap().to_string();
+    let mut conv = vec![];
+    turn(
+        &url,
+        &id,
+        &mut conv,
+        "My name is Ada and I like sailing.",
+        0,
+    );
+    let (s, v) = call(
+        &url,
+        &format!("/v1/contexts/{id}/snapshot"),
+        "snap-agent",
+        Some(&json!({})),
+    );
+    assert_eq!(s, 200, "{v}");
+    // Half the bytes of the same context in f16 (its tokens, and KV of 68 bytes a row, not 128).
+    let file = snaps.join("smollm2").join(format!("{id}.kvctx"));
+    let held = v["tokens"].as_u64().unwrap();
+    let f16_bytes = held.div_ceil(16) * 30 * 2 * 3 * 128 * 16;
+    let size = std::fs::metadata(&file).unwrap().len();
+    assert!(
+        size < f16_bytes * 6 / 10,
+        "{size} bytes vs {f16_bytes} in f16"
+    );
+    assert!(stop(child).success());
+
+    // The same KV type after a restart: the conversation goes on from the snapshot.
+    let (child, url, _) = serve_with_config("q8", &kv("q8"), "");
+    let (held, tier) = tokens_of(&url, &id);
+    assert_eq!(tier, "disk");
+    turn(&url, &id, &mut conv, "What is my name?", held);
+    let (s, _) = call(
+        &url,
+        &format!("/v1/contexts/{id}/snapshot"),
+        "snap-agent",
+        Some(&json!({})),
+    );
+    assert_eq!(s, 200);
+    assert!(stop(child).success());
+
+    // An f16 server refuses the 8-bit snapshot (another KV layout), sets it aside and serves.
+    let (child, url, _) = serve_with_config("q8", &kv("f16"), "");
+    assert_eq!(
+        call(&url, &format!("/v1/contexts/{id}"), "snap-agent", None).0,
+        404
+    );
+    let mut rejected = file.clone().into_os_string();
+    rejected.push(".rejected");
+    assert!(std::path::Path::new(&rejected).exists());
+    let (s, v) = call(
+        &url,
+        "/v1/chat/completions",
+        "snap-agent",
+        Some(&json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert!(stop(child).success());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn idle_contexts_move_to_host_then_disk_under_pressure_and_come_back() {
     // A pool of 24 blocks and room in host memory for about one context: five contexts of
     // about 100 tokens (7 blocks) each push the oldest out of the pool, then on to disk.

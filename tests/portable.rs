@@ -13,4 +13,6 @@ fn the_default_model_on_the_portable_kernels_tracks_llama_cpp() {
     aios::init_threads(2);
     let m = load_model(&common::default_model_path(), &LoadOptions::default()).unwrap();
     common::check_llama_cpp_greedy(&m);
+    // And with 8-bit KV rows (as in tests/model.rs).
+    common::check_llama_cpp_greedy_on(&m, aios::kv::KvDtype::Q8, 0.35);
 }

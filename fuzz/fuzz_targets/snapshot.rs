@@ -15,6 +15,7 @@ fn store() -> &'static DiskStore {
             n_layers: 1,
             n_kv_heads: 1,
             head_dim: 2,
+            dtype: aios::kv::KvDtype::F16,
         };
         DiskStore::new(&dir, "fuzz", layout).expect("a temp dir for the store")
     })

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::kv::snapshot::DiskStore;
-use crate::kv::{KvElem, KvPool, KvSeq};
+use crate::kv::{KvPool, KvSeq};
 
 /// What the API shows of a context.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -115,7 +115,7 @@ impl Context {
     }
 
     fn host_bytes(&self) -> usize {
-        self.kv.host_data().map_or(0, |d| d.len() * 2)
+        self.kv.host_data().map_or(0, <[u8]>::len)
     }
 }
 
@@ -128,7 +128,7 @@ pub(super) enum Start {
 }
 
 /// A snapshot read back from disk (on a loader thread).
-pub(super) type Loaded = Result<(Vec<u32>, usize, Vec<KvElem>), String>;
+pub(super) type Loaded = Result<(Vec<u32>, usize, Vec<u8>), String>;
 
 /// How many contexts each tier holds, and the bytes of the host and disk tiers.
 #[derive(Debug, Default)]
@@ -344,8 +344,8 @@ impl Contexts {
             return Ok(());
         }
         c.kv.swap_out();
-        let values = c.kv.host_data().map_or(0, <[KvElem]>::len);
-        let need = (values * 2 + c.tokens.len() * 4) as u64;
+        let bytes = c.kv.host_data().map_or(0, <[u8]>::len);
+        let need = (bytes + c.tokens.len() * 4) as u64;
         if used + need > self.disk_budget {
             if explicit {
                 return Err(ContextError::Storage(format!(

@@ -285,6 +285,8 @@ pub struct EngineConfig {
     pub disk_bytes: u64,
     /// Pool memory committed at start, on a background thread (the rest on first use).
     pub prefault_bytes: u64,
+    /// How KV rows are stored (f16, or 8-bit with a scale per row).
+    pub kv_dtype: crate::kv::KvDtype,
     /// Priorities of named agents, for requests without an `X-Priority` header.
     pub agent_priority: Arc<std::collections::HashMap<String, i32>>,
 }
@@ -349,6 +351,7 @@ impl Default for EngineConfig {
             snapshot_dir: None,
             disk_bytes: 64 << 30,
             prefault_bytes: 1 << 30,
+            kv_dtype: Default::default(),
             agent_priority: Default::default(),
         }
     }
@@ -363,7 +366,11 @@ pub fn spawn(model: LoadedModel, cfg: EngineConfig) -> EngineHandle {
         source,
         format,
     } = model;
-    let pool = KvPool::with_bytes(llama.kv_layout(), cfg.kv.bytes() as usize);
+    let layout = crate::kv::KvLayout {
+        dtype: cfg.kv_dtype,
+        ..llama.kv_layout()
+    };
+    let pool = KvPool::with_bytes(layout, cfg.kv.bytes() as usize);
     if cfg.prefault_bytes > 0 {
         let p = pool.clone();
         let blocks = cfg.prefault_bytes as usize / p.layout().bytes_per_block();

@@ -10,10 +10,15 @@
 //! to the pool, and swapped in again bit for bit: a preempted sequence resumes with exactly the
 //! KV it had.
 //!
-//! Memory layout: `[layer][K, V][kv_head][block][BLOCK_TOKENS][head_dim]`. A block is the same
+//! Memory layout: `[layer][K, V][kv_head][block][BLOCK_TOKENS rows]`. A block is the same
 //! index in every (layer, K/V, head) region, so a sequence whose blocks were allocated in order
 //! reads each head's rows as one contiguous stream, as attention wants (a layout with each
 //! block's layers together would scatter 2 KB reads hundreds of KB apart).
+//!
+//! Rows are stored as f16 (`[kv] dtype = "f16"`, the default) or as 8-bit integers with one f32
+//! scale per row (`"q8"`: half the bytes, so half the memory traffic of attention over a long
+//! context, twice the tokens per pool, and half the bytes to move between tiers). A q8
+//! segment is its `BLOCK_TOKENS` rows of `head_dim` i8 values followed by their scales.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,8 +26,126 @@ use std::sync::{Arc, Mutex};
 
 use half::f16;
 
-/// The element type KV rows are stored in.
+/// The element type f16 KV rows are stored in.
 pub type KvElem = f16;
+
+/// How KV rows are stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvDtype {
+    /// Half precision, exactly what attention computed in f32 rounded once.
+    #[default]
+    F16,
+    /// Symmetric 8-bit integers, one f32 scale (absolute maximum / 127) per row.
+    Q8,
+}
+
+impl KvDtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F16 => "f16",
+            KvDtype::Q8 => "q8",
+        }
+    }
+
+    /// Bytes of one row of `d` values (with its scale).
+    pub fn row_bytes(self, d: usize) -> usize {
+        match self {
+            KvDtype::F16 => 2 * d,
+            KvDtype::Q8 => d + 4,
+        }
+    }
+}
+
+/// One segment's rows (a block's rows of one layer, K or V, and head) as stored.
+#[derive(Clone, Copy, Debug)]
+pub enum KvRows<'a> {
+    F16(&'a [KvElem]),
+    /// `q[r * d..][..d]` times `scale[r]` is row `r`.
+    Q8 {
+        q: &'a [i8],
+        scale: &'a [f32],
+    },
+}
+
+impl<'a> KvRows<'a> {
+    /// The first `rows` rows of `d` values widened to f32 into `dst`.
+    pub fn widen(self, rows: usize, d: usize, dst: &mut [f32]) {
+        match self {
+            KvRows::F16(r) => widen(&r[..rows * d], &mut dst[..rows * d]),
+            KvRows::Q8 { q, scale } => {
+                for (r, &s) in scale[..rows].iter().enumerate() {
+                    for (o, &x) in dst[r * d..][..d].iter_mut().zip(&q[r * d..][..d]) {
+                        *o = x as f32 * s;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Only the first `rows` rows.
+    pub fn first(self, rows: usize, d: usize) -> Self {
+        match self {
+            KvRows::F16(r) => KvRows::F16(&r[..rows * d]),
+            KvRows::Q8 { q, scale } => KvRows::Q8 {
+                q: &q[..rows * d],
+                scale: &scale[..rows],
+            },
+        }
+    }
+
+    /// The first `rows` rows as f32 (tests, diagnostics).
+    pub fn to_f32(self, rows: usize, d: usize) -> Vec<f32> {
+        let mut v = vec![0f32; rows * d];
+        self.widen(rows, d, &mut v);
+        v
+    }
+
+    /// The rows' scales (q8); empty for f16 rows.
+    pub fn scales(self) -> &'a [f32] {
+        match self {
+            KvRows::F16(_) => &[],
+            KvRows::Q8 { scale, .. } => scale,
+        }
+    }
+
+    /// Start address of the rows (for prefetching and contiguity checks) and their bytes.
+    pub fn byte_range(self) -> std::ops::Range<*const u8> {
+        match self {
+            KvRows::F16(r) => {
+                let r = r.as_ptr_range();
+                r.start.cast()..r.end.cast()
+            }
+            KvRows::Q8 { q, scale } => q.as_ptr().cast()..scale.as_ptr_range().end.cast(),
+        }
+    }
+}
+
+/// Store one row of f32 values into a segment's row `r` in `dtype`.
+fn store_row(dtype: KvDtype, seg: &mut [u8], r: usize, row: &[f32]) {
+    let d = row.len();
+    match dtype {
+        KvDtype::F16 => {
+            // SAFETY: segments are 8-byte aligned and even-sized; every bit pattern is an f16.
+            let h = unsafe {
+                std::slice::from_raw_parts_mut(seg.as_mut_ptr().cast::<KvElem>(), seg.len() / 2)
+            };
+            for (o, x) in h[r * d..][..d].iter_mut().zip(row) {
+                *o = f16::from_f32(*x);
+            }
+        }
+        KvDtype::Q8 => {
+            let amax = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let scale = amax / 127.0;
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            let (q, scales) = seg.split_at_mut(BLOCK_TOKENS * d);
+            for (o, x) in q[r * d..][..d].iter_mut().zip(row) {
+                *o = ((x * inv).round() as i8) as u8;
+            }
+            scales[r * 4..][..4].copy_from_slice(&scale.to_ne_bytes());
+        }
+    }
+}
 
 /// Tokens per block.
 pub const BLOCK_TOKENS: usize = 16;
@@ -40,16 +163,13 @@ pub struct KvLayout {
     pub n_layers: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    pub dtype: KvDtype,
 }
 
 impl KvLayout {
-    /// Bytes one token occupies across all layers (K and V, f16).
+    /// Bytes one token occupies across all layers (K and V, with their scales).
     pub fn bytes_per_token(&self) -> usize {
-        self.elems_per_token() * std::mem::size_of::<KvElem>()
-    }
-
-    fn elems_per_token(&self) -> usize {
-        2 * self.n_layers * self.n_kv_heads * self.head_dim
+        2 * self.n_layers * self.n_kv_heads * self.dtype.row_bytes(self.head_dim)
     }
 
     /// Bytes of one block.
@@ -73,6 +193,8 @@ pub struct KvUsage {
     pub blocks_used: usize,
     pub block_tokens: usize,
     pub bytes_per_block: usize,
+    /// How rows are stored (`f16` or `q8`).
+    pub dtype: KvDtype,
     /// Sequences whose KV is swapped out to host memory now.
     pub swapped: usize,
     /// Swap-outs since the pool was made (preemptions when blocks ran out).
@@ -129,12 +251,12 @@ pub type KvEventSink = Arc<dyn Fn(KvEvent) + Send + Sync>;
 /// block shared by several sequences is only read (a writer copies it first).
 pub struct KvPool {
     layout: KvLayout,
-    /// `n_blocks * block_elems()` elements; a block with one reference belongs to one sequence,
+    /// `n_blocks * block_bytes()` bytes; a block with one reference belongs to one sequence,
     /// which alone writes it (through `&mut KvSeq`); shared blocks are only read.
-    /// Zeroed with `calloc` (pages come as they are written); `u16` is `f16`'s layout.
-    _data: Vec<u16>,
+    /// Zeroed with `calloc` (pages come as they are written); `u64` for 8-byte alignment.
+    _data: Vec<u64>,
     /// Start of `_data`; blocks are reached only through raw slices of their own range.
-    base: *mut KvElem,
+    base: *mut u8,
     n_blocks: usize,
     state: Mutex<FreeList>,
     used: AtomicUsize,
@@ -163,11 +285,11 @@ impl KvPool {
     }
 
     fn with(layout: KvLayout, n_blocks: usize, growable: bool) -> KvPool {
-        let elems = n_blocks * layout.elems_per_token() * BLOCK_TOKENS;
-        let mut data = vec![0u16; elems];
+        let bytes = n_blocks * layout.bytes_per_block();
+        let mut data = vec![0u64; bytes.div_ceil(8)];
         KvPool {
             layout,
-            base: data.as_mut_ptr().cast::<KvElem>(),
+            base: data.as_mut_ptr().cast::<u8>(),
             _data: data,
             n_blocks,
             state: Mutex::new(FreeList {
@@ -198,6 +320,7 @@ impl KvPool {
             blocks_used: self.used.load(Ordering::Acquire),
             block_tokens: BLOCK_TOKENS,
             bytes_per_block: self.layout.bytes_per_block(),
+            dtype: self.layout.dtype,
             swapped: self.swapped.load(Ordering::Acquire),
             swap_outs: self.swap_outs.load(Ordering::Acquire),
             recomputes: self.recomputes.load(Ordering::Acquire),
@@ -218,7 +341,7 @@ impl KvPool {
             for seg in 0..self.segs_per_block() {
                 // SAFETY: address arithmetic inside the pool's allocation.
                 let start = unsafe { self.base.add(self.seg_at(0, seg)) } as usize;
-                let end = start + blocks * self.seg_elems() * std::mem::size_of::<KvElem>();
+                let end = start + blocks * self.seg_bytes();
                 let (a, b) = (start.div_ceil(page) * page, end / page * page);
                 if b > a {
                     // SAFETY: the range lies inside the pool; populating changes no contents.
@@ -244,8 +367,8 @@ impl KvPool {
         self.n_blocks * BLOCK_TOKENS
     }
 
-    fn block_elems(&self) -> usize {
-        self.layout.elems_per_token() * BLOCK_TOKENS
+    fn block_bytes(&self) -> usize {
+        self.layout.bytes_per_block()
     }
 
     fn alloc(&self, n: usize) -> Result<Vec<u32>, KvFull> {
@@ -377,37 +500,53 @@ impl KvPool {
         2 * self.layout.n_layers * self.layout.n_kv_heads
     }
 
-    /// Elements of one segment: `BLOCK_TOKENS` rows.
-    fn seg_elems(&self) -> usize {
-        BLOCK_TOKENS * self.layout.head_dim
+    /// Bytes of one segment: `BLOCK_TOKENS` rows (and their scales).
+    fn seg_bytes(&self) -> usize {
+        BLOCK_TOKENS * self.layout.dtype.row_bytes(self.layout.head_dim)
     }
 
-    /// Offset of segment `seg` (`(layer * 2 + kv) * n_kv_heads + head`) of block `b`.
+    /// Byte offset of segment `seg` (`(layer * 2 + kv) * n_kv_heads + head`) of block `b`.
     fn seg_at(&self, b: u32, seg: usize) -> usize {
         assert!((b as usize) < self.n_blocks && seg < self.segs_per_block());
-        (seg * self.n_blocks + b as usize) * self.seg_elems()
+        (seg * self.n_blocks + b as usize) * self.seg_bytes()
     }
 
     /// The rows of block `b` for one layer, K (`kv = 0`) or V (`1`), and head.
     ///
     /// # Safety
     /// No one may write the block while the slice lives.
-    unsafe fn seg(&self, b: u32, layer: usize, kv: usize, head: usize) -> &[KvElem] {
+    unsafe fn seg(&self, b: u32, layer: usize, kv: usize, head: usize) -> KvRows<'_> {
         let seg = (layer * 2 + kv) * self.layout.n_kv_heads + head;
-        self.seg_n(b, seg)
+        let bytes = self.seg_n(b, seg);
+        let d = self.layout.head_dim;
+        match self.layout.dtype {
+            // Segments start 8-byte aligned: the allocation is, and a segment is 32 * d (f16)
+            // or 16 * d + 64 (q8) bytes; q8 scales start at 16 * d, 4-byte aligned.
+            KvDtype::F16 => KvRows::F16(std::slice::from_raw_parts(
+                bytes.as_ptr().cast::<KvElem>(),
+                BLOCK_TOKENS * d,
+            )),
+            KvDtype::Q8 => KvRows::Q8 {
+                q: std::slice::from_raw_parts(bytes.as_ptr().cast::<i8>(), BLOCK_TOKENS * d),
+                scale: std::slice::from_raw_parts(
+                    bytes.as_ptr().add(BLOCK_TOKENS * d).cast::<f32>(),
+                    BLOCK_TOKENS,
+                ),
+            },
+        }
     }
 
-    unsafe fn seg_n(&self, b: u32, seg: usize) -> &[KvElem] {
-        std::slice::from_raw_parts(self.base.add(self.seg_at(b, seg)), self.seg_elems())
+    unsafe fn seg_n(&self, b: u32, seg: usize) -> &[u8] {
+        std::slice::from_raw_parts(self.base.add(self.seg_at(b, seg)), self.seg_bytes())
     }
 
-    /// Writable rows of block `b`, segment `seg`.
+    /// Writable bytes of block `b`, segment `seg`.
     ///
     /// # Safety
     /// The caller must own the block alone (one reference) and no one may read it meanwhile.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn seg_n_mut(&self, b: u32, seg: usize) -> &mut [KvElem] {
-        std::slice::from_raw_parts_mut(self.base.add(self.seg_at(b, seg)), self.seg_elems())
+    unsafe fn seg_n_mut(&self, b: u32, seg: usize) -> &mut [u8] {
+        std::slice::from_raw_parts_mut(self.base.add(self.seg_at(b, seg)), self.seg_bytes())
     }
 
     /// Copy block `from` of pool `src` into block `to` of this pool.

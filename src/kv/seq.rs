@@ -10,7 +10,8 @@ use super::*;
 /// A sequence's KV held in host memory while its blocks are given back to the pool.
 pub struct SwappedKv {
     len: usize,
-    data: Vec<KvElem>,
+    /// The blocks' segments as the pool stores them.
+    data: Vec<u8>,
 }
 
 /// One sequence's keys and values: a block table into a pool.
@@ -119,6 +120,7 @@ impl KvSeq {
     pub fn write(&mut self, layer: usize, k: &[f32], v: &[f32]) {
         let l = self.pool.layout;
         let (h, d) = (l.n_kv_heads, l.head_dim);
+        let dtype = l.dtype;
         let n = k.len() / (h * d);
         assert!(
             self.len + n <= self.blocks.len() * BLOCK_TOKENS,
@@ -145,9 +147,7 @@ impl KvSeq {
                     // SAFETY: `own_block` made the block ours alone; `&mut self` keeps
                     // readers away.
                     let seg = unsafe { self.pool.seg_n_mut(b, (layer * 2 + kv) * h + head) };
-                    for (o, x) in seg[r * d..(r + 1) * d].iter_mut().zip(row) {
-                        *o = f16::from_f32(*x);
-                    }
+                    store_row(dtype, seg, r, row);
                 }
             }
         }
@@ -179,7 +179,7 @@ impl KvSeq {
         if let Some(sw) = &mut self.swapped {
             sw.len = sw.len.min(len);
             sw.data
-                .truncate(Self::blocks_for(sw.len) * self.pool.block_elems());
+                .truncate(Self::blocks_for(sw.len) * self.pool.block_bytes());
         }
         let keep = Self::blocks_for(self.len);
         if self.blocks.len() > keep {
@@ -255,7 +255,7 @@ impl KvSeq {
         if self.is_swapped() {
             return;
         }
-        let n = self.pool.block_elems();
+        let n = self.pool.block_bytes();
         let used = Self::blocks_for(self.len);
         let mut data = Vec::with_capacity(used * n);
         for &b in &self.blocks[..used] {
@@ -283,11 +283,11 @@ impl KvSeq {
 
     /// A sequence of `len` tokens whose KV is `data` in host memory (as [`KvSeq::swap_out`]
     /// leaves it, e.g. read back from a snapshot file); [`KvSeq::swap_in`] brings it into `pool`.
-    pub fn from_host(pool: Arc<KvPool>, len: usize, data: Vec<KvElem>) -> Result<Self, String> {
-        let want = Self::blocks_for(len) * pool.block_elems();
+    pub fn from_host(pool: Arc<KvPool>, len: usize, data: Vec<u8>) -> Result<Self, String> {
+        let want = Self::blocks_for(len) * pool.block_bytes();
         if data.len() != want {
             return Err(format!(
-                "{len} tokens of KV take {want} values in this layout, not {}",
+                "{len} tokens of KV take {want} bytes in this layout, not {}",
                 data.len()
             ));
         }
@@ -302,7 +302,7 @@ impl KvSeq {
     }
 
     /// The KV in host memory while swapped out.
-    pub fn host_data(&self) -> Option<&[KvElem]> {
+    pub fn host_data(&self) -> Option<&[u8]> {
         self.swapped.as_ref().map(|s| s.data.as_slice())
     }
 
@@ -312,7 +312,7 @@ impl KvSeq {
             return Ok(());
         };
         let blocks = self.pool.alloc(Self::blocks_for(sw.len))?;
-        let mut from = sw.data.chunks_exact(self.pool.seg_elems());
+        let mut from = sw.data.chunks_exact(self.pool.seg_bytes());
         for &b in &blocks {
             for seg in 0..self.pool.segs_per_block() {
                 let src = from.next().expect("swapped data for every segment");
@@ -335,7 +335,7 @@ impl KvSeq {
         layer: usize,
         kv_head: usize,
         upto: usize,
-    ) -> impl Iterator<Item = (&[KvElem], &[KvElem])> + '_ {
+    ) -> impl Iterator<Item = (KvRows<'_>, KvRows<'_>)> + '_ {
         let d = self.pool.layout.head_dim;
         assert!(
             upto <= self.blocks.len() * BLOCK_TOKENS,
@@ -354,7 +354,7 @@ impl KvSeq {
                         self.pool.seg(b, layer, 1, kv_head),
                     )
                 };
-                (&k[..rows * d], &v[..rows * d])
+                (k.first(rows, d), v.first(rows, d))
             })
     }
 
@@ -366,7 +366,7 @@ impl KvSeq {
         layer: usize,
         kv_head: usize,
         upto: usize,
-    ) -> impl Iterator<Item = (&[KvElem], &[KvElem])> + '_ {
+    ) -> impl Iterator<Item = (KvRows<'_>, KvRows<'_>)> + '_ {
         assert!(
             upto <= self.blocks.len() * BLOCK_TOKENS,
             "rows beyond the blocks"

@@ -1,18 +1,20 @@
 //! KV snapshots on disk: one file per context, which survives a restart.
 //!
-//! File layout (little-endian):
+//! File layout (integers little-endian):
 //!
 //! ```text
-//! b"AIOSKV\0\x01"              magic and format version
+//! b"AIOSKV\0\x02"              magic and format version
 //! u32  header length, then the header: JSON {fingerprint, id, owner, created, tokens, kv_len,
-//!      data_values}
+//!      data_bytes}
 //! u32 × tokens                 the context's tokens
-//! u16 × data_values            the KV (f16 bits), blocks in the order `KvSeq::swap_out` keeps
+//! u8 × data_bytes              the KV as the pool stores it (f16 or q8 rows and their scales,
+//!                              in this machine's byte order), blocks in `KvSeq::swap_out` order
 //! u64  checksum of everything before it
 //! ```
 //!
-//! The fingerprint names the model file, its quantisation and the KV layout: a file written for
-//! another model or layout is refused, as is one whose length or checksum is wrong.
+//! The fingerprint names the model file, its quantisation and the KV layout (row type and byte
+//! order included): a file written for another model or layout is refused, as is one whose
+//! length or checksum is wrong.
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
@@ -20,9 +22,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{KvElem, KvLayout, BLOCK_TOKENS};
+use super::{KvLayout, BLOCK_TOKENS};
 
-const MAGIC: &[u8; 8] = b"AIOSKV\0\x01";
+const MAGIC: &[u8; 8] = b"AIOSKV\0\x02";
 /// File name ending of snapshots; refused files are renamed to end in `.rejected`.
 pub const EXT: &str = "kvctx";
 
@@ -36,7 +38,7 @@ pub struct SnapshotMeta {
     /// Tokens of the conversation (the KV holds the first `kv_len` of them).
     pub tokens: usize,
     pub kv_len: usize,
-    pub data_values: usize,
+    pub data_bytes: usize,
 }
 
 /// A 64-bit checksum over bytes, four independent lanes of multiply-xor over 8-byte words
@@ -106,21 +108,6 @@ impl Checksum {
     }
 }
 
-fn as_bytes(data: &[KvElem]) -> std::borrow::Cow<'_, [u8]> {
-    if cfg!(target_endian = "little") {
-        // SAFETY: f16 is two plain bytes, stored little-endian here.
-        std::borrow::Cow::Borrowed(unsafe {
-            std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), data.len() * 2)
-        })
-    } else {
-        std::borrow::Cow::Owned(
-            data.iter()
-                .flat_map(|v| v.to_bits().to_le_bytes())
-                .collect(),
-        )
-    }
-}
-
 /// Identify a model file cheaply: its size and a checksum of its first and last MiB (the
 /// metadata and tokenizer at the front, the last tensors at the back). None if unreadable.
 pub fn file_fingerprint(path: &Path) -> Option<String> {
@@ -158,8 +145,16 @@ impl DiskStore {
     pub fn new(dir: &Path, model_fingerprint: &str, layout: KvLayout) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let fingerprint = format!(
-            "{model_fingerprint}|layers={}|kv_heads={}|head_dim={}|block={BLOCK_TOKENS}|f16",
-            layout.n_layers, layout.n_kv_heads, layout.head_dim
+            "{model_fingerprint}|layers={}|kv_heads={}|head_dim={}|block={BLOCK_TOKENS}|{}|{}",
+            layout.n_layers,
+            layout.n_kv_heads,
+            layout.head_dim,
+            layout.dtype.name(),
+            if cfg!(target_endian = "little") {
+                "le"
+            } else {
+                "be"
+            }
         );
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -181,7 +176,7 @@ impl DiskStore {
         created: u64,
         tokens: &[u32],
         kv_len: usize,
-        data: &[KvElem],
+        data: &[u8],
     ) -> Result<u64, String> {
         let meta = SnapshotMeta {
             fingerprint: self.fingerprint.clone(),
@@ -190,7 +185,7 @@ impl DiskStore {
             created,
             tokens: tokens.len(),
             kv_len,
-            data_values: data.len(),
+            data_bytes: data.len(),
         };
         let header = serde_json::to_vec(&meta).map_err(|e| e.to_string())?;
         let path = self.path(id);
@@ -207,8 +202,8 @@ impl DiskStore {
             put(&mut w, &header)?;
             let tok: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
             put(&mut w, &tok)?;
-            for chunk in data.chunks(1 << 18) {
-                put(&mut w, &as_bytes(chunk))?;
+            for chunk in data.chunks(1 << 20) {
+                put(&mut w, chunk)?;
             }
             w.write_all(&sum.finish().to_le_bytes())?;
             let f = w.into_inner().map_err(|e| e.into_error())?;
@@ -229,7 +224,7 @@ impl DiskStore {
 
     /// Read and verify a snapshot: magic, fingerprint, lengths, checksum. The KV is read
     /// straight into its final buffer (one pass over the file, no conversion copy).
-    pub fn read(&self, path: &Path) -> Result<(SnapshotMeta, Vec<u32>, Vec<KvElem>), String> {
+    pub fn read(&self, path: &Path) -> Result<(SnapshotMeta, Vec<u32>, Vec<u8>), String> {
         let mut f = File::open(path).map_err(|e| e.to_string())?;
         let size = f.metadata().map_err(|e| e.to_string())?.len() as usize;
         self.read_from(&mut f, size)
@@ -240,7 +235,7 @@ impl DiskStore {
         &self,
         f: &mut R,
         size: usize,
-    ) -> Result<(SnapshotMeta, Vec<u32>, Vec<KvElem>), String> {
+    ) -> Result<(SnapshotMeta, Vec<u32>, Vec<u8>), String> {
         let mut sum = Checksum::new();
         let mut take = |f: &mut R, buf: &mut [u8], what: &str| -> Result<(), String> {
             f.read_exact(buf)
@@ -250,6 +245,12 @@ impl DiskStore {
         };
         let mut head = [0u8; 12];
         take(f, &mut head, "magic").map_err(|_| "not an aios KV snapshot (too short)")?;
+        if head[..7] == MAGIC[..7] && head[7] != MAGIC[7] {
+            return Err(format!(
+                "snapshot format version {}, this server reads version {}",
+                head[7], MAGIC[7]
+            ));
+        }
         if &head[..8] != MAGIC {
             return Err("not an aios KV snapshot (bad magic)".into());
         }
@@ -270,7 +271,7 @@ impl DiskStore {
         let want = meta
             .tokens
             .checked_mul(4)
-            .zip(meta.data_values.checked_mul(2))
+            .zip(Some(meta.data_bytes))
             .and_then(|(t, d)| t.checked_add(d))
             .and_then(|n| n.checked_add(12 + hlen + 8));
         let Some(want) = want else {
@@ -281,9 +282,9 @@ impl DiskStore {
                 "truncated or padded: {size} bytes where the header says {want}"
             ));
         }
-        let per_block = BLOCK_TOKENS * self.layout.bytes_per_token() / 2;
+        let per_block = self.layout.bytes_per_block();
         if meta.kv_len > meta.tokens
-            || meta.data_values != meta.kv_len.div_ceil(BLOCK_TOKENS) * per_block
+            || meta.data_bytes != meta.kv_len.div_ceil(BLOCK_TOKENS) * per_block
         {
             return Err("the header's lengths do not agree with the KV layout".into());
         }
@@ -293,17 +294,8 @@ impl DiskStore {
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
             .collect();
-        let mut data = vec![KvElem::ZERO; meta.data_values];
-        // SAFETY: f16 is two plain bytes; every bit pattern is a valid f16.
-        let raw = unsafe {
-            std::slice::from_raw_parts_mut(data.as_mut_ptr().cast::<u8>(), data.len() * 2)
-        };
-        take(f, raw, "KV")?;
-        if cfg!(target_endian = "big") {
-            for v in data.iter_mut() {
-                *v = KvElem::from_bits(u16::from_le(v.to_bits()));
-            }
-        }
+        let mut data = vec![0u8; meta.data_bytes];
+        take(f, &mut data, "KV")?;
         let mut stored = [0u8; 8];
         f.read_exact(&mut stored)
             .map_err(|_| "truncated (no checksum)".to_string())?;
@@ -358,13 +350,17 @@ impl DiskStore {
 mod tests {
     use super::*;
 
-    fn store(dir: &Path, fp: &str) -> DiskStore {
-        let layout = KvLayout {
+    fn layout(dtype: crate::kv::KvDtype) -> KvLayout {
+        KvLayout {
             n_layers: 2,
             n_kv_heads: 1,
             head_dim: 4,
-        };
-        DiskStore::new(dir, fp, layout).unwrap()
+            dtype,
+        }
+    }
+
+    fn store(dir: &Path, fp: &str) -> DiskStore {
+        DiskStore::new(dir, fp, layout(crate::kv::KvDtype::F16)).unwrap()
     }
 
     #[test]
@@ -372,10 +368,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("aios-snap-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let s = store(&dir, "model-a");
-        let per_block = BLOCK_TOKENS * 2 * 2 * 4; // layers × K/V × head_dim
-        let data: Vec<KvElem> = (0..2 * per_block)
-            .map(|i| KvElem::from_f32(i as f32 * 0.25))
-            .collect();
+        let per_block = BLOCK_TOKENS * 2 * 2 * 4 * 2; // layers × K/V × head_dim × f16
+        let data: Vec<u8> = (0..2 * per_block).map(|i| (i * 7) as u8).collect();
         let tokens: Vec<u32> = (0..20).collect();
         s.write("ctx-1", "alice", 7, &tokens, 20, &data).unwrap();
         let (m, t, d) = s.read(&s.path("ctx-1")).unwrap();
@@ -388,6 +382,17 @@ mod tests {
         let other = store(&dir, "model-b");
         let err = other.read(&s.path("ctx-1")).unwrap_err();
         assert!(err.contains("another model"), "{err}");
+        // So does a store of the same model with 8-bit KV rows.
+        let q8 = DiskStore::new(&dir, "model-a", layout(crate::kv::KvDtype::Q8)).unwrap();
+        let err = q8.read(&s.path("ctx-1")).unwrap_err();
+        assert!(err.contains("KV layout") && err.contains("|q8|"), "{err}");
+        // And an older format version is named as such.
+        let mut old = std::fs::read(s.path("ctx-1")).unwrap();
+        old[7] = 1;
+        let err = s
+            .read_from(&mut std::io::Cursor::new(&old), old.len())
+            .unwrap_err();
+        assert!(err.contains("format version 1"), "{err}");
 
         // One flipped byte in the KV, a truncated copy.
         let mut bytes = std::fs::read(s.path("ctx-1")).unwrap();
@@ -420,7 +425,7 @@ mod tests {
             (usize::MAX, usize::MAX),
         ] {
             let h = format!(
-                r#"{{"fingerprint":{:?},"id":"x","owner":"a","created":0,"tokens":{tokens},"kv_len":0,"data_values":{values}}}"#,
+                r#"{{"fingerprint":{:?},"id":"x","owner":"a","created":0,"tokens":{tokens},"kv_len":0,"data_bytes":{values}}}"#,
                 s.fingerprint
             );
             let mut bytes = MAGIC.to_vec();

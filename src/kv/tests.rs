@@ -5,6 +5,7 @@ const LAYOUT: KvLayout = KvLayout {
     n_layers: 2,
     n_kv_heads: 2,
     head_dim: 4,
+    dtype: KvDtype::F16,
 };
 
 /// Write `n` tokens whose values encode (layer, position, head, element).
@@ -22,7 +23,13 @@ fn write(kv: &mut KvSeq, n: usize) {
 
 fn read(kv: &KvSeq, layer: usize, head: usize) -> Vec<f32> {
     kv.segments(layer, head, kv.len())
-        .flat_map(|(k, _)| k.iter().map(|x| x.to_f32()))
+        .flat_map(|(k, _)| {
+            let rows = match k {
+                KvRows::F16(r) => r.len() / 4,
+                KvRows::Q8 { scale, .. } => scale.len(),
+            };
+            k.to_f32(rows, 4)
+        })
         .collect()
 }
 
@@ -152,4 +159,51 @@ fn a_truncated_block_leaves_the_cache_before_it_is_rewritten() {
     drop(a);
     let mut b = KvSeq::in_pool(pool.clone());
     assert_eq!(b.attach_prefix(&tokens), 16);
+}
+
+#[test]
+fn q8_rows_round_trip_within_half_a_step_and_swap_bit_for_bit() {
+    let layout = KvLayout {
+        dtype: KvDtype::Q8,
+        ..LAYOUT
+    };
+    assert_eq!(layout.bytes_per_token(), 2 * 2 * 2 * (4 + 4));
+    let pool = KvPool::new(layout, 4);
+    let mut kv = KvSeq::in_pool(pool.clone());
+    let n = 20;
+    kv.reserve(n).unwrap();
+    let vals: Vec<f32> = (0..n * 8).map(|i| ((i * 37) % 23) as f32 - 11.3).collect();
+    for layer in 0..2 {
+        kv.write(layer, &vals, &vals);
+    }
+    kv.advance(n);
+    let before: Vec<Vec<f32>> = (0..2)
+        .flat_map(|l| (0..2).map(move |h| (l, h)))
+        .map(|(l, h)| read(&kv, l, h))
+        .collect();
+    for head in 0..2 {
+        let got = &before[2 + head];
+        for t in 0..n {
+            let row = &vals[(t * 2 + head) * 4..][..4];
+            let step = row.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+            for e in 0..4 {
+                let err = (got[t * 4 + e] - row[e]).abs();
+                assert!(
+                    err <= step / 2.0 + 1e-6,
+                    "token {t}: {} vs {}",
+                    got[t * 4 + e],
+                    row[e]
+                );
+            }
+        }
+    }
+    kv.swap_out();
+    assert_eq!(pool.usage().blocks_used, 0);
+    assert_eq!(kv.host_data().unwrap().len(), 2 * layout.bytes_per_block());
+    kv.swap_in().unwrap();
+    let after: Vec<Vec<f32>> = (0..2)
+        .flat_map(|l| (0..2).map(move |h| (l, h)))
+        .map(|(l, h)| read(&kv, l, h))
+        .collect();
+    assert_eq!(before, after);
 }

@@ -51,11 +51,13 @@ pub struct SeqInput<'a> {
 }
 
 impl Llama {
+    /// The KV rows this model writes, stored as f16 (the engine may choose another row type).
     pub fn kv_layout(&self) -> KvLayout {
         KvLayout {
             n_layers: self.cfg.n_layers,
             n_kv_heads: self.cfg.n_kv_heads,
             head_dim: self.cfg.head_dim,
+            dtype: crate::kv::KvDtype::F16,
         }
     }
 

@@ -1,11 +1,12 @@
-//! Causal attention of new query rows against a sequence's stored f16 K/V rows.
+//! Causal attention of new query rows against a sequence's stored K/V rows (f16, or 8-bit with
+//! a scale per row).
 //!
 //! Grouped-query heads read their shared KV head directly (no `repeat_kv` copies); the cost of
 //! a decode step is linear in the context. Work is split over (sequence, KV head, query chunk)
 //! and run on candle's persistent thread pool, the one its matmuls use.
 
 use super::{exp_nonpositive, sum};
-use crate::kv::{widen, KvElem, KvSeq, BLOCK_TOKENS};
+use crate::kv::{widen, KvRows, KvSeq, BLOCK_TOKENS};
 use kernels::Rows;
 
 /// One sequence's part of a batch, as attention sees it.
@@ -168,9 +169,13 @@ const _: () = assert!(SPLIT_ROWS.is_multiple_of(CHUNK) && CHUNK.is_multiple_of(B
 /// that share KV head `g`, against K/V rows `lo..hi` only. `qs` is `[n][group][d]`.
 ///
 /// One pass over the rows, a block at a time: the scores of every query are computed several
-/// queries and rows at a time straight from the f16 rows, the running softmax updated
+/// queries and rows at a time straight from the stored rows, the running softmax updated
 /// (rescaling when a query's maximum rises) and the weighted V rows added. Nothing proportional
 /// to the context is written, and each K/V byte is read from memory once per task.
+///
+/// 8-bit rows are used as integers (exact in f32) and their scales applied to the chunk's
+/// scores and weights, in the same order whether a chunk is widened once (many queries) or
+/// read in place (a decode step): both give the same bits.
 #[allow(clippy::too_many_arguments)]
 fn attend_range(
     qs: &[f32],
@@ -198,6 +203,10 @@ fn attend_range(
     let segs: Vec<Seg> = kv.block_segments(layer, g, hi).collect();
     let mut w = vec![0f32; nq * CHUNK];
     let (mut kbuf, mut vbuf) = (vec![0f32; CHUNK * d], vec![0f32; CHUNK * d]);
+    let quantised = segs
+        .first()
+        .is_some_and(|s| matches!(s.0, KvRows::Q8 { .. }));
+    let (mut kscale, mut vscale) = ([0f32; CHUNK], [0f32; CHUNK]);
     let mut r0 = lo;
     while r0 < hi {
         let cnt = CHUNK.min(hi - r0);
@@ -213,26 +222,42 @@ fn attend_range(
         // hardware prefetcher follows those by itself).
         let next = b0 + parts.len();
         if let (Some(&(_, (lk, lv))), Some(&(nk, nv))) = (parts.last(), segs.get(next)) {
-            if lk.as_ptr_range().end != nk.as_ptr() || lv.as_ptr_range().end != nv.as_ptr() {
+            if lk.byte_range().end != nk.byte_range().start
+                || lv.byte_range().end != nv.byte_range().start
+            {
                 for &(nk, nv) in segs.iter().skip(next).take(CHUNK / BLOCK_TOKENS) {
                     prefetch(nk);
                     prefetch(nv);
                 }
             }
         }
+        if quantised {
+            for (i, &(_, (k, v))) in parts.iter().enumerate() {
+                let at = i * BLOCK_TOKENS..(i + 1) * BLOCK_TOKENS;
+                kscale[at.clone()].copy_from_slice(k.scales());
+                vscale[at].copy_from_slice(v.scales());
+            }
+        }
         if nq > 3 {
             // Many queries (a prefill chunk): widen the chunk once for all of them.
             for (i, &(rows, (k, v))) in parts.iter().enumerate() {
                 let at = i * BLOCK_TOKENS * d;
-                widen(k, &mut kbuf[at..at + k.len()]);
-                widen(&v[..rows * d], &mut vbuf[at..at + rows * d]);
+                unscaled(k, BLOCK_TOKENS * d, &mut kbuf[at..]);
+                unscaled(v, rows * d, &mut vbuf[at..]);
             }
             kernels::scores(&q, nq, d, Rows::F32(&kbuf), cnt, &mut w);
         } else {
-            // A decode step: f16 widened as it is read, a block at a time.
+            // A decode step: rows widened as they are read, a block at a time.
             for (i, &(rows, (k, _))) in parts.iter().enumerate() {
                 let off = i * BLOCK_TOKENS;
-                kernels::scores(&q, nq, d, Rows::F16(k), rows, &mut w[off..]);
+                kernels::scores(&q, nq, d, Rows::stored(k), rows, &mut w[off..]);
+            }
+        }
+        if quantised {
+            for row in w.chunks_exact_mut(CHUNK) {
+                for (x, s) in row[..cnt].iter_mut().zip(&kscale) {
+                    *x *= s;
+                }
             }
         }
         for j in 0..nq {
@@ -259,13 +284,19 @@ fn attend_range(
             // Over the whole chunk (zeros past `seen`), so the summation order is the same
             // whichever queries share the chunk.
             p.sum[j] += sum(row);
+            if quantised {
+                // The weights times the V rows' scales: the rows are then used as integers.
+                for (x, s) in row[..seen].iter_mut().zip(&vscale) {
+                    *x *= s;
+                }
+            }
         }
         if nq > 3 {
             kernels::accumulate(&w, nq, d, Rows::F32(&vbuf), cnt, &mut p.acc);
         } else {
             for (i, &(rows, (_, v))) in parts.iter().enumerate() {
                 let off = i * BLOCK_TOKENS;
-                kernels::accumulate(&w[off..], nq, d, Rows::F16(v), rows, &mut p.acc);
+                kernels::accumulate(&w[off..], nq, d, Rows::stored(v), rows, &mut p.acc);
             }
         }
         r0 += cnt;
@@ -274,7 +305,19 @@ fn attend_range(
 }
 
 /// One block's K and V rows for one layer and KV head.
-type Seg<'a> = (&'a [KvElem], &'a [KvElem]);
+type Seg<'a> = (KvRows<'a>, KvRows<'a>);
+
+/// The first `n` values of `rows` as f32, 8-bit rows without their scales (applied later).
+fn unscaled(rows: KvRows, n: usize, dst: &mut [f32]) {
+    match rows {
+        KvRows::F16(r) => widen(&r[..n], &mut dst[..n]),
+        KvRows::Q8 { q, .. } => {
+            for (o, &x) in dst[..n].iter_mut().zip(&q[..n]) {
+                *o = x as f32;
+            }
+        }
+    }
+}
 
 /// Largest value (eight lanes, so it vectorises; the inputs are finite).
 fn max(x: &[f32]) -> f32 {
@@ -292,12 +335,13 @@ fn max(x: &[f32]) -> f32 {
 
 /// Ask the CPU to start loading the next block's rows: a sequence's blocks need not be
 /// adjacent in the pool, which the hardware prefetcher cannot guess.
-fn prefetch(rows: &[KvElem]) {
+fn prefetch(rows: KvRows) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let ptr = rows.as_ptr().cast::<i8>();
-        for off in (0..std::mem::size_of_val(rows)).step_by(64) {
+        let range = rows.byte_range();
+        let ptr = range.start.cast::<i8>();
+        for off in (0..range.end as usize - range.start as usize).step_by(64) {
             // SAFETY: a prefetch is only a hint; the address is inside `rows`.
             unsafe { _mm_prefetch(ptr.add(off), _MM_HINT_T0) };
         }
@@ -312,26 +356,36 @@ fn prefetch(rows: &[KvElem]) {
 /// same order whichever queries are processed together, so results are batch invariant.
 mod kernels {
     use super::CHUNK;
-    use crate::kv::{widen, KvElem};
+    use crate::kv::{widen, KvElem, KvRows};
     use crate::ops::quant::{isa, Isa};
     use crate::ops::{axpy, dot};
 
-    /// A block's K or V rows: as stored, or widened once when many queries read them.
+    /// A block's K or V rows: as stored (8-bit rows without their scales, which the caller
+    /// applies), or widened once when many queries read them.
     #[derive(Clone, Copy)]
     pub enum Rows<'a> {
         F16(&'a [KvElem]),
+        I8(&'a [i8]),
         F32(&'a [f32]),
     }
 
-    impl Rows<'_> {
-        fn widened(self, n: usize) -> std::borrow::Cow<'static, [f32]> {
+    impl<'a> Rows<'a> {
+        pub fn stored(r: KvRows<'a>) -> Self {
+            match r {
+                KvRows::F16(r) => Rows::F16(r),
+                KvRows::Q8 { q, .. } => Rows::I8(q),
+            }
+        }
+
+        fn widened(self, n: usize) -> std::borrow::Cow<'a, [f32]> {
             match self {
                 Rows::F16(r) => {
                     let mut f = vec![0f32; n];
                     widen(&r[..n], &mut f);
                     f.into()
                 }
-                Rows::F32(r) => r[..n].to_vec().into(),
+                Rows::I8(r) => r[..n].iter().map(|&x| x as f32).collect::<Vec<_>>().into(),
+                Rows::F32(r) => r[..n].into(),
             }
         }
     }
@@ -349,6 +403,7 @@ mod kernels {
             unsafe {
                 match k {
                     Rows::F16(k) => avx2::scores(q, nq, d, k, cnt, w),
+                    Rows::I8(k) => avx2::scores(q, nq, d, k, cnt, w),
                     Rows::F32(k) => avx2::scores(q, nq, d, k, cnt, w),
                 }
             }
@@ -371,6 +426,7 @@ mod kernels {
             unsafe {
                 match v {
                     Rows::F16(v) => avx2::accumulate(w, nq, d, v, cnt, acc),
+                    Rows::I8(v) => avx2::accumulate(w, nq, d, v, cnt, acc),
                     Rows::F32(v) => avx2::accumulate(w, nq, d, v, cnt, acc),
                 }
             }
@@ -412,6 +468,13 @@ mod kernels {
             }
         }
 
+        impl Load8 for i8 {
+            #[inline(always)]
+            unsafe fn load8(p: *const i8) -> __m256 {
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast())))
+            }
+        }
+
         /// The eight lanes of each of four vectors summed, in one fixed order for every lane.
         #[inline(always)]
         unsafe fn sum4(a: __m256, b: __m256, c: __m256, d: __m256) -> __m128 {
@@ -419,25 +482,28 @@ mod kernels {
             _mm_add_ps(_mm256_castps256_ps128(g), _mm256_extractf128_ps(g, 1))
         }
 
-        /// Dot products of `Q` queries (from `q`) with 4 rows (from `k`), each `d` long.
+        /// Dot products of `Q` queries (from `q`) with `R` rows (from `k`), each `d` long, as
+        /// eight partial sums each (reduced by the caller with `sum4`).
         #[inline(always)]
-        unsafe fn dots<const Q: usize, T: Load8>(
+        unsafe fn dots<const Q: usize, const R: usize, T: Load8>(
             q: *const f32,
             k: *const T,
             d: usize,
-        ) -> [__m128; Q] {
-            // One K vector live at a time and the queries read from L1 as the FMAs' memory
-            // operand: 4 * Q accumulators stay in registers (Q = 3 leaves 4 of 16 spare).
-            let mut a = [[_mm256_setzero_ps(); 4]; Q];
+        ) -> [[__m256; R]; Q] {
+            // Q * R accumulators, Q query vectors and a K vector or two live: at most 16
+            // registers (Q = 3 with R = 4 would need 17, and the spilled accumulator's trip
+            // through memory each step halved the speed).
+            let mut a = [[_mm256_setzero_ps(); R]; Q];
             for c in (0..d).step_by(8) {
-                for r in 0..4 {
+                #[allow(clippy::needless_range_loop)]
+                for r in 0..R {
                     let kv = T::load8(k.add(r * d + c));
                     for (i, ai) in a.iter_mut().enumerate() {
                         ai[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i * d + c)), kv, ai[r]);
                     }
                 }
             }
-            a.map(|ai| sum4(ai[0], ai[1], ai[2], ai[3]))
+            a
         }
 
         #[target_feature(enable = "avx2,fma,f16c")]
@@ -456,21 +522,30 @@ mod kernels {
             let mut j = 0;
             while j < nq {
                 let qs = (nq - j).min(3);
-                for r in (0..cnt).step_by(4) {
-                    let (qj, kr) = (qp.add(j * d), kp.add(r * d));
-                    let out = wp.add(j * CHUNK + r);
-                    match qs {
-                        3 => {
-                            for (i, v) in dots::<3, T>(qj, kr, d).iter().enumerate() {
-                                _mm_storeu_ps(out.add(i * CHUNK), *v);
+                let qj = qp.add(j * d);
+                if qs == 3 {
+                    // Two rows at a time: [q0 r0, q0 r1, q1 r0, q1 r1] and [q2 r0, q2 r1, ..].
+                    for r in (0..cnt).step_by(2) {
+                        let [a0, a1, a2] = dots::<3, 2, T>(qj, kp.add(r * d), d);
+                        let out = wp.add(j * CHUNK + r).cast::<f64>();
+                        let v01 = _mm_castps_pd(sum4(a0[0], a0[1], a1[0], a1[1]));
+                        let v2 = _mm_castps_pd(sum4(a2[0], a2[1], a2[0], a2[1]));
+                        _mm_storel_pd(out, v01);
+                        _mm_storeh_pd(out.add(CHUNK / 2), v01);
+                        _mm_storel_pd(out.add(CHUNK), v2);
+                    }
+                } else {
+                    for r in (0..cnt).step_by(4) {
+                        let out = wp.add(j * CHUNK + r);
+                        let kr = kp.add(r * d);
+                        if qs == 2 {
+                            for (i, a) in dots::<2, 4, T>(qj, kr, d).iter().enumerate() {
+                                _mm_storeu_ps(out.add(i * CHUNK), sum4(a[0], a[1], a[2], a[3]));
                             }
+                        } else {
+                            let [a] = dots::<1, 4, T>(qj, kr, d);
+                            _mm_storeu_ps(out, sum4(a[0], a[1], a[2], a[3]));
                         }
-                        2 => {
-                            for (i, v) in dots::<2, T>(qj, kr, d).iter().enumerate() {
-                                _mm_storeu_ps(out.add(i * CHUNK), *v);
-                            }
-                        }
-                        _ => _mm_storeu_ps(out, dots::<1, T>(qj, kr, d)[0]),
                     }
                 }
                 j += qs;
@@ -550,7 +625,7 @@ mod kernels {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv::KvLayout;
+    use crate::kv::{KvDtype, KvLayout};
     use half::f16;
 
     /// Straightforward reference: full softmax(q k^T / sqrt(d)) v per head with repeat_kv.
@@ -584,12 +659,29 @@ mod tests {
 
     #[test]
     fn matches_reference_for_prefill_then_decode() {
-        check(150, 149);
-        // Long enough that a decode step is split across threads and merged.
-        check(1100, 1098);
+        for dtype in [KvDtype::F16, KvDtype::Q8] {
+            check(150, 149, dtype);
+            // Long enough that a decode step is split across threads and merged.
+            check(1100, 1098, dtype);
+        }
     }
 
-    fn check(total: usize, prefill: usize) {
+    /// What the cache gives back for rows of 16 values stored as `dtype`.
+    fn stored(x: &[f32], dtype: KvDtype) -> Vec<f32> {
+        match dtype {
+            KvDtype::F16 => x.iter().map(|a| f16::from_f32(*a).to_f32()).collect(),
+            KvDtype::Q8 => x
+                .chunks(16)
+                .flat_map(|row| {
+                    let s = row.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+                    let inv = 1.0 / s;
+                    row.iter().map(move |v| (v * inv).round() * s)
+                })
+                .collect(),
+        }
+    }
+
+    fn check(total: usize, prefill: usize, dtype: KvDtype) {
         let h = Heads {
             n_heads: 6,
             n_kv_heads: 2,
@@ -599,6 +691,7 @@ mod tests {
             n_layers: 1,
             n_kv_heads: 2,
             head_dim: 16,
+            dtype,
         };
         let mut rng = 12345u64;
         let mut rand = move || {
@@ -610,11 +703,8 @@ mod tests {
         let k: Vec<f32> = (0..total * 32).map(|_| rand()).collect();
         let v: Vec<f32> = (0..total * 32).map(|_| rand()).collect();
         let q: Vec<f32> = (0..total * 96).map(|_| rand()).collect();
-        // Round K/V through f16 so the reference sees what the cache stores.
-        let r16 =
-            |x: &Vec<f32>| -> Vec<f32> { x.iter().map(|a| f16::from_f32(*a).to_f32()).collect() };
-        let (k16, v16) = (r16(&k), r16(&v));
-        let want = reference(&q, &k16, &v16, total, 0, h);
+        // Round K/V as the cache stores them, so the reference sees the same rows.
+        let want = reference(&q, &stored(&k, dtype), &stored(&v, dtype), total, 0, h);
 
         let mut kv = KvSeq::new(layout, 8);
         kv.reserve(prefill).unwrap();
@@ -645,7 +735,7 @@ mod tests {
             kv.advance(1);
         }
         for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-            assert!((a - b).abs() < 1e-4, "row {i}: {a} vs {b}");
+            assert!((a - b).abs() < 1e-4, "{dtype:?} row {i}: {a} vs {b}");
         }
         // Batch invariance: the same tokens computed in one prefill of the whole sequence
         // (many queries per task, blocks widened once) give the decode steps' bits exactly.
@@ -658,7 +748,7 @@ mod tests {
         let whole = attention(&q, &seqs, 0, h);
         assert!(
             whole[prefill * 96..] == got[prefill * 96..],
-            "a decode step differs from the same token in a prefill"
+            "{dtype:?}: a decode step differs from the same token in a prefill"
         );
     }
 }

@@ -155,8 +155,13 @@ pub fn exp_nonpositive(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
+    // Adding 1.5 * 2^23 rounds to an integer (ties to even) kept in the low mantissa bits: no
+    // float-to-int conversion, whose saturating semantics kept the loops over this scalar.
+    const SHIFT: f32 = 12_582_912.0;
     let x = x.max(-87.0);
-    let n = (x * LOG2E).round_ties_even();
+    let t = x * LOG2E + SHIFT;
+    let n = t - SHIFT;
+    let ni = t.to_bits().wrapping_sub(SHIFT.to_bits()) as i32;
     let r = fmadd(-n, LN2_LO, fmadd(-n, LN2_HI, x));
     let mut p = 1.0 / 720.0;
     p = fmadd(p, r, 1.0 / 120.0);
@@ -165,7 +170,7 @@ pub fn exp_nonpositive(x: f32) -> f32 {
     p = fmadd(p, r, 0.5);
     p = fmadd(p, r, 1.0);
     p = fmadd(p, r, 1.0);
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    p * f32::from_bits((ni.wrapping_add(127) as u32) << 23)
 }
 
 /// RMS normalisation of each row of `x` (rows of `w.len()` values), scaled by `w`, into `out`.

@@ -170,8 +170,16 @@ pub fn next_logits(
 /// " New" vs " Nova" at 0.05 apart) and send a free-running greedy decode elsewhere; a real
 /// error (a wrong scale, a wrong block layout) moves them by whole units.
 pub fn check_llama_cpp_greedy(m: &aios::model::LoadedModel) {
-    use aios::kv::KvSeq;
-    const NEAR_TIE: f32 = 0.25;
+    check_llama_cpp_greedy_on(m, aios::kv::KvDtype::F16, 0.25);
+}
+
+/// [`check_llama_cpp_greedy`] with the KV stored as `dtype`, near ties up to `near_tie` logits.
+pub fn check_llama_cpp_greedy_on(
+    m: &aios::model::LoadedModel,
+    dtype: aios::kv::KvDtype,
+    near_tie: f32,
+) {
+    use aios::kv::{KvLayout, KvSeq};
     let reference = reference();
     let (mut steps, mut exact) = (0, 0);
     for case in reference["greedy"].as_array().unwrap() {
@@ -180,15 +188,19 @@ pub fn check_llama_cpp_greedy(m: &aios::model::LoadedModel) {
         let mut ids = m.tokenizer.encode(prompt, false).unwrap();
         let cont = m.tokenizer.encode(text, false).unwrap();
         assert_eq!(m.tokenizer.decode(&cont), text);
-        let mut kv = KvSeq::new(m.llama.kv_layout(), ids.len() + cont.len());
+        let layout = KvLayout {
+            dtype,
+            ..m.llama.kv_layout()
+        };
+        let mut kv = KvSeq::new(layout, ids.len() + cont.len());
         let mut feed = ids.clone();
         for &want in &cont {
             let logits = next_logits(m, &feed, &mut kv);
             let top = aios::engine::sampler::argmax(&logits);
             let gap = logits[top as usize] - logits[want as usize];
             assert!(
-                gap <= NEAR_TIE,
-                "after {:?}: llama.cpp chose {:?}, ours {:?} by {gap}",
+                gap <= near_tie,
+                "{dtype:?} KV, after {:?}: llama.cpp chose {:?}, ours {:?} by {gap}",
                 m.tokenizer.decode(&ids),
                 m.tokenizer.decode(&[want]),
                 m.tokenizer.decode(&[top])
@@ -200,7 +212,10 @@ pub fn check_llama_cpp_greedy(m: &aios::model::LoadedModel) {
         }
     }
     // Near ties are rare: nearly every step is an exact match.
-    assert!(exact + 2 >= steps, "{exact} of {steps} steps exact");
+    assert!(
+        exact + 2 >= steps,
+        "{dtype:?} KV: {exact} of {steps} steps exact"
+    );
 }
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_aios");
