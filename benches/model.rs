@@ -3,6 +3,7 @@
 //!
 //!     cargo bench --bench model                 # 2 threads
 //!     AIOS_BENCH_THREADS=1 cargo bench --bench model
+//!     AIOS_BENCH_KV=q8 cargo bench --bench model  # KV stored as 8-bit rows
 //!
 //! Reports prefill (pp512, and 2,000 tokens), decode (tg128 after a short prompt, and 64
 //! tokens after 2,000 tokens of context) and batched decode at B = 1..32, in tokens/s, then
@@ -29,8 +30,20 @@ fn main() {
     let path =
         std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(aios::config::DEFAULT_MODEL_PATH);
     let m = load_model(&path, &LoadOptions::default()).expect("run scripts/fetch-model.sh first");
-    let layout = m.llama.kv_layout();
-    println!("model: {} ({}), threads: {threads}", m.source, m.format);
+    let dtype = match std::env::var("AIOS_BENCH_KV").as_deref() {
+        Ok("q8") => aios::kv::KvDtype::Q8,
+        _ => aios::kv::KvDtype::F16,
+    };
+    let layout = aios::kv::KvLayout {
+        dtype,
+        ..m.llama.kv_layout()
+    };
+    println!(
+        "model: {} ({}), threads: {threads}, KV: {}",
+        m.source,
+        m.format,
+        dtype.name()
+    );
 
     let ours_prefill = |n: usize| -> (f64, KvSeq) {
         let toks = tokens(n, &m.tokenizer);

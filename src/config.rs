@@ -72,6 +72,8 @@ pub struct ProviderConfig {
     /// Our model name → the provider's (a model not listed keeps its name).
     #[serde(default)]
     pub models: std::collections::BTreeMap<String, String>,
+    /// Seconds a whole answer may take (retries and rate-limit waits included); a stream has
+    /// no total limit but may not stall longer than this between bytes.
     #[serde(default = "default_provider_timeout")]
     pub timeout_secs: u64,
     /// Requests in flight to this provider, at most (0: no limit).

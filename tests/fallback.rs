@@ -403,11 +403,13 @@ fn a_model_that_failed_to_load_spills_over() {
         format!(
             "[memory]\npath = {:?}\n\n[cache]\nenabled = true\n\n\
              [[providers]]\nname = \"cloud\"\nbase_url = \"{cloud_url}/v1\"\n\
-             models = {{ broken = \"smollm2\" }}\n\n\
+             models = {{ broken = \"smollm2\", orphan = \"no-such-model\" }}\n\n\
              [[models]]\nname = \"smollm2\"\npath = {:?}\n\n\
-             [[models]]\nname = \"broken\"\npath = {:?}\nfallbacks = [\"cloud\"]\n",
+             [[models]]\nname = \"broken\"\npath = {:?}\nfallbacks = [\"cloud\"]\n\n\
+             [[models]]\nname = \"orphan\"\npath = {:?}\nfallbacks = [\"cloud\"]\n",
             dir.join("memory.sqlite"),
             common::default_model_path(),
+            broken,
             broken,
         ),
     )
@@ -422,7 +424,10 @@ fn a_model_that_failed_to_load_spills_over() {
             .unwrap()
             .json()
             .unwrap();
-        if h["models"]["smollm2"] == "ready" && h["models"]["broken"]["error"].is_string() {
+        if h["models"]["smollm2"] == "ready"
+            && h["models"]["broken"]["error"].is_string()
+            && h["models"]["orphan"]["error"].is_string()
+        {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "{h}");
@@ -453,6 +458,20 @@ fn a_model_that_failed_to_load_spills_over() {
         .unwrap();
     assert_eq!(r.headers()["x-aios-backend"], "cache");
     assert_eq!(r.headers()["x-aios-cache-origin"], "cloud");
+    // A seeded sampled request is repeatable here, but a provider's answer to it is one sample
+    // (providers may ignore the seed): it is not kept.
+    let seeded = json!({"model": "broken", "prompt": "1, 2, 3,", "max_tokens": 4,
+                        "temperature": 0.8, "seed": 7});
+    for _ in 0..2 {
+        let r = common::client()
+            .post(format!("{url}/v1/completions"))
+            .header("X-Agent-Id", "a")
+            .json(&seeded)
+            .send()
+            .unwrap();
+        assert_eq!(r.headers()["x-aios-backend"], "cloud");
+        assert_eq!(r.headers()["x-aios-cache"], "miss");
+    }
     // Without the fallback, the failure itself.
     let mut own = req.clone();
     own["fallback"] = json!(false);
@@ -465,6 +484,34 @@ fn a_model_that_failed_to_load_spills_over() {
             .contains("'broken' failed to load"),
         "{v}"
     );
+    // A malformed request is refused here, with its own error, not forwarded to the fallback.
+    let bad = json!({"model": "broken", "messages": [], "max_tokens": 3});
+    let r = common::client()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&bad)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.headers().get("x-aios-backend").is_none());
+    assert!(r.text().unwrap().contains("messages must not be empty"));
+    let (s, _, v) = post(
+        &url,
+        "a",
+        &json!({"model": "broken", "prompt": 7, "max_tokens": 3}),
+    );
+    assert_eq!(s, 400, "{v}");
+    // A fallback that refuses the request itself (here: it has no such model) is a 502 the
+    // client should not retry, not a 503 with Retry-After.
+    let r = common::client()
+        .post(format!("{url}/v1/completions"))
+        .json(&json!({"model": "orphan", "prompt": "1, 2,", "max_tokens": 2}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    assert!(r.headers().get("retry-after").is_none());
+    let v: Value = r.json().unwrap();
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("provider 'cloud' answered 404"), "{msg}");
     // The healthy model still answers here.
     let (s, b, _) = post(&url, "a", &json!({"prompt": "1, 2,", "max_tokens": 2}));
     assert_eq!((s, b.as_str()), (200, "local"));

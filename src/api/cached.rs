@@ -27,13 +27,25 @@ pub struct Store {
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     max_entries: usize,
     max_bytes: usize,
+    /// The request asked for temperature 0. Only then is a provider's answer kept: top_k and
+    /// seed make our own sampling repeatable, but providers may ignore them (OpenAI has no
+    /// top_k; its seed is best effort), so their answer to such a request is one sample.
+    greedy: bool,
 }
 
 impl Store {
-    /// Keep `response` (a whole non-streamed response object) if every choice finished.
+    /// Keep `response` (a whole non-streamed response object) if every choice finished. A
+    /// provider's answer is kept only for a greedy request and with its usage known (a hit
+    /// reports the tokens the answer cost).
     pub(super) fn put(&self, response: &Value, backend: &str) {
         if !cache::complete(response) {
             return;
+        }
+        if backend != "local" {
+            let n = |k: &str| response["usage"][k].as_u64().unwrap_or(0);
+            if !self.greedy || n("prompt_tokens") + n("completion_tokens") == 0 {
+                return;
+            }
         }
         let hit = Hit {
             response: response.clone(),
@@ -94,6 +106,7 @@ impl CacheUse {
                 metrics: state.metrics.clone(),
                 max_entries: c.max_entries,
                 max_bytes: c.max_bytes,
+                greedy: params.sampling.temperature == 0.0,
             },
         }
     }

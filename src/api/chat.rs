@@ -20,17 +20,21 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let route = crate::providers::Route::Chat;
     match prepare(&state, &headers, &body) {
-        Ok((job, format)) => job.respond(format).await,
-        Err(e) => {
-            let route = crate::providers::Route::Chat;
-            super::generate::unserved(&state, &headers, &body, route, e).await
+        Ok((job, format)) => {
+            let job = job
+                .with_fallback(&state, route, &body)
+                .with_cache(&state, route, &body);
+            job.respond(format).await
         }
+        Err(e) => super::generate::unserved(&state, &headers, &body, route, e).await,
     }
 }
 
 /// `POST /v1/chat/completions/render`: the token ids the engine would run for this request,
-/// chat template (and tools, response format) included.
+/// chat template (and tools, response format) included. Nothing runs: neither the response
+/// cache nor the fallbacks are consulted.
 pub async fn render(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -49,7 +53,8 @@ fn prepare(
 ) -> Result<(Job, ChatFormat), ApiError> {
     let b = Body::parse(bytes)?;
     let mut params = GenParams::read(&b, headers, &["max_completion_tokens", "max_tokens"])?;
-    let (name, engine) = state.engine_for(params.model.as_deref())?;
+    // The body is checked before the model is looked up: a request for a model that is not
+    // served here (failed to load, still loading) may go on to its fallbacks, checked.
     let mut messages = read_messages(&b)?;
     let answer_schema = structured::response_schema(&b)?;
     let tools = Tools::read(&b)?;
@@ -64,6 +69,7 @@ fn prepare(
     if logprobs {
         params.sampling.logprobs = Some(top.unwrap_or(0) as usize);
     }
+    let (name, engine) = state.engine_for(params.model.as_deref())?;
     let info = engine.model.clone();
     let template = info.template.as_ref().ok_or_else(|| {
         ApiError::invalid(format!(
@@ -115,9 +121,7 @@ fn prepare(
         held: Vec::new(),
     };
     Ok((
-        Job::new(state, engine, &name, vec![prompt], params, headers)
-            .with_fallback(state, crate::providers::Route::Chat, bytes)
-            .with_cache(state, crate::providers::Route::Chat, bytes),
+        Job::new(state, engine, &name, vec![prompt], params, headers),
         format,
     ))
 }

@@ -19,17 +19,21 @@ pub async fn completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let route = crate::providers::Route::Completions;
     match prepare(&state, &headers, &body) {
-        Ok((job, format)) => job.respond(format).await,
-        Err(e) => {
-            let route = crate::providers::Route::Completions;
-            super::generate::unserved(&state, &headers, &body, route, e).await
+        Ok((job, format)) => {
+            let job = job
+                .with_fallback(&state, route, &body)
+                .with_cache(&state, route, &body);
+            job.respond(format).await
         }
+        Err(e) => super::generate::unserved(&state, &headers, &body, route, e).await,
     }
 }
 
 /// `POST /v1/completions/render`: the token ids the engine would run for this request (one
-/// list, or a list per prompt), for routers that hash prefixes as we do.
+/// list, or a list per prompt), for routers that hash prefixes as we do. Nothing runs: neither
+/// the response cache nor the fallbacks are consulted.
 pub async fn render(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -58,8 +62,7 @@ fn prepare(
     if b.get("max_tokens").is_none() {
         params.max_tokens = Some(16);
     }
-    let (name, engine) = state.engine_for(params.model.as_deref())?;
-    let info = engine.model.clone();
+    // The body is checked before the model is looked up (see chat.rs).
     if b.get("suffix").is_some_and(|s| s.as_str() != Some("")) {
         return Err(ApiError::param(
             "suffix",
@@ -83,49 +86,28 @@ fn prepare(
         ));
     }
     params.sampling.logprobs = logprobs.map(|l| l as usize);
-    if let Some(schema) = super::structured::response_schema(&b)? {
+    let schema = super::structured::response_schema(&b)?;
+    let input = read_prompts(&b)?;
+    let (name, engine) = state.engine_for(params.model.as_deref())?;
+    let info = engine.model.clone();
+    if let Some(schema) = schema {
         params.constraint = Some(super::structured::compile(
             &info,
             &schema,
             "response_format",
         )?);
     }
-    let tok = &info.tokenizer;
-    let encode = |s: &str| {
-        tok.encode(s, true)
-            .map_err(|e| ApiError::internal(e.to_string()))
+    let prompts: Vec<Vec<u32>> = match input {
+        Prompts::Ids(ids) => ids,
+        Prompts::Texts(texts) => texts
+            .iter()
+            .map(|s| {
+                info.tokenizer
+                    .encode(s, true)
+                    .map_err(|e| ApiError::internal(e.to_string()))
+            })
+            .collect::<Result<_, _>>()?,
     };
-    let ids = |a: &[Value]| -> Option<Vec<u32>> {
-        a.iter()
-            .map(|v| v.as_u64().and_then(|x| u32::try_from(x).ok()))
-            .collect()
-    };
-    let bad = || {
-        ApiError::param("prompt", "prompt must be a string, a list of strings, a list of token ids, or a list of lists of token ids")
-    };
-    let prompts: Vec<Vec<u32>> = match b.get("prompt") {
-        None => return Err(ApiError::param("prompt", "prompt is required")),
-        Some(Value::String(s)) => vec![encode(s)?],
-        Some(Value::Array(a)) if a.is_empty() => {
-            return Err(ApiError::param("prompt", "prompt must not be empty"))
-        }
-        Some(Value::Array(a)) => match &a[0] {
-            Value::String(_) => a
-                .iter()
-                .map(|v| v.as_str().ok_or_else(bad).and_then(encode))
-                .collect::<Result<_, _>>()?,
-            Value::Number(_) => vec![ids(a).ok_or_else(bad)?],
-            Value::Array(_) => a
-                .iter()
-                .map(|v| v.as_array().and_then(|x| ids(x)).ok_or_else(bad))
-                .collect::<Result<_, _>>()?,
-            _ => return Err(bad()),
-        },
-        Some(_) => return Err(bad()),
-    };
-    if prompts.len() > 16 {
-        return Err(ApiError::param("prompt", "at most 16 prompts per request"));
-    }
     for p in &prompts {
         if let Some(t) = p.iter().find(|&&t| t as usize >= info.vocab_size) {
             return Err(ApiError::param(
@@ -135,7 +117,7 @@ fn prepare(
         }
     }
     let echo_text = if echo {
-        prompts.iter().map(|p| tok.decode(p)).collect()
+        prompts.iter().map(|p| info.tokenizer.decode(p)).collect()
     } else {
         vec![]
     };
@@ -152,11 +134,58 @@ fn prepare(
         n: params.n,
     };
     Ok((
-        Job::new(state, engine, &name, prompts, params, headers)
-            .with_fallback(state, crate::providers::Route::Completions, bytes)
-            .with_cache(state, crate::providers::Route::Completions, bytes),
+        Job::new(state, engine, &name, prompts, params, headers),
         format,
     ))
+}
+
+/// A request's prompts, checked in shape (before a model is looked up).
+enum Prompts {
+    Texts(Vec<String>),
+    Ids(Vec<Vec<u32>>),
+}
+
+/// `prompt`: a string, a list of strings, a list of token ids, or a list of lists of them; at
+/// most 16 prompts.
+fn read_prompts(b: &Body) -> Result<Prompts, ApiError> {
+    let bad = || {
+        ApiError::param("prompt", "prompt must be a string, a list of strings, a list of token ids, or a list of lists of token ids")
+    };
+    let ids = |a: &[Value]| -> Option<Vec<u32>> {
+        a.iter()
+            .map(|v| v.as_u64().and_then(|x| u32::try_from(x).ok()))
+            .collect()
+    };
+    let p = match b.get("prompt") {
+        None => return Err(ApiError::param("prompt", "prompt is required")),
+        Some(Value::String(s)) => Prompts::Texts(vec![s.clone()]),
+        Some(Value::Array(a)) if a.is_empty() => {
+            return Err(ApiError::param("prompt", "prompt must not be empty"))
+        }
+        Some(Value::Array(a)) => match &a[0] {
+            Value::String(_) => Prompts::Texts(
+                a.iter()
+                    .map(|v| v.as_str().map(String::from).ok_or_else(bad))
+                    .collect::<Result<_, _>>()?,
+            ),
+            Value::Number(_) => Prompts::Ids(vec![ids(a).ok_or_else(bad)?]),
+            Value::Array(_) => Prompts::Ids(
+                a.iter()
+                    .map(|v| v.as_array().and_then(|x| ids(x)).ok_or_else(bad))
+                    .collect::<Result<_, _>>()?,
+            ),
+            _ => return Err(bad()),
+        },
+        Some(_) => return Err(bad()),
+    };
+    let n = match &p {
+        Prompts::Texts(t) => t.len(),
+        Prompts::Ids(i) => i.len(),
+    };
+    if n > 16 {
+        return Err(ApiError::param("prompt", "at most 16 prompts per request"));
+    }
+    Ok(p)
 }
 
 pub struct CompletionFormat {

@@ -90,12 +90,16 @@ pub(super) async fn spill_to(
     }
     let est = (prompt + params.max_tokens.unwrap_or(256)) as u64;
     let mut failures = Vec::new();
+    // Whether every provider refused the request itself (a 4xx other than 429: a wrong key,
+    // an unknown model, a request it will not take), which trying again will not change.
+    let mut all_refused = true;
     for p in &spill.fb.providers {
         if p.resting() {
             spill
                 .metrics
                 .fallback(&model, p.name(), "skipped_resting", 0.0);
             failures.push(format!("provider '{}' is resting after failures", p.name()));
+            all_refused = false;
             continue;
         }
         let mut body = spill.body.clone();
@@ -133,7 +137,8 @@ pub(super) async fn spill_to(
                     let translate = p
                         .is_anthropic()
                         .then(|| crate::providers::anthropic::StreamTranslator::new(&model));
-                    relay_stream(resp, p.name(), wants_usage, translate, charge, store)
+                    let chat = spill.route == crate::providers::Route::Chat;
+                    relay_stream(resp, p.name(), chat, wants_usage, translate, charge, store)
                 } else {
                     match resp.json::<Value>().await {
                         Ok(v) => {
@@ -163,15 +168,28 @@ pub(super) async fn spill_to(
             }
             Err(e) => {
                 spill.metrics.fallback(&model, p.name(), "failed", 0.0);
+                all_refused &= e
+                    .status
+                    .is_some_and(|s| (400..500).contains(&s) && s != 429);
                 failures.push(e.message);
             }
         }
     }
-    let mut e = ApiError::unavailable(format!(
+    let message = format!(
         "{}; and no fallback could take it: {}",
         why.message,
         failures.join("; ")
-    ));
+    );
+    if all_refused && !failures.is_empty() {
+        // Not a passing shortage: a 502 the client should not simply retry.
+        return ApiError::new(
+            axum::http::StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            message,
+        )
+        .into_response();
+    }
+    let mut e = ApiError::unavailable(message);
     e.retry_after = Some(1);
     e.into_response()
 }
@@ -189,6 +207,7 @@ pub(super) fn backend_header(r: &mut Response, backend: &str) {
 fn relay_stream(
     resp: reqwest::Response,
     backend: &str,
+    chat: bool,
     wants_usage: bool,
     mut translate: Option<crate::providers::anthropic::StreamTranslator>,
     charge: impl FnOnce(u64, u64) + Send + 'static,
@@ -200,20 +219,30 @@ fn relay_stream(
         let mut upstream = resp.bytes_stream();
         let mut buf: Vec<u8> = Vec::new();
         let (mut prompt, mut completion) = (0, 0);
-        let mut collect = Collect::default();
-        'read: while let Some(chunk) = upstream.next().await {
-            let Ok(chunk) = chunk else { break };
-            buf.extend_from_slice(&chunk);
-            while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
-                let event: Vec<u8> = buf.drain(..end + 2).collect();
+        let mut collect = Collect {
+            chat,
+            ..Collect::default()
+        };
+        let mut ended = false;
+        'read: while !ended {
+            match upstream.next().await {
+                Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                _ => {
+                    // The end: a last event without its blank line still counts.
+                    if buf.iter().all(u8::is_ascii_whitespace) {
+                        break;
+                    }
+                    buf.extend_from_slice(b"\n\n");
+                    ended = true;
+                }
+            }
+            while let Some(end) = event_end(&buf) {
+                let event: Vec<u8> = buf.drain(..end).collect();
                 let text = String::from_utf8_lossy(&event);
+                let data = event_data(&text);
                 if let Some(t) = translate.as_mut() {
                     // An Anthropic event (`event: …` and `data: …` lines) → OpenAI chunks.
-                    let data = text
-                        .lines()
-                        .find_map(|l| l.strip_prefix("data:"))
-                        .map(str::trim);
-                    let Some(v) = data.and_then(|d| serde_json::from_str::<Value>(d).ok()) else {
+                    let Some(v) = data.and_then(|d| serde_json::from_str::<Value>(&d).ok()) else {
                         continue;
                     };
                     let chunks = t.event(&v);
@@ -235,11 +264,10 @@ fn relay_stream(
                     }
                     continue;
                 }
-                let data = text.trim().strip_prefix("data:").map(str::trim);
-                if data == Some("[DONE]") {
+                if data.as_deref().map(str::trim) == Some("[DONE]") {
                     collect.done = true;
                 }
-                if let Some(v) = data.and_then(|d| serde_json::from_str::<Value>(d).ok()) {
+                if let Some(v) = data.and_then(|d| serde_json::from_str::<Value>(&d).ok()) {
                     collect.chunk(&v);
                     if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
                         prompt = u["prompt_tokens"].as_u64().unwrap_or(prompt);
@@ -271,9 +299,35 @@ fn relay_stream(
     r
 }
 
+/// Where the first complete server-sent event in `buf` ends (past the blank line closing it;
+/// lines end in LF, CRLF or CR).
+fn event_end(buf: &[u8]) -> Option<usize> {
+    [&b"\n\n"[..], b"\r\n\r\n", b"\r\r"]
+        .iter()
+        .filter_map(|sep| {
+            buf.windows(sep.len())
+                .position(|w| w == *sep)
+                .map(|i| i + sep.len())
+        })
+        .min()
+}
+
+/// An event's data: its `data:` lines (one leading space dropped), joined by newlines.
+fn event_data(event: &str) -> Option<String> {
+    let lines: Vec<&str> = event
+        .split(['\n', '\r'])
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| d.strip_prefix(' ').unwrap_or(d))
+        .collect();
+    (!lines.is_empty()).then(|| lines.join("\n"))
+}
+
 /// A provider's stream read back into the whole response it amounts to (for the cache).
 #[derive(Default)]
 struct Collect {
+    /// A chat completion (else a text completion), as the route says: a provider's chunks
+    /// need not name their `object`.
+    chat: bool,
     /// The first chunk with choices: id, object, created, model.
     head: Option<Value>,
     choices: std::collections::BTreeMap<u64, Collected>,
@@ -342,7 +396,7 @@ impl Collect {
             return None;
         }
         let head = self.head?;
-        let chat = head["object"] == "chat.completion.chunk";
+        let chat = self.chat;
         let choices: Vec<Value> = self
             .choices
             .into_iter()
@@ -370,5 +424,33 @@ impl Collect {
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
                       "total_tokens": prompt + completion},
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{event_data, event_end};
+
+    #[test]
+    fn events_end_at_a_blank_line_of_any_line_ending() {
+        assert_eq!(event_end(b"data: 1\n\ndata: 2\n\n"), Some(9));
+        assert_eq!(event_end(b"data: 1\r\n\r\ndata: 2"), Some(11));
+        assert_eq!(event_end(b"data: 1\r\rdata: 2"), Some(9));
+        assert_eq!(event_end(b"data: 1\r\n"), None);
+        assert_eq!(event_end(b"data: 1\n"), None);
+    }
+
+    #[test]
+    fn an_events_data_lines_are_joined() {
+        assert_eq!(
+            event_data("data: {\"a\":1}\n\n").as_deref(),
+            Some("{\"a\":1}")
+        );
+        assert_eq!(
+            event_data("event: x\r\ndata:[DONE]\r\n\r\n").as_deref(),
+            Some("[DONE]")
+        );
+        assert_eq!(event_data("data: a\ndata: b\n\n").as_deref(), Some("a\nb"));
+        assert_eq!(event_data(": keep-alive\n\n"), None);
     }
 }

@@ -65,8 +65,12 @@ impl Provider {
                 cfg.api_key_env
             );
         }
+        // No total timeout on the client: a streamed answer may run longer than `timeout_secs`
+        // (it must not stall that long); a whole answer gets it per request, in `send`.
+        let limit = Duration::from_secs(cfg.timeout_secs.max(1));
         let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(cfg.timeout_secs.max(1)))
+            .connect_timeout(limit)
+            .read_timeout(limit)
             .build()
             .map_err(|e| format!("provider '{}': {e}", cfg.name))?;
         let now = Instant::now();
@@ -204,6 +208,9 @@ impl Provider {
         let mut attempt = 0;
         loop {
             let mut req = self.client.post(&url).json(body);
+            if body["stream"] != true {
+                req = req.timeout(deadline.saturating_duration_since(Instant::now()));
+            }
             if self.is_anthropic() {
                 req = req.header("anthropic-version", "2023-06-01");
                 if let Some(k) = &self.key {
