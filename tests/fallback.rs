@@ -361,27 +361,37 @@ fn a_long_predicted_queue_wait_spills_over() {
         ),
         "fallbacks = [\"cloud\"]\nmax_queue_ms = 1\n",
     );
-    // Alone, nothing waits: local (and the engine learns how long a sequence takes).
+    // Behind a long sequence (streaming here, so it surely runs) the predicted wait is over
+    // 1 ms: the cloud takes the next request. First before any sequence has finished (the
+    // prediction comes from the step time and the long one's tokens to go), then after.
+    let long = || {
+        let mut r = common::client()
+            .post(format!("{url}/v1/completions"))
+            .header("X-Agent-Id", "a")
+            .json(&json!({"prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": true, "stream": true}))
+            .send()
+            .unwrap();
+        assert_eq!(r.headers()["x-aios-backend"], "local");
+        let mut first = [0u8; 16];
+        std::io::Read::read_exact(&mut r, &mut first).unwrap();
+        r
+    };
+    let running = long();
+    let (s, b, v) = post(&url, "b", &json!({"prompt": "4, 5, 6,", "max_tokens": 2}));
+    assert_eq!((s, b.as_str()), (200, "cloud"), "{v}");
+    drop(running);
+    // A request that may not spill over runs here (and the engine learns how long a sequence
+    // takes).
     let (s, b, _) = post(
         &url,
         "a",
-        &json!({"prompt": "1, 2, 3,", "max_tokens": 16, "ignore_eos": true}),
+        &json!({"prompt": "1, 2, 3,", "max_tokens": 16, "ignore_eos": true, "fallback": false}),
     );
     assert_eq!((s, b.as_str()), (200, "local"));
-    // Behind a long sequence (streaming here, so it surely runs) the predicted wait is over
-    // 1 ms: the cloud takes the next request.
-    let mut long = common::client()
-        .post(format!("{url}/v1/completions"))
-        .header("X-Agent-Id", "a")
-        .json(&json!({"prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": true, "stream": true}))
-        .send()
-        .unwrap();
-    assert_eq!(long.headers()["x-aios-backend"], "local");
-    let mut first = [0u8; 16];
-    std::io::Read::read_exact(&mut long, &mut first).unwrap();
+    let running = long();
     let (s, b, v) = post(&url, "b", &json!({"prompt": "4, 5, 6,", "max_tokens": 2}));
     assert_eq!((s, b.as_str()), (200, "cloud"), "{v}");
-    drop(long);
+    drop(running);
     assert!(stop(local).success());
     assert!(stop(cloud).success());
     std::fs::remove_dir_all(dir).unwrap();

@@ -110,6 +110,13 @@ pub struct EngineStats {
     pub disk_bytes: AtomicU64,
     /// Moving average of how long sequences take, arrival to end (microseconds).
     pub mean_sequence_us: AtomicU64,
+    /// Moving average of a step's duration (microseconds).
+    pub step_us: AtomicU64,
+    /// Of the sequences that ran in the last step: the fewest tokens any still has to go
+    /// (the rest of its prompt and of its `max_tokens`), and their mean length in tokens
+    /// (generated and to go). With the step time, a prediction before any sequence finished.
+    pub first_free_tokens: AtomicU64,
+    pub mean_tokens: AtomicU64,
 }
 
 enum Command {
@@ -205,11 +212,26 @@ impl EngineHandle {
     }
 
     /// How long a request arriving now would wait before its first step, predicted from the
-    /// sequences ahead of it and how long sequences have lately taken.
+    /// sequences ahead of it and how long sequences have lately taken. Before any sequence has
+    /// finished, from the step time and the running sequences' lengths in tokens (to their
+    /// `max_tokens`: an upper bound, as they may stop sooner), and never less than the time
+    /// until the one nearest its end is done.
     pub fn predicted_wait_ms(&self) -> u64 {
         let ahead = (self.live() + 1).saturating_sub(self.max_running) as u64;
-        let mean_us = self.stats.mean_sequence_us.load(Ordering::Relaxed);
-        ahead * mean_us / self.max_running.max(1) as u64 / 1000
+        if ahead == 0 {
+            return 0;
+        }
+        let s = &self.stats;
+        let per_slot = |mean_us: u64| ahead * mean_us / self.max_running.max(1) as u64;
+        match s.mean_sequence_us.load(Ordering::Relaxed) {
+            0 => {
+                let step_us = s.step_us.load(Ordering::Relaxed);
+                let queue = per_slot(step_us * s.mean_tokens.load(Ordering::Relaxed));
+                let first = step_us * s.first_free_tokens.load(Ordering::Relaxed);
+                queue.max(first) / 1000
+            }
+            mean_us => per_slot(mean_us) / 1000,
+        }
     }
 
     /// Create, list, read, fork or delete contexts (see [`ContextOp`]).
@@ -686,6 +708,31 @@ impl Engine {
         plan
     }
 
+    /// Publish the step's duration and the served sequences' lengths, for the wait predictor.
+    fn note_step(&self, took: std::time::Duration, served: &[(usize, policy::Served)]) {
+        let avg = |a: &AtomicU64, x: u64| {
+            let old = a.load(Ordering::Relaxed);
+            a.store(
+                if old == 0 { x } else { (old * 4 + x) / 5 },
+                Ordering::Relaxed,
+            );
+        };
+        avg(&self.stats.step_us, took.as_micros() as u64);
+        let lengths: Vec<(u64, u64)> = served
+            .iter()
+            .map(|(i, _)| {
+                let s = &self.running[*i];
+                let to_go = s.candidate().remaining as u64;
+                (to_go, s.generated() as u64 + to_go)
+            })
+            .collect();
+        if let Some(first) = lengths.iter().map(|l| l.0).min() {
+            let mean = lengths.iter().map(|l| l.1).sum::<u64>() / lengths.len() as u64;
+            self.stats.first_free_tokens.store(first, Ordering::Relaxed);
+            self.stats.mean_tokens.store(mean, Ordering::Relaxed);
+        }
+    }
+
     fn step(&mut self) {
         let plan = self.plan();
         let mut sampled = Vec::new(); // indices of sequences whose logits row comes back
@@ -717,6 +764,7 @@ impl Engine {
                 self.ran += 1;
             }
         }
+        let started = Instant::now();
         let result = if constraints.is_empty() {
             self.llama.forward(&mut inputs)
         } else {
@@ -732,6 +780,7 @@ impl Engine {
             })
         };
         drop(inputs);
+        self.note_step(started.elapsed(), &served);
         for (i, c) in constraints {
             self.running[i].put_constraint(c);
         }

@@ -295,7 +295,10 @@ impl DiskStore {
             .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
             .collect();
         let mut data = vec![0u8; meta.data_bytes];
-        take(f, &mut data, "KV")?;
+        // In pieces, each checksummed while it is still in cache (one pass over memory).
+        for piece in data.chunks_mut(256 << 10) {
+            take(f, piece, "KV")?;
+        }
         let mut stored = [0u8; 8];
         f.read_exact(&mut stored)
             .map_err(|_| "truncated (no checksum)".to_string())?;
