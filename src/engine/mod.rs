@@ -112,11 +112,9 @@ pub struct EngineStats {
     pub mean_sequence_us: AtomicU64,
     /// Moving average of a step's duration (microseconds).
     pub step_us: AtomicU64,
-    /// Of the sequences that ran in the last step: the fewest tokens any still has to go
-    /// (the rest of its prompt and of its `max_tokens`), and their mean length in tokens
-    /// (generated and to go). With the step time, a prediction before any sequence finished.
+    /// Of the sequences that ran in the last step, the fewest tokens any still has to go (the
+    /// rest of its prompt and of its `max_tokens`).
     pub first_free_tokens: AtomicU64,
-    pub mean_tokens: AtomicU64,
 }
 
 enum Command {
@@ -130,13 +128,18 @@ enum Command {
 
 type ContextReply = tokio::sync::oneshot::Sender<Result<Vec<ContextInfo>, ContextError>>;
 
-/// One place among the engine's live sequences; dropping it (when the sequence ends, however it
-/// ends) gives the place back.
-pub struct LiveSlot(Arc<AtomicUsize>);
+/// One place among the engine's live sequences, holding `tokens` (its prompt and `max_tokens`)
+/// of the live total; dropping it (when the sequence ends, however it ends) gives both back.
+pub struct LiveSlot {
+    live: Arc<AtomicUsize>,
+    live_tokens: Arc<AtomicU64>,
+    tokens: u64,
+}
 
 impl Drop for LiveSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.live.fetch_sub(1, Ordering::AcqRel);
+        self.live_tokens.fetch_sub(self.tokens, Ordering::AcqRel);
     }
 }
 
@@ -155,6 +158,8 @@ pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
     pub model: Arc<ModelInfo>,
     live: Arc<AtomicUsize>,
+    /// Prompt and `max_tokens` of the live sequences, summed.
+    live_tokens: Arc<AtomicU64>,
     max_live: usize,
     max_running: usize,
     kv: Arc<KvPool>,
@@ -196,9 +201,14 @@ impl EngineHandle {
                 (n + k <= self.max_live).then_some(n + k)
             })
             .map_err(|_| SubmitError::Full(self.max_live))?;
-        let mut slots: Vec<LiveSlot> = (0..k).map(|_| LiveSlot(self.live.clone())).collect();
         for (req, events) in reqs {
-            let slot = slots.pop().expect("one slot per request");
+            let tokens = (req.prompt.len() + req.max_tokens) as u64;
+            self.live_tokens.fetch_add(tokens, Ordering::AcqRel);
+            let slot = LiveSlot {
+                live: self.live.clone(),
+                live_tokens: self.live_tokens.clone(),
+                tokens,
+            };
             self.tx
                 .send(Command::Submit(Box::new(req), events, slot))
                 .map_err(|_| SubmitError::Stopped)?;
@@ -225,10 +235,17 @@ impl EngineHandle {
         let per_slot = |mean_us: u64| ahead * mean_us / self.max_running.max(1) as u64;
         match s.mean_sequence_us.load(Ordering::Relaxed) {
             0 => {
+                // Each step gives each running sequence a token (prompt tokens go faster, in
+                // chunks: this errs long). Before any step has run, the live sequences are
+                // taken to have just started.
                 let step_us = s.step_us.load(Ordering::Relaxed);
-                let queue = per_slot(step_us * s.mean_tokens.load(Ordering::Relaxed));
-                let first = step_us * s.first_free_tokens.load(Ordering::Relaxed);
-                queue.max(first) / 1000
+                let live = self.live().max(1) as u64;
+                let mean_tokens = self.live_tokens.load(Ordering::Relaxed) / live;
+                let first = match s.first_free_tokens.load(Ordering::Relaxed) {
+                    0 => mean_tokens,
+                    f => f,
+                };
+                per_slot(step_us * mean_tokens).max(step_us * first) / 1000
             }
             mean_us => per_slot(mean_us) / 1000,
         }
@@ -429,6 +446,7 @@ pub fn spawn(model: LoadedModel, cfg: EngineConfig) -> EngineHandle {
         tx,
         model: info,
         live: Arc::new(AtomicUsize::new(0)),
+        live_tokens: Arc::new(AtomicU64::new(0)),
         max_live: cfg.max_running + cfg.max_queued,
         max_running: cfg.max_running,
         kv: pool,
@@ -438,7 +456,11 @@ pub fn spawn(model: LoadedModel, cfg: EngineConfig) -> EngineHandle {
     let stats = handle.stats.clone();
     std::thread::Builder::new()
         .name("aios-engine".into())
-        .spawn(move || Engine::new(llama, thread_info, cfg, thread_pool, loopback, stats).run(rx))
+        .spawn(move || {
+            let engine = Engine::new(llama, thread_info, cfg, thread_pool, loopback, stats);
+            engine.warm_up();
+            engine.run(rx)
+        })
         .expect("spawn engine thread");
     handle
 }
@@ -708,6 +730,26 @@ impl Engine {
         plan
     }
 
+    /// One decode step of a throwaway one-token sequence (its own KV, not the pool's): the
+    /// first step's one-off costs are paid before any request, and the wait predictor starts
+    /// from a measured step time.
+    fn warm_up(&self) {
+        let mut kv = KvSeq::new(self.pool.layout(), 1);
+        let started = Instant::now();
+        let ok = self
+            .llama
+            .forward(&mut [SeqInput {
+                tokens: &[0],
+                kv: &mut kv,
+                want_logits: true,
+            }])
+            .is_ok();
+        if ok {
+            let us = started.elapsed().as_micros() as u64;
+            self.stats.step_us.store(us.max(1), Ordering::Relaxed);
+        }
+    }
+
     /// Publish the step's duration and the served sequences' lengths, for the wait predictor.
     fn note_step(&self, took: std::time::Duration, served: &[(usize, policy::Served)]) {
         let avg = |a: &AtomicU64, x: u64| {
@@ -718,18 +760,12 @@ impl Engine {
             );
         };
         avg(&self.stats.step_us, took.as_micros() as u64);
-        let lengths: Vec<(u64, u64)> = served
+        let first = served
             .iter()
-            .map(|(i, _)| {
-                let s = &self.running[*i];
-                let to_go = s.candidate().remaining as u64;
-                (to_go, s.generated() as u64 + to_go)
-            })
-            .collect();
-        if let Some(first) = lengths.iter().map(|l| l.0).min() {
-            let mean = lengths.iter().map(|l| l.1).sum::<u64>() / lengths.len() as u64;
+            .map(|(i, _)| self.running[*i].candidate().remaining as u64)
+            .min();
+        if let Some(first) = first {
             self.stats.first_free_tokens.store(first, Ordering::Relaxed);
-            self.stats.mean_tokens.store(mean, Ordering::Relaxed);
         }
     }
 
