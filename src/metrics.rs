@@ -403,6 +403,10 @@ pub struct Observer {
     /// When the first token of any choice came.
     first: Option<Instant>,
     usage: Usage,
+    /// Per choice submitted to the engine: its prompt tokens, the tokens it has sent, and
+    /// whether it ended (its usage charged). A choice cut short (the client went away) is
+    /// charged what it used when the request ends.
+    choices: Vec<(usize, usize, bool)>,
     /// The agent's share of the KV pool taken by this request, given back when it ends.
     pub kv: Option<KvReservation>,
     /// Whether it ran (a rendered request only tokenises: no log line).
@@ -429,6 +433,7 @@ impl Observer {
             last: Vec::new(),
             first: None,
             usage: Usage::default(),
+            choices: Vec::new(),
             kv: None,
             ran: false,
         }
@@ -451,8 +456,16 @@ impl Observer {
         &self.model
     }
 
+    /// The choices went to the engine, with these prompt lengths.
+    pub fn submitted(&mut self, prompts: impl IntoIterator<Item = usize>) {
+        self.choices = prompts.into_iter().map(|p| (p, 0, false)).collect();
+    }
+
     /// Choice `i` produced a token.
     pub fn token(&mut self, i: usize) {
+        if let Some(c) = self.choices.get_mut(i) {
+            c.1 += 1;
+        }
         if self.last.len() <= i {
             self.last.resize(i + 1, None);
         }
@@ -469,7 +482,11 @@ impl Observer {
     }
 
     /// Choice `i` finished.
-    pub fn done(&mut self, usage: &Usage, finish: FinishReason) {
+    /// Choice `i` ended with `usage`.
+    pub fn done(&mut self, i: usize, usage: &Usage, finish: FinishReason) {
+        if let Some(c) = self.choices.get_mut(i) {
+            c.2 = true;
+        }
         let m = &self.metrics;
         let model = self.model.as_str();
         m.prompt_tokens.inc_by(&[model], usage.prompt_tokens as u64);
@@ -497,6 +514,25 @@ impl Drop for Observer {
     fn drop(&mut self) {
         if !self.ran {
             return;
+        }
+        // Choices that never ended (a client that disconnected, an error): their prompt and
+        // the tokens they sent still count against the agent's token limit and ledger.
+        let (mut prompt, mut completion) = (0, 0);
+        for &(p, sent, ended) in &self.choices {
+            if !ended {
+                prompt += p;
+                completion += sent;
+            }
+        }
+        if prompt + completion > 0 {
+            let cut = Usage {
+                prompt_tokens: prompt,
+                completion_tokens: completion,
+                ..Usage::default()
+            };
+            self.governor.charge(&self.agent, self.limits, &cut);
+            self.usage.prompt_tokens += prompt;
+            self.usage.completion_tokens += completion;
         }
         let u = &self.usage;
         let first = self.first.map(|t| (t - self.start).as_secs_f64() * 1e3);

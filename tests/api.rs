@@ -365,13 +365,38 @@ fn a_client_that_disconnects_mid_stream_does_not_stop_the_server() {
     for _ in 0..3 {
         let body = json!({"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": true, "stream": true}).to_string();
         let mut sock = std::net::TcpStream::connect(&addr).unwrap();
-        write!(sock, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        write!(sock, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Agent-Id: dropper\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        // Read until a few tokens have come, then go away.
+        let mut got = Vec::new();
         let mut buf = [0u8; 512];
-        let n = sock.read(&mut buf).unwrap();
-        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        while String::from_utf8_lossy(&got).matches("\"text\"").count() < 3 {
+            let n = sock.read(&mut buf).unwrap();
+            assert!(n > 0, "{}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
         drop(sock);
     }
     assert_serving();
+    // What the cut streams used still counts for the agent (token limits, the ledger): their
+    // prompts and at least the tokens they were sent.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let u: Value = common::client()
+            .get(format!("{}/v1/usage", server()))
+            .header("X-Agent-Id", "dropper")
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        let local = &u["usage"]["backends"]["local"];
+        let n = |k: &str| local[k].as_u64().unwrap_or(0);
+        if n("prompt_tokens") >= 3 * 4 && n("completion_tokens") >= 3 * 3 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{u}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 #[test]

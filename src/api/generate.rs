@@ -370,6 +370,12 @@ impl Job {
             Ok(r) => r,
             Err(e) => return self.spill_over(e).await,
         };
+        let n = self.params.n;
+        self.obs.submitted(
+            self.prompts
+                .iter()
+                .flat_map(|p| std::iter::repeat_n(p.len(), n)),
+        );
         if self.params.stream {
             return self.stream(receivers, format).await;
         }
@@ -390,7 +396,7 @@ impl Job {
                         usage,
                     }) => {
                         c.text.push_str(&text);
-                        self.obs.done(&usage, finish);
+                        self.obs.done(choices.len(), &usage, finish);
                         c.finish = Some(finish);
                         c.usage = usage;
                         break;
@@ -521,7 +527,7 @@ impl Job {
                         text,
                         usage,
                     } => {
-                        self.obs.done(&usage, finish);
+                        self.obs.done(i, &usage, finish);
                         completion += usage.completion_tokens;
                         cached[i] = usage.cached_tokens;
                         open -= 1;
