@@ -1,5 +1,6 @@
-//! Where a model runs. CPU always; CUDA when built with `--features cuda` (discovery through
-//! NVML and placement by free memory come with the devices work).
+//! Where a model runs: the CPU always; CUDA when built with `--features cuda`. GPUs are found
+//! through NVML (never through CUDA, so a machine without the driver is simply CPU-only), and
+//! `device = "auto"` places a model on the GPU with the most free memory that holds it.
 
 use candle_core::Device;
 
@@ -7,7 +8,8 @@ use candle_core::Device;
 pub enum DeviceChoice {
     Cpu,
     Cuda(usize),
-    /// The best available device: a CUDA GPU when built with CUDA and one is present, else CPU.
+    /// The GPU with the most free memory that holds the model's weights and a minimum KV pool
+    /// (when built with CUDA and NVML reports one), else the CPU.
     Auto,
 }
 
@@ -25,14 +27,53 @@ impl DeviceChoice {
         }
     }
 
-    /// Open the device; asking for CUDA in a CPU-only build is an error that says so.
-    pub fn open(self) -> Result<Device, String> {
+    /// Open the device for a model of `weight_bytes`; asking for CUDA in a CPU-only build is
+    /// an error that says so. `auto` asks NVML which GPUs have room (never CUDA itself, so a
+    /// machine without the driver gets the CPU without touching CUDA).
+    pub fn open(self, weight_bytes: u64) -> Result<Device, String> {
         match self {
             Self::Cpu => Ok(Device::Cpu),
             Self::Cuda(n) => open_cuda(n),
-            Self::Auto => Ok(open_cuda(0).unwrap_or(Device::Cpu)),
+            Self::Auto => {
+                if !cfg!(feature = "cuda") {
+                    return Ok(Device::Cpu);
+                }
+                let gpus = discover().gpus;
+                let need = weight_bytes + MIN_GPU_KV_BYTES;
+                match pick_gpu(&gpus, need) {
+                    Some(i) => {
+                        tracing::info!(
+                            "device auto: cuda:{i} (most free memory, {need} bytes needed)"
+                        );
+                        open_cuda(i as usize).or_else(|e| {
+                            tracing::warn!("device auto: {e}; using the CPU");
+                            Ok(Device::Cpu)
+                        })
+                    }
+                    None => {
+                        if !gpus.is_empty() {
+                            tracing::info!(
+                                "device auto: no GPU has {need} bytes free; using the CPU"
+                            );
+                        }
+                        Ok(Device::Cpu)
+                    }
+                }
+            }
         }
     }
+}
+
+/// The least KV pool `auto` wants beside a model's weights on a GPU.
+pub const MIN_GPU_KV_BYTES: u64 = 512 << 20;
+
+/// The GPU `auto` places a model on: of those with `need` bytes free, the one with the most
+/// free memory (the lower index on a tie); None when none has room.
+pub fn pick_gpu(gpus: &[GpuInfo], need: u64) -> Option<u32> {
+    gpus.iter()
+        .filter(|g| g.memory_free_bytes >= need)
+        .max_by_key(|g| (g.memory_free_bytes, std::cmp::Reverse(g.index)))
+        .map(|g| g.index)
 }
 
 #[cfg(feature = "cuda")]
@@ -168,12 +209,40 @@ mod tests {
         assert_eq!(DeviceChoice::parse("cuda:1"), Ok(DeviceChoice::Cuda(1)));
         assert_eq!(DeviceChoice::parse("auto"), Ok(DeviceChoice::Auto));
         assert!(DeviceChoice::parse("cuda:x").is_err());
-        assert!(DeviceChoice::Auto.open().is_ok());
+        assert!(DeviceChoice::Auto.open(1 << 20).is_ok());
         #[cfg(not(feature = "cuda"))]
         assert!(DeviceChoice::Cuda(0)
-            .open()
+            .open(0)
             .unwrap_err()
             .contains("--features cuda"));
+    }
+
+    fn gpu(index: u32, free_gib: u64) -> GpuInfo {
+        GpuInfo {
+            index,
+            name: format!("gpu{index}"),
+            uuid: String::new(),
+            memory_total_bytes: 80 << 30,
+            memory_used_bytes: (80 - free_gib) << 30,
+            memory_free_bytes: free_gib << 30,
+            utilization_gpu_percent: None,
+            utilization_memory_percent: None,
+            temperature_c: None,
+        }
+    }
+
+    #[test]
+    fn auto_takes_the_gpu_with_the_most_free_memory_that_fits() {
+        let gpus = [gpu(0, 10), gpu(1, 40), gpu(2, 25)];
+        assert_eq!(pick_gpu(&gpus, 8 << 30), Some(1));
+        // Only one has room.
+        assert_eq!(pick_gpu(&gpus, 30 << 30), Some(1));
+        assert_eq!(pick_gpu(&[gpu(0, 10), gpu(1, 4)], 6 << 30), Some(0));
+        // None has room, or there is no GPU: the CPU.
+        assert_eq!(pick_gpu(&gpus, 41 << 30), None);
+        assert_eq!(pick_gpu(&[], 1), None);
+        // A tie goes to the lower index.
+        assert_eq!(pick_gpu(&[gpu(3, 20), gpu(1, 20)], 1), Some(1));
     }
 
     #[test]

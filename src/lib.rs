@@ -51,8 +51,24 @@ pub fn init_threads(threads: usize) {
 
 /// Resolve and load one configured model (blocking; call from a worker thread).
 pub fn load_configured(m: &ModelConfig) -> Result<LoadedModel, String> {
-    let device = devices::DeviceChoice::parse(&m.device)?.open()?;
     let path = model::resolve::resolve(&m.path).map_err(|e| e.to_string())?;
+    // The weights' size, for `auto` placement (a safetensors directory: its files together).
+    let weight_bytes = std::fs::metadata(&path)
+        .map(|md| {
+            if md.is_dir() {
+                std::fs::read_dir(&path)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            } else {
+                md.len()
+            }
+        })
+        .unwrap_or(0);
+    let device = devices::DeviceChoice::parse(&m.device)?.open(weight_bytes)?;
     let chat_template = match &m.chat_template {
         Some(p) => Some(
             std::fs::read_to_string(p)
