@@ -265,6 +265,23 @@ fn repeated_deterministic_requests_are_answered_from_the_cache() {
         assert!(metrics.contains(want), "{want} not in {metrics}");
     }
 
+    // A burst of identical requests: one runs, the others wait for its answer and get it from
+    // the cache; the engine generates it once.
+    let burst = json!({"prompt": "Once upon a time", "max_tokens": 48, "ignore_eos": true,
+                       "temperature": 0});
+    let before = generated(&url);
+    let answers: Vec<Answer> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| send(&url, "completions", "bea", &burst)))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut backends: Vec<&str> = answers.iter().map(|a| a.backend.as_str()).collect();
+    backends.sort();
+    assert_eq!(backends, ["cache", "cache", "cache", "local"]);
+    assert!(answers.iter().all(|a| text(a) == text(&answers[0])));
+    assert_eq!(generated(&url) - before, 48.0);
+
     // The cloud, another aios with no [cache] section: off by default, nothing said.
     for _ in 0..2 {
         let q = send(&cloud_url, "completions", "ann", &greedy);

@@ -114,6 +114,48 @@ impl Inner {
 #[derive(Default)]
 pub struct ResponseCache {
     inner: Mutex<Inner>,
+    /// Keys whose answer a request is computing now; identical requests wait for it.
+    flights: Mutex<HashMap<Key, tokio::sync::watch::Receiver<()>>>,
+}
+
+/// A request computing the answer for a key: while it lives, identical requests wait for its
+/// answer instead of computing it again. Dropped when the request ends, answered or not.
+pub struct Flight {
+    cache: std::sync::Arc<ResponseCache>,
+    key: Key,
+    _done: tokio::sync::watch::Sender<()>,
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        let mut f = self.cache.flights.lock().unwrap_or_else(|p| p.into_inner());
+        f.remove(&self.key);
+        // `_done` drops after this: every waiter wakes and looks the key up again.
+    }
+}
+
+/// What a request missing the cache does: compute the answer (and let others wait for it), or
+/// wait for the request already computing it.
+pub enum Join {
+    Lead(Flight),
+    Follow(tokio::sync::watch::Receiver<()>),
+}
+
+impl ResponseCache {
+    /// Lead the computation of `key`'s answer, or follow the request already leading it.
+    pub fn join(self: &std::sync::Arc<Self>, key: Key) -> Join {
+        let mut f = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rx) = f.get(&key) {
+            return Join::Follow(rx.clone());
+        }
+        let (tx, rx) = tokio::sync::watch::channel(());
+        f.insert(key, rx);
+        Join::Lead(Flight {
+            cache: self.clone(),
+            key,
+            _done: tx,
+        })
+    }
 }
 
 impl ResponseCache {

@@ -22,6 +22,8 @@ pub enum CacheUse {
 /// Where a request's complete answer is stored.
 #[derive(Clone)]
 pub struct Store {
+    /// This request computes the key's answer; identical ones wait until every clone is gone.
+    _flight: Option<std::sync::Arc<cache::Flight>>,
     cache: std::sync::Arc<ResponseCache>,
     key: Key,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
@@ -67,26 +69,48 @@ fn route_name(route: crate::providers::Route) -> &'static str {
 }
 
 impl CacheUse {
-    /// Look a request of `params` for `model` (the served name) up, as `[cache]` says now.
-    pub fn lookup(
+    /// Look a request of `params` for `model` (the served name) up, as `[cache]` says now. On
+    /// a miss while an identical request is computing the same answer, wait for that one to
+    /// end and look again: one computation for a burst of identical requests (if it ends
+    /// without a storable answer, the next one computes).
+    pub async fn lookup(
         state: &super::AppState,
         route: crate::providers::Route,
         model: &str,
         params: &GenParams,
         bytes: &[u8],
     ) -> Self {
+        loop {
+            match Self::try_lookup(state, route, model, params, bytes) {
+                // Woken when the leader's flight ends (its sender is dropped).
+                Err(mut rx) => {
+                    let _ = rx.changed().await;
+                }
+                Ok(c) => return c,
+            }
+        }
+    }
+
+    /// One look: the answer, or the request computing it to wait for.
+    fn try_lookup(
+        state: &super::AppState,
+        route: crate::providers::Route,
+        model: &str,
+        params: &GenParams,
+        bytes: &[u8],
+    ) -> Result<Self, tokio::sync::watch::Receiver<()>> {
         let live = state.live();
         let c = &live.config.cache;
         if !c.enabled {
-            return CacheUse::Off;
+            return Ok(CacheUse::Off);
         }
         let body = match serde_json::from_slice::<Value>(bytes) {
             Ok(Value::Object(b)) => b,
-            _ => return CacheUse::Off,
+            _ => return Ok(CacheUse::Off),
         };
         if !params.cache || params.context.is_some() || !cache::deterministic(&params.sampling) {
             state.metrics.cache_lookup("bypass");
-            return CacheUse::Bypass;
+            return Ok(CacheUse::Bypass);
         }
         let key = cache::key(route_name(route), &params.agent, model, &body);
         let ttl = std::time::Duration::from_secs(c.ttl_secs);
@@ -95,12 +119,20 @@ impl CacheUse {
             .get(&key, ttl, std::time::Instant::now())
             // A request that refuses the providers gets no provider's answer.
             .filter(|h| h.backend == "local" || body.get("fallback") != Some(&Value::Bool(false)));
+        let flight = match hit {
+            Some(_) => None,
+            None => match state.cache.join(key) {
+                cache::Join::Lead(f) => Some(std::sync::Arc::new(f)),
+                cache::Join::Follow(rx) => return Err(rx),
+            },
+        };
         state
             .metrics
             .cache_lookup(if hit.is_some() { "hit" } else { "miss" });
-        CacheUse::Lookup {
+        Ok(CacheUse::Lookup {
             hit,
             store: Store {
+                _flight: flight,
                 cache: state.cache.clone(),
                 key,
                 metrics: state.metrics.clone(),
@@ -108,7 +140,7 @@ impl CacheUse {
                 max_bytes: c.max_bytes,
                 greedy: params.sampling.temperature == 0.0,
             },
-        }
+        })
     }
 
     /// The `X-Aios-Cache` value, if any.

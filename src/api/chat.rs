@@ -25,7 +25,8 @@ pub async fn chat_completions(
         Ok((job, format)) => {
             let job = job
                 .with_fallback(&state, route, &body)
-                .with_cache(&state, route, &body);
+                .with_cache(&state, route, &body)
+                .await;
             job.respond(format).await
         }
         Err(e) => super::generate::unserved(&state, &headers, &body, route, e).await,

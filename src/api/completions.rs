@@ -24,7 +24,8 @@ pub async fn completions(
         Ok((job, format)) => {
             let job = job
                 .with_fallback(&state, route, &body)
-                .with_cache(&state, route, &body);
+                .with_cache(&state, route, &body)
+                .await;
             job.respond(format).await
         }
         Err(e) => super::generate::unserved(&state, &headers, &body, route, e).await,

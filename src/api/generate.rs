@@ -134,7 +134,7 @@ pub async fn unserved(
         return why.into_response();
     };
     let obs = observer(state, &model, &params, headers);
-    let cache = CacheUse::lookup(state, route, &model, &params, bytes);
+    let cache = CacheUse::lookup(state, route, &model, &params, bytes).await;
     let mut r = if let Some(hit) = cache.hit() {
         serve_hit(hit, &obs, &params)
     } else {
@@ -170,15 +170,16 @@ impl Job {
         }
     }
 
-    /// Answer from the response cache when `[cache]` is on and it holds this request's answer;
-    /// store a complete answer otherwise.
-    pub fn with_cache(
+    /// Answer from the response cache when `[cache]` is on and it holds this request's answer
+    /// (waiting for an identical request that is computing it); store a complete answer
+    /// otherwise.
+    pub async fn with_cache(
         mut self,
         state: &super::AppState,
         route: crate::providers::Route,
         bytes: &[u8],
     ) -> Self {
-        self.cache = CacheUse::lookup(state, route, self.obs.model(), &self.params, bytes);
+        self.cache = CacheUse::lookup(state, route, self.obs.model(), &self.params, bytes).await;
         self
     }
 
