@@ -20,17 +20,9 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let prepared = prepare(&state, &headers, &body);
     let route = crate::providers::Route::Chat;
-    match prepare(&state, &headers, &body) {
-        Ok((job, format)) => {
-            let job = job
-                .with_fallback(&state, route, &body)
-                .with_cache(&state, route, &body)
-                .await;
-            job.respond(format).await
-        }
-        Err(e) => super::generate::unserved(&state, &headers, &body, route, e).await,
-    }
+    super::generate::answer(&state, &headers, &body, route, prepared).await
 }
 
 /// `POST /v1/chat/completions/render`: the token ids the engine would run for this request,

@@ -111,9 +111,30 @@ fn observer(
     )
 }
 
+/// Answer a generation request on `route` as its handler prepared it: the prepared job, with
+/// the response cache and the model's fallbacks, or (the model cannot run here) [`unserved`].
+pub async fn answer<F: Format>(
+    state: &super::AppState,
+    headers: &axum::http::HeaderMap,
+    bytes: &[u8],
+    route: crate::providers::Route,
+    prepared: Result<(Job, F), ApiError>,
+) -> Response {
+    match prepared {
+        Ok((job, format)) => {
+            let job = job
+                .with_fallback(state, route, bytes)
+                .with_cache(state, route, bytes)
+                .await;
+            job.respond(format).await
+        }
+        Err(e) => unserved(state, headers, bytes, route, e).await,
+    }
+}
+
 /// A request for a model that cannot run here at all (`why`: it failed to load, or is still
 /// loading): a cached answer, else the model's fallbacks, else `why`.
-pub async fn unserved(
+async fn unserved(
     state: &super::AppState,
     headers: &axum::http::HeaderMap,
     bytes: &[u8],
@@ -173,7 +194,7 @@ impl Job {
     /// Answer from the response cache when `[cache]` is on and it holds this request's answer
     /// (waiting for an identical request that is computing it); store a complete answer
     /// otherwise.
-    pub async fn with_cache(
+    async fn with_cache(
         mut self,
         state: &super::AppState,
         route: crate::providers::Route,
@@ -185,7 +206,7 @@ impl Job {
 
     /// Let this request spill over to the model's providers (unless it says `"fallback":
     /// false`) when the local engine cannot take it.
-    pub fn with_fallback(
+    fn with_fallback(
         mut self,
         state: &super::AppState,
         route: crate::providers::Route,

@@ -1,0 +1,270 @@
+//! The two inner loops of attention: scores of queries against a block of K rows, and the
+//! weighted sum of a block of V rows. AVX2+FMA where the CPU has it and the head width is a
+//! multiple of 8, else portable loops. Every query's dot products and sums are computed in the
+//! same order whichever queries are processed together, so results are batch invariant.
+
+use super::CHUNK;
+use crate::kv::{widen, KvElem, KvRows};
+use crate::ops::quant::{isa, Isa};
+use crate::ops::{axpy, dot};
+
+/// A block's K or V rows: as stored (8-bit rows without their scales, which the caller
+/// applies), or widened once when many queries read them.
+#[derive(Clone, Copy)]
+pub enum Rows<'a> {
+    F16(&'a [KvElem]),
+    I8(&'a [i8]),
+    F32(&'a [f32]),
+}
+
+impl<'a> Rows<'a> {
+    pub fn stored(r: KvRows<'a>) -> Self {
+        match r {
+            KvRows::F16(r) => Rows::F16(r),
+            KvRows::Q8 { q, .. } => Rows::I8(q),
+        }
+    }
+
+    fn widened(self, n: usize) -> std::borrow::Cow<'a, [f32]> {
+        match self {
+            Rows::F16(r) => {
+                let mut f = vec![0f32; n];
+                widen(&r[..n], &mut f);
+                f.into()
+            }
+            Rows::I8(r) => r[..n].iter().map(|&x| x as f32).collect::<Vec<_>>().into(),
+            Rows::F32(r) => r[..n].into(),
+        }
+    }
+}
+
+fn fast(d: usize) -> bool {
+    cfg!(target_arch = "x86_64") && d.is_multiple_of(8) && isa() == Isa::Avx2
+}
+
+/// `w[j * CHUNK + r] = q_j · k_r` for every query `j < nq` and row `r < cnt` (rows up to
+/// `cnt` rounded up to 4 may be written too; `k` holds a whole block).
+pub fn scores(q: &[f32], nq: usize, d: usize, k: Rows, cnt: usize, w: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if fast(d) {
+        // SAFETY: AVX2, FMA and F16C checked; `d` is a multiple of 8; lengths asserted.
+        unsafe {
+            match k {
+                Rows::F16(k) => avx2::scores(q, nq, d, k, cnt, w),
+                Rows::I8(k) => avx2::scores(q, nq, d, k, cnt, w),
+                Rows::F32(k) => avx2::scores(q, nq, d, k, cnt, w),
+            }
+        }
+        return;
+    }
+    let kf = k.widened(cnt * d);
+    for j in 0..nq {
+        let qj = &q[j * d..][..d];
+        for r in 0..cnt {
+            w[j * CHUNK + r] = dot(qj, &kf[r * d..][..d]);
+        }
+    }
+}
+
+/// `acc_j += sum over r < cnt of w[j * CHUNK + r] * v_r` for every query `j < nq`.
+pub fn accumulate(w: &[f32], nq: usize, d: usize, v: Rows, cnt: usize, acc: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if fast(d) {
+        // SAFETY: as for `scores`.
+        unsafe {
+            match v {
+                Rows::F16(v) => avx2::accumulate(w, nq, d, v, cnt, acc),
+                Rows::I8(v) => avx2::accumulate(w, nq, d, v, cnt, acc),
+                Rows::F32(v) => avx2::accumulate(w, nq, d, v, cnt, acc),
+            }
+        }
+        return;
+    }
+    let vf = v.widened(cnt * d);
+    for j in 0..nq {
+        let o = &mut acc[j * d..][..d];
+        for r in 0..cnt {
+            axpy(o, w[j * CHUNK + r], &vf[r * d..][..d]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::CHUNK;
+    use crate::kv::KvElem;
+    use std::arch::x86_64::*;
+
+    /// Eight consecutive values as f32 lanes.
+    pub trait Load8 {
+        /// # Safety
+        /// Eight values must be readable at `p`; AVX and F16C must be present.
+        unsafe fn load8(p: *const Self) -> __m256;
+    }
+
+    impl Load8 for f32 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+    }
+
+    impl Load8 for KvElem {
+        #[inline(always)]
+        unsafe fn load8(p: *const KvElem) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+        }
+    }
+
+    impl Load8 for i8 {
+        #[inline(always)]
+        unsafe fn load8(p: *const i8) -> __m256 {
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast())))
+        }
+    }
+
+    /// The eight lanes of each of four vectors summed, in one fixed order for every lane.
+    #[inline(always)]
+    unsafe fn sum4(a: __m256, b: __m256, c: __m256, d: __m256) -> __m128 {
+        let g = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+        _mm_add_ps(_mm256_castps256_ps128(g), _mm256_extractf128_ps(g, 1))
+    }
+
+    /// Dot products of `Q` queries (from `q`) with `R` rows (from `k`), each `d` long, as
+    /// eight partial sums each (reduced by the caller with `sum4`).
+    #[inline(always)]
+    unsafe fn dots<const Q: usize, const R: usize, T: Load8>(
+        q: *const f32,
+        k: *const T,
+        d: usize,
+    ) -> [[__m256; R]; Q] {
+        // Q * R accumulators, Q query vectors and a K vector or two live: at most 16
+        // registers (Q = 3 with R = 4 would need 17, and the spilled accumulator's trip
+        // through memory each step halved the speed).
+        let mut a = [[_mm256_setzero_ps(); R]; Q];
+        for c in (0..d).step_by(8) {
+            #[allow(clippy::needless_range_loop)]
+            for r in 0..R {
+                let kv = T::load8(k.add(r * d + c));
+                for (i, ai) in a.iter_mut().enumerate() {
+                    ai[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i * d + c)), kv, ai[r]);
+                }
+            }
+        }
+        a
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn scores<T: Load8>(
+        q: &[f32],
+        nq: usize,
+        d: usize,
+        k: &[T],
+        cnt: usize,
+        w: &mut [f32],
+    ) {
+        // Rows are read four at a time: `k` holds a whole block.
+        assert!(cnt <= CHUNK && k.len() >= cnt.next_multiple_of(4) * d);
+        assert!(q.len() >= nq * d && w.len() >= (nq - 1) * CHUNK + cnt.next_multiple_of(4));
+        let (qp, kp, wp) = (q.as_ptr(), k.as_ptr(), w.as_mut_ptr());
+        let mut j = 0;
+        while j < nq {
+            let qs = (nq - j).min(3);
+            let qj = qp.add(j * d);
+            if qs == 3 {
+                // Two rows at a time: [q0 r0, q0 r1, q1 r0, q1 r1] and [q2 r0, q2 r1, ..].
+                for r in (0..cnt).step_by(2) {
+                    let [a0, a1, a2] = dots::<3, 2, T>(qj, kp.add(r * d), d);
+                    let out = wp.add(j * CHUNK + r).cast::<f64>();
+                    let v01 = _mm_castps_pd(sum4(a0[0], a0[1], a1[0], a1[1]));
+                    let v2 = _mm_castps_pd(sum4(a2[0], a2[1], a2[0], a2[1]));
+                    _mm_storel_pd(out, v01);
+                    _mm_storeh_pd(out.add(CHUNK / 2), v01);
+                    _mm_storel_pd(out.add(CHUNK), v2);
+                }
+            } else {
+                for r in (0..cnt).step_by(4) {
+                    let out = wp.add(j * CHUNK + r);
+                    let kr = kp.add(r * d);
+                    if qs == 2 {
+                        for (i, a) in dots::<2, 4, T>(qj, kr, d).iter().enumerate() {
+                            _mm_storeu_ps(out.add(i * CHUNK), sum4(a[0], a[1], a[2], a[3]));
+                        }
+                    } else {
+                        let [a] = dots::<1, 4, T>(qj, kr, d);
+                        _mm_storeu_ps(out, sum4(a[0], a[1], a[2], a[3]));
+                    }
+                }
+            }
+            j += qs;
+        }
+    }
+
+    /// Add the weighted rows to columns `c..c + 8 * V` of `Q` queries' accumulators.
+    #[inline(always)]
+    unsafe fn add_rows<const Q: usize, const V: usize, T: Load8>(
+        w: *const f32,
+        v: *const T,
+        acc: *mut f32,
+        d: usize,
+        cnt: usize,
+        c: usize,
+    ) {
+        let mut a = [[_mm256_setzero_ps(); V]; Q];
+        for (i, ai) in a.iter_mut().enumerate() {
+            for (x, av) in ai.iter_mut().enumerate() {
+                *av = _mm256_loadu_ps(acc.add(i * d + c + 8 * x));
+            }
+        }
+        for r in 0..cnt {
+            let wr: [__m256; Q] =
+                std::array::from_fn(|i| _mm256_broadcast_ss(&*w.add(i * CHUNK + r)));
+            #[allow(clippy::needless_range_loop)]
+            for x in 0..V {
+                let vx = T::load8(v.add(r * d + c + 8 * x));
+                for i in 0..Q {
+                    a[i][x] = _mm256_fmadd_ps(wr[i], vx, a[i][x]);
+                }
+            }
+        }
+        for (i, ai) in a.iter().enumerate() {
+            for (x, av) in ai.iter().enumerate() {
+                _mm256_storeu_ps(acc.add(i * d + c + 8 * x), *av);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn accumulate<T: Load8>(
+        w: &[f32],
+        nq: usize,
+        d: usize,
+        v: &[T],
+        cnt: usize,
+        acc: &mut [f32],
+    ) {
+        assert!(cnt <= CHUNK && w.len() >= (nq - 1) * CHUNK + cnt);
+        assert!(v.len() >= cnt * d && acc.len() >= nq * d);
+        let (wp, vp, ap) = (w.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
+        let mut j = 0;
+        while j < nq {
+            let qs = (nq - j).min(3);
+            let (wj, aj) = (wp.add(j * CHUNK), ap.add(j * d));
+            let mut c = 0;
+            while c < d {
+                // Q * V accumulators, V row vectors and Q weights: 11 registers at most.
+                let wide = d - c >= 16;
+                match (qs, wide) {
+                    (3, true) => add_rows::<3, 2, T>(wj, vp, aj, d, cnt, c),
+                    (2, true) => add_rows::<2, 2, T>(wj, vp, aj, d, cnt, c),
+                    (_, true) => add_rows::<1, 2, T>(wj, vp, aj, d, cnt, c),
+                    (3, false) => add_rows::<3, 1, T>(wj, vp, aj, d, cnt, c),
+                    (2, false) => add_rows::<2, 1, T>(wj, vp, aj, d, cnt, c),
+                    (_, false) => add_rows::<1, 1, T>(wj, vp, aj, d, cnt, c),
+                }
+                c += if wide { 16 } else { 8 };
+            }
+            j += qs;
+        }
+    }
+}
