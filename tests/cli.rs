@@ -339,6 +339,15 @@ fn turn(url: &str, id: &str, messages: &mut Vec<Value>, text: &str, held: u64) -
     v
 }
 
+/// Snapshot context `id` to disk now; returns what the server says of it.
+fn to_disk(url: &str, id: &str) -> Value {
+    let path = format!("/v1/contexts/{id}/snapshot");
+    let (s, v) = call(url, &path, "snap-agent", Some(&json!({})));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["tier"], "disk", "{v}");
+    v
+}
+
 fn tokens_of(url: &str, id: &str) -> (u64, String) {
     let (s, info) = call(url, &format!("/v1/contexts/{id}"), "snap-agent", None);
     assert_eq!(s, 200, "{info}");
@@ -371,14 +380,7 @@ fn contexts_on_disk_survive_a_restart_and_corrupt_snapshots_are_refused() {
     );
     turn(&url, &b, &mut conv_b, "I am Bob and I grow tomatoes.", 0);
     for id in [&a, &b] {
-        let (s, v) = call(
-            &url,
-            &format!("/v1/contexts/{id}/snapshot"),
-            "snap-agent",
-            Some(&json!({})),
-        );
-        assert_eq!(s, 200, "{v}");
-        assert_eq!(v["tier"], "disk");
+        to_disk(&url, id);
     }
     let file = |id: &str| snaps.join("smollm2").join(format!("{id}.kvctx"));
     assert!(file(&a).exists() && file(&b).exists());
@@ -415,13 +417,7 @@ fn contexts_on_disk_survive_a_restart_and_corrupt_snapshots_are_refused() {
 
     // A file damaged while the server runs is refused when it is loaded: a clear error, the
     // context is gone, the server keeps serving.
-    let (s, _) = call(
-        &url,
-        &format!("/v1/contexts/{a}/snapshot"),
-        "snap-agent",
-        Some(&json!({"tier": "disk"})),
-    );
-    assert_eq!(s, 200);
+    to_disk(&url, &a);
     let mut bytes = std::fs::read(file(&a)).unwrap();
     let n = bytes.len();
     std::fs::write(file(&a), &bytes[..n - 1000]).unwrap();
@@ -482,13 +478,7 @@ fn with_8_bit_kv_a_context_survives_a_restart_and_an_f16_server_refuses_its_snap
         "My name is Ada and I like sailing.",
         0,
     );
-    let (s, v) = call(
-        &url,
-        &format!("/v1/contexts/{id}/snapshot"),
-        "snap-agent",
-        Some(&json!({})),
-    );
-    assert_eq!(s, 200, "{v}");
+    let v = to_disk(&url, &id);
     // Half the bytes of the same context in f16 (its tokens, and KV of 68 bytes a row, not 128).
     let file = snaps.join("smollm2").join(format!("{id}.kvctx"));
     let held = v["tokens"].as_u64().unwrap();
@@ -505,13 +495,7 @@ fn with_8_bit_kv_a_context_survives_a_restart_and_an_f16_server_refuses_its_snap
     let (held, tier) = tokens_of(&url, &id);
     assert_eq!(tier, "disk");
     turn(&url, &id, &mut conv, "What is my name?", held);
-    let (s, _) = call(
-        &url,
-        &format!("/v1/contexts/{id}/snapshot"),
-        "snap-agent",
-        Some(&json!({})),
-    );
-    assert_eq!(s, 200);
+    to_disk(&url, &id);
     assert!(stop(child).success());
 
     // An f16 server refuses the 8-bit snapshot (another KV layout), sets it aside and serves.
