@@ -594,7 +594,7 @@ impl Engine {
         avg(&self.stats.step_us, took.as_micros() as u64);
         let first = served
             .iter()
-            .map(|(i, _)| self.running[*i].candidate().remaining as u64)
+            .map(|(i, _)| self.running[*i].remaining() as u64)
             .min();
         if let Some(first) = first {
             self.stats.first_free_tokens.store(first, Ordering::Relaxed);

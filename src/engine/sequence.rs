@@ -125,14 +125,18 @@ impl Sequence {
 
     /// What the scheduling policy sees of this sequence.
     pub fn candidate(&self) -> Candidate {
-        let generated = self.generated();
         Candidate {
             id: self.id,
             agent: self.agent.clone(),
             priority: self.priority,
             arrived: self.arrived,
-            remaining: self.pending() + self.max_tokens.saturating_sub(generated),
+            remaining: self.remaining(),
         }
+    }
+
+    /// Tokens still to go: the rest of the prompt and of `max_tokens`.
+    pub fn remaining(&self) -> usize {
+        self.pending() + self.max_tokens.saturating_sub(self.generated())
     }
 
     /// Tokens not yet in the KV cache: the rest of the prompt, or the last sampled token.

@@ -69,15 +69,14 @@ pub enum KvRows<'a> {
 }
 
 impl<'a> KvRows<'a> {
-    /// The first `rows` rows of `d` values widened to f32 into `dst`.
-    pub fn widen(self, rows: usize, d: usize, dst: &mut [f32]) {
+    /// The first `n` values as f32, 8-bit rows without their scales (attention applies them
+    /// to its scores and weights instead).
+    pub fn widen_unscaled(self, n: usize, dst: &mut [f32]) {
         match self {
-            KvRows::F16(r) => widen(&r[..rows * d], &mut dst[..rows * d]),
-            KvRows::Q8 { q, scale } => {
-                for (r, &s) in scale[..rows].iter().enumerate() {
-                    for (o, &x) in dst[r * d..][..d].iter_mut().zip(&q[r * d..][..d]) {
-                        *o = x as f32 * s;
-                    }
+            KvRows::F16(r) => widen(&r[..n], &mut dst[..n]),
+            KvRows::Q8 { q, .. } => {
+                for (o, &x) in dst[..n].iter_mut().zip(&q[..n]) {
+                    *o = x as f32;
                 }
             }
         }
@@ -94,10 +93,13 @@ impl<'a> KvRows<'a> {
         }
     }
 
-    /// The first `rows` rows as f32 (tests, diagnostics).
+    /// The first `rows` rows of `d` values as f32, scales applied (tests, diagnostics).
     pub fn to_f32(self, rows: usize, d: usize) -> Vec<f32> {
         let mut v = vec![0f32; rows * d];
-        self.widen(rows, d, &mut v);
+        self.widen_unscaled(rows * d, &mut v);
+        for (row, &s) in v.chunks_exact_mut(d).zip(self.scales()) {
+            row.iter_mut().for_each(|x| *x *= s);
+        }
         v
     }
 

@@ -6,7 +6,7 @@
 //! and run on candle's persistent thread pool, the one its matmuls use.
 
 use super::{exp_nonpositive, sum};
-use crate::kv::{widen, KvRows, KvSeq, BLOCK_TOKENS};
+use crate::kv::{KvRows, KvSeq, BLOCK_TOKENS};
 use kernels::Rows;
 
 /// One sequence's part of a batch, as attention sees it.
@@ -242,8 +242,8 @@ fn attend_range(
             // Many queries (a prefill chunk): widen the chunk once for all of them.
             for (i, &(rows, (k, v))) in parts.iter().enumerate() {
                 let at = i * BLOCK_TOKENS * d;
-                unscaled(k, BLOCK_TOKENS * d, &mut kbuf[at..]);
-                unscaled(v, rows * d, &mut vbuf[at..]);
+                k.widen_unscaled(BLOCK_TOKENS * d, &mut kbuf[at..]);
+                v.widen_unscaled(rows * d, &mut vbuf[at..]);
             }
             kernels::scores(&q, nq, d, Rows::F32(&kbuf), cnt, &mut w);
         } else {
@@ -306,18 +306,6 @@ fn attend_range(
 
 /// One block's K and V rows for one layer and KV head.
 type Seg<'a> = (KvRows<'a>, KvRows<'a>);
-
-/// The first `n` values of `rows` as f32, 8-bit rows without their scales (applied later).
-fn unscaled(rows: KvRows, n: usize, dst: &mut [f32]) {
-    match rows {
-        KvRows::F16(r) => widen(&r[..n], &mut dst[..n]),
-        KvRows::Q8 { q, .. } => {
-            for (o, &x) in dst[..n].iter_mut().zip(&q[..n]) {
-                *o = x as f32;
-            }
-        }
-    }
-}
 
 /// Largest value (eight lanes, so it vectorises; the inputs are finite).
 fn max(x: &[f32]) -> f32 {
