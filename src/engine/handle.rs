@@ -20,6 +20,9 @@ pub struct LiveSlot {
     pub(super) live: Arc<AtomicUsize>,
     pub(super) live_tokens: Arc<AtomicU64>,
     pub(super) tokens: u64,
+    /// When the request was submitted: its wait (for aging, and the queue-time metric) counts
+    /// from here, not from when the engine, busy with a step, got to its message.
+    pub(super) arrived: std::time::Instant,
 }
 
 impl Drop for LiveSlot {
@@ -94,6 +97,7 @@ impl EngineHandle {
                 live: self.live.clone(),
                 live_tokens: self.live_tokens.clone(),
                 tokens,
+                arrived: std::time::Instant::now(),
             };
             self.tx
                 .send(Command::Submit(Box::new(req), events, slot))

@@ -422,6 +422,7 @@ impl Engine {
                     }
                 };
                 self.next_id += 1;
+                let arrived = slot.arrived;
                 self.running.push(Sequence::new(
                     self.next_id,
                     *req,
@@ -429,7 +430,7 @@ impl Engine {
                     slot,
                     kv,
                     ctx,
-                    Instant::now(),
+                    arrived,
                 ));
             }
             Command::Context(op, reply) => {
