@@ -14,12 +14,13 @@ use super::{
 };
 use crate::kv::{KvPool, KvUsage};
 
-/// One place among the engine's live sequences, holding `tokens` (its prompt and `max_tokens`)
-/// of the live total; dropping it (when the sequence ends, however it ends) gives both back.
+/// One place among the engine's live sequences, holding `tokens` (its prompt, and its
+/// `max_tokens`) of the live totals; dropping it (when the sequence ends, however it ends) gives
+/// them back.
 pub struct LiveSlot {
     pub(super) live: Arc<AtomicUsize>,
-    pub(super) live_tokens: Arc<AtomicU64>,
-    pub(super) tokens: u64,
+    pub(super) live_tokens: LiveTokens,
+    pub(super) tokens: [u64; 2],
     /// When the request was submitted: its wait (for aging, and the queue-time metric) counts
     /// from here, not from when the engine, busy with a step, got to its message.
     pub(super) arrived: std::time::Instant,
@@ -28,9 +29,14 @@ pub struct LiveSlot {
 impl Drop for LiveSlot {
     fn drop(&mut self) {
         self.live.fetch_sub(1, Ordering::AcqRel);
-        self.live_tokens.fetch_sub(self.tokens, Ordering::AcqRel);
+        for (total, n) in self.live_tokens.iter().zip(self.tokens) {
+            total.fetch_sub(n, Ordering::AcqRel);
+        }
     }
 }
+
+/// The live sequences' prompt tokens and `max_tokens`, summed.
+pub(super) type LiveTokens = Arc<[AtomicU64; 2]>;
 
 /// Why a request was not queued.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -47,8 +53,8 @@ pub struct EngineHandle {
     pub(super) tx: mpsc::Sender<Command>,
     pub model: Arc<ModelInfo>,
     pub(super) live: Arc<AtomicUsize>,
-    /// Prompt and `max_tokens` of the live sequences, summed.
-    pub(super) live_tokens: Arc<AtomicU64>,
+    /// Prompt tokens and `max_tokens` of the live sequences, summed.
+    pub(super) live_tokens: LiveTokens,
     pub(super) max_live: usize,
     pub(super) max_running: usize,
     pub(super) kv: Arc<KvPool>,
@@ -91,8 +97,10 @@ impl EngineHandle {
             })
             .map_err(|_| SubmitError::Full(self.max_live))?;
         for (req, events) in reqs {
-            let tokens = (req.prompt.len() + req.max_tokens) as u64;
-            self.live_tokens.fetch_add(tokens, Ordering::AcqRel);
+            let tokens = [req.prompt.len() as u64, req.max_tokens as u64];
+            for (total, n) in self.live_tokens.iter().zip(tokens) {
+                total.fetch_add(n, Ordering::AcqRel);
+            }
             let slot = LiveSlot {
                 live: self.live.clone(),
                 live_tokens: self.live_tokens.clone(),
@@ -113,9 +121,9 @@ impl EngineHandle {
 
     /// How long a request arriving now would wait before its first step, predicted from the
     /// sequences ahead of it and how long sequences have lately taken. Before any sequence has
-    /// finished, from the step time and the running sequences' lengths in tokens (to their
-    /// `max_tokens`: an upper bound, as they may stop sooner), and never less than the time
-    /// until the one nearest its end is done.
+    /// finished, from the measured costs of a decode step and of a prompt token and the live
+    /// sequences' prompts and `max_tokens` (an upper bound, as they may stop sooner), and never
+    /// less than the time until the running sequence nearest its end is done.
     pub fn predicted_wait_ms(&self) -> u64 {
         let ahead = (self.live() + 1).saturating_sub(self.max_running) as u64;
         if ahead == 0 {
@@ -125,17 +133,15 @@ impl EngineHandle {
         let per_slot = |mean_us: u64| ahead * mean_us / self.max_running.max(1) as u64;
         match s.mean_sequence_us.load(Ordering::Relaxed) {
             0 => {
-                // Each step gives each running sequence a token (prompt tokens go faster, in
-                // chunks: this errs long). Before any step has run, the live sequences are
-                // taken to have just started.
-                let step_us = s.step_us.load(Ordering::Relaxed);
+                // Before any step has run, the live sequences are taken to have just started.
                 let live = self.live().max(1) as u64;
-                let mean_tokens = self.live_tokens.load(Ordering::Relaxed) / live;
-                let first = match s.first_free_tokens.load(Ordering::Relaxed) {
-                    0 => mean_tokens,
+                let [prompt, decode] = [0, 1].map(|i| self.live_tokens[i].load(Ordering::Relaxed));
+                let mean_us = s.sequence_us(prompt, decode) / live;
+                let first = match s.first_free_us.load(Ordering::Relaxed) {
+                    0 => mean_us,
                     f => f,
                 };
-                per_slot(step_us * mean_tokens).max(step_us * first) / 1000
+                per_slot(mean_us).max(first) / 1000
             }
             mean_us => per_slot(mean_us) / 1000,
         }
@@ -185,5 +191,21 @@ impl EngineHandle {
     /// Report this model's prefix-cache changes to `sink` (KV events for routers).
     pub fn set_kv_event_sink(&self, sink: crate::kv::KvEventSink) {
         self.kv.set_event_sink(sink);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_tokens_cost_a_step_each_until_a_prefill_is_measured() {
+        let s = EngineStats::default();
+        s.step_us.store(5_000, Ordering::Relaxed);
+        // 1,400 prompt tokens and 10 decode steps, before any prefill ran: all steps.
+        assert_eq!(s.sequence_us(1_400, 10), 1_410 * 5_000);
+        // Once a prefill has run, prompt tokens cost what they were measured to.
+        s.prompt_token_us.store(1_700, Ordering::Relaxed);
+        assert_eq!(s.sequence_us(1_400, 10), 1_400 * 1_700 + 10 * 5_000);
     }
 }

@@ -112,11 +112,27 @@ pub struct EngineStats {
     pub disk_bytes: AtomicU64,
     /// Moving average of how long sequences take, arrival to end (microseconds).
     pub mean_sequence_us: AtomicU64,
-    /// Moving average of a step's duration (microseconds).
+    /// Moving average of a decode step's duration (steps with no prompt tokens; microseconds).
     pub step_us: AtomicU64,
-    /// Of the sequences that ran in the last step, the fewest tokens any still has to go (the
-    /// rest of its prompt and of its `max_tokens`).
-    pub first_free_tokens: AtomicU64,
+    /// Moving average of a prompt token's share of the steps that prefill (microseconds; 0
+    /// until one has run).
+    pub prompt_token_us: AtomicU64,
+    /// Of the sequences that ran in the last step, the shortest predicted time to its end (the
+    /// rest of its prompt and of its `max_tokens`; microseconds).
+    pub first_free_us: AtomicU64,
+}
+
+impl EngineStats {
+    /// Predicted time for `prompt` prompt tokens and `decode` decode steps (microseconds). A
+    /// prompt token costs a decode step until a prefill has been measured (an over-estimate).
+    pub fn sequence_us(&self, prompt: u64, decode: u64) -> u64 {
+        let step = self.step_us.load(Ordering::Relaxed);
+        let token = match self.prompt_token_us.load(Ordering::Relaxed) {
+            0 => step,
+            t => t,
+        };
+        prompt * token + decode * step
+    }
 }
 
 enum Command {
@@ -278,7 +294,7 @@ pub fn spawn(model: LoadedModel, cfg: EngineConfig) -> EngineHandle {
         tx,
         model: info,
         live: Arc::new(AtomicUsize::new(0)),
-        live_tokens: Arc::new(AtomicU64::new(0)),
+        live_tokens: Default::default(),
         max_live: cfg.max_running + cfg.max_queued,
         max_running: cfg.max_running,
         kv: pool,
@@ -592,13 +608,24 @@ impl Engine {
                 Ordering::Relaxed,
             );
         };
-        avg(&self.stats.step_us, took.as_micros() as u64);
+        let us = took.as_micros() as u64;
+        let prompt: usize = served.iter().map(|(_, t)| t.input).sum();
+        if prompt == 0 {
+            avg(&self.stats.step_us, us);
+        } else {
+            avg(&self.stats.prompt_token_us, (us / prompt as u64).max(1));
+        }
         let first = served
             .iter()
-            .map(|(i, _)| self.running[*i].remaining() as u64)
+            .map(|(i, _)| {
+                let s = &self.running[*i];
+                let prompt = if s.generated() == 0 { s.pending() } else { 0 };
+                let decode = s.remaining() - prompt;
+                self.stats.sequence_us(prompt as u64, decode as u64)
+            })
             .min();
         if let Some(first) = first {
-            self.stats.first_free_tokens.store(first, Ordering::Relaxed);
+            self.stats.first_free_us.store(first, Ordering::Relaxed);
         }
     }
 
