@@ -91,12 +91,20 @@ pub enum ContextOp {
     PersistAll,
 }
 
+/// A context's snapshot file.
+#[derive(Clone, Copy)]
+struct OnDisk {
+    bytes: u64,
+    /// Tokens of KV it holds.
+    kv_len: usize,
+}
+
 pub(super) struct Context {
     owner: String,
     tokens: Vec<u32>,
     kv: KvSeq,
-    /// Size of its snapshot file while the KV is on disk (then `kv` is empty).
-    on_disk: Option<u64>,
+    /// Its snapshot file while the KV is on disk (then `kv` is empty).
+    on_disk: Option<OnDisk>,
     created: u64,
     last_used: Instant,
 }
@@ -123,12 +131,13 @@ impl Context {
 pub(super) enum Start {
     /// From this KV (in the pool, or swapped out for the scheduler to bring in).
     Kv(KvSeq),
-    /// The KV is on disk: read this file first.
-    Load(PathBuf),
+    /// The KV is on disk: read this file first (it holds this many tokens of KV).
+    Load(PathBuf, usize),
 }
 
-/// A snapshot read back from disk (on a loader thread).
-pub(super) type Loaded = Result<(Vec<u32>, usize, Vec<u8>), String>;
+/// A snapshot read back from disk (on a loader thread): its tokens and its KV, in the pool
+/// or in host memory.
+pub(super) type Loaded = Result<(Vec<u32>, KvSeq), String>;
 
 /// How many contexts each tier holds, and the bytes of the host and disk tiers.
 #[derive(Debug, Default)]
@@ -182,7 +191,10 @@ impl Contexts {
                         owner: meta.owner,
                         tokens,
                         kv,
-                        on_disk: Some(size),
+                        on_disk: Some(OnDisk {
+                            bytes: size,
+                            kv_len: meta.kv_len,
+                        }),
                         created: meta.created,
                         last_used: Instant::now(),
                     },
@@ -207,7 +219,7 @@ impl Contexts {
 
     fn info(id: &str, c: &Context) -> ContextInfo {
         let bytes = match c.on_disk {
-            Some(size) => size as usize,
+            Some(d) => d.bytes as usize,
             None if c.kv.is_swapped() => c.host_bytes(),
             None => c.kv.blocks() * c.kv.layout().bytes_per_block(),
         };
@@ -338,7 +350,12 @@ impl Contexts {
             self.drop_kv(id);
             return Ok(());
         };
-        let used: u64 = self.map.values().filter_map(|c| c.on_disk).sum();
+        let used: u64 = self
+            .map
+            .values()
+            .filter_map(|c| c.on_disk)
+            .map(|d| d.bytes)
+            .sum();
         let c = self.map.get_mut(id).expect("caller checked");
         if c.on_disk.is_some() {
             return Ok(());
@@ -360,8 +377,11 @@ impl Contexts {
         let size = store
             .write(id, &c.owner, c.created, &c.tokens, c.kv.len(), data)
             .map_err(ContextError::Storage)?;
+        c.on_disk = Some(OnDisk {
+            bytes: size,
+            kv_len: c.kv.len(),
+        });
         c.kv = KvSeq::in_pool(self.pool.clone());
-        c.on_disk = Some(size);
         Ok(())
     }
 
@@ -401,7 +421,7 @@ impl Contexts {
             match c.tier() {
                 "disk" => {
                     t.disk += 1;
-                    t.disk_bytes += c.on_disk.unwrap_or(0);
+                    t.disk_bytes += c.on_disk.map_or(0, |d| d.bytes);
                 }
                 "host" => {
                     t.host += 1;
@@ -441,10 +461,8 @@ impl Contexts {
             return Start::Kv(KvSeq::in_pool(self.pool.clone()));
         };
         c.last_used = Instant::now();
-        if c.on_disk.is_some() {
-            if let Some(s) = &self.store {
-                return Start::Load(s.path(id));
-            }
+        if let (Some(d), Some(s)) = (c.on_disk, &self.store) {
+            return Start::Load(s.path(id), d.kv_len);
         }
         let common = c
             .tokens
@@ -462,17 +480,17 @@ impl Contexts {
         Start::Kv(kv)
     }
 
-    /// Context `id`'s snapshot was read: its KV is now in host memory. An unreadable
+    /// Context `id`'s snapshot was read: its KV is now in the pool or host memory. An unreadable
     /// snapshot removes the context (the file is renamed `.rejected`) and says why.
     pub(super) fn loaded(&mut self, id: &str, result: Loaded) -> Result<(), String> {
         let Some(c) = self.map.get_mut(id) else {
             return Err(format!("context '{id}' was deleted while it loaded"));
         };
-        let checked = result.and_then(|(tokens, kv_len, data)| {
+        let checked = result.and_then(|(tokens, kv)| {
             if tokens != c.tokens {
                 return Err("the snapshot's tokens changed on disk".to_string());
             }
-            KvSeq::from_host(self.pool.clone(), kv_len, data)
+            Ok(kv)
         });
         match checked {
             Ok(kv) => {

@@ -429,8 +429,8 @@ impl Engine {
                         }
                         match self.contexts.start(id, &req.prompt) {
                             contexts::Start::Kv(kv) => kv,
-                            contexts::Start::Load(path) => {
-                                self.load(id.clone(), path);
+                            contexts::Start::Load(path, kv_len) => {
+                                self.load(id.clone(), path, kv_len);
                                 self.waiting.push((req, events, slot));
                                 return;
                             }
@@ -475,8 +475,10 @@ impl Engine {
         }
     }
 
-    /// Read context `id`'s snapshot on a loader thread (once, however many requests wait).
-    fn load(&self, id: String, path: std::path::PathBuf) {
+    /// Read context `id`'s snapshot on a loader thread (once, however many requests wait):
+    /// straight into blocks taken from the pool now when it has them (no copy left to make
+    /// when the sequence runs), else into host memory (swapped in when it runs).
+    fn load(&self, id: String, path: std::path::PathBuf, kv_len: usize) {
         if self
             .waiting
             .iter()
@@ -488,10 +490,26 @@ impl Engine {
             return;
         };
         let tx = self.loopback.clone();
+        let pool = self.pool.clone();
+        let into = KvSeq::for_fill(pool.clone(), kv_len).ok();
         std::thread::spawn(move || {
-            let result = store
-                .read(&path)
-                .map(|(meta, tokens, data)| (tokens, meta.kv_len, data));
+            let t = Instant::now();
+            let to_pool = into.is_some();
+            let result = match into {
+                Some(mut kv) => store
+                    .read_into(&path, &mut kv)
+                    .map(|(_, tokens)| (tokens, kv)),
+                None => store.read(&path).and_then(|(meta, tokens, data)| {
+                    Ok((tokens, KvSeq::from_host(pool, meta.kv_len, data)?))
+                }),
+            };
+            if result.is_ok() {
+                tracing::debug!(
+                    "context {id}: snapshot read and verified into {} in {:.1} ms",
+                    if to_pool { "the pool" } else { "host memory" },
+                    t.elapsed().as_secs_f64() * 1e3
+                );
+            }
             let _ = tx.send(Command::Loaded(id, result));
         });
     }

