@@ -9,13 +9,16 @@
 //! `host_bytes` the host's oldest move on to disk (or, with no disk tier, lose their KV and keep
 //! their tokens). A request on a context in host memory takes its KV as a swapped-out sequence
 //! that the scheduler swaps in when it runs; one on disk is read and verified on a loader
-//! thread while the engine keeps stepping, and then runs as from the host.
+//! thread, straight into pool blocks when the pool has them (else into host memory), while
+//! the engine keeps stepping. Snapshots are written on writer threads too; a request on a
+//! context being written waits for the write, then reads it back.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
+use super::{Command, ContextReply};
 use crate::kv::snapshot::DiskStore;
 use crate::kv::{KvPool, KvSeq};
 
@@ -99,19 +102,40 @@ struct OnDisk {
     kv_len: usize,
 }
 
+/// What a snapshot writer gives back with the KV: the written file's temporary path and size.
+type Unnamed = Result<(PathBuf, u64), String>;
+
+/// A snapshot being written on a writer thread, with the context's KV (in host memory), which
+/// comes back when the file is written.
+struct PendingWrite {
+    id: String,
+    handle: std::thread::JoinHandle<(KvSeq, Unnamed)>,
+    /// The client that asked for it (`POST /v1/contexts/{id}/snapshot`), answered when done.
+    reply: Option<ContextReply>,
+}
+
+/// A write under way: its ticket and the bytes it will take on disk.
+#[derive(Clone, Copy)]
+struct Writing {
+    ticket: u64,
+    bytes: u64,
+}
+
 pub(super) struct Context {
     owner: String,
     tokens: Vec<u32>,
     kv: KvSeq,
     /// Its snapshot file while the KV is on disk (then `kv` is empty).
     on_disk: Option<OnDisk>,
+    /// Its KV is being written to disk (then `kv` is empty; the writer holds it).
+    writing: Option<Writing>,
     created: u64,
     last_used: Instant,
 }
 
 impl Context {
     fn tier(&self) -> &'static str {
-        if self.on_disk.is_some() {
+        if self.on_disk.is_some() || self.writing.is_some() {
             "disk"
         } else if self.kv.is_swapped() {
             "host"
@@ -125,6 +149,15 @@ impl Context {
     fn host_bytes(&self) -> usize {
         self.kv.host_data().map_or(0, <[u8]>::len)
     }
+
+    /// Bytes it takes on disk, or will when its write ends.
+    fn disk_bytes(&self) -> u64 {
+        match (self.on_disk, self.writing) {
+            (Some(d), _) => d.bytes,
+            (None, Some(w)) => w.bytes,
+            (None, None) => 0,
+        }
+    }
 }
 
 /// How a sequence on a context starts.
@@ -133,6 +166,8 @@ pub(super) enum Start {
     Kv(KvSeq),
     /// The KV is on disk: read this file first (it holds this many tokens of KV).
     Load(PathBuf, usize),
+    /// The KV is being written to disk: wait for it (then it is read back).
+    Wait,
 }
 
 /// A snapshot read back from disk (on a loader thread): its tokens and its KV, in the pool
@@ -155,6 +190,11 @@ pub(super) struct Contexts {
     store: Option<Arc<DiskStore>>,
     host_budget: usize,
     disk_budget: u64,
+    /// Snapshots being written, by ticket.
+    pending: HashMap<u64, PendingWrite>,
+    next_ticket: u64,
+    /// Where a writer thread says it is done (the engine's own queue).
+    wake: mpsc::Sender<Command>,
 }
 
 fn new_id() -> String {
@@ -176,6 +216,7 @@ impl Contexts {
         store: Option<DiskStore>,
         host_budget: u64,
         disk_budget: u64,
+        wake: mpsc::Sender<Command>,
     ) -> Self {
         let mut map = HashMap::new();
         if let Some(store) = &store {
@@ -195,6 +236,7 @@ impl Contexts {
                             bytes: size,
                             kv_len: meta.kv_len,
                         }),
+                        writing: None,
                         created: meta.created,
                         last_used: Instant::now(),
                     },
@@ -210,6 +252,9 @@ impl Contexts {
             store: store.map(Arc::new),
             host_budget: host_budget as usize,
             disk_budget,
+            pending: HashMap::new(),
+            next_ticket: 0,
+            wake,
         }
     }
 
@@ -218,10 +263,11 @@ impl Contexts {
     }
 
     fn info(id: &str, c: &Context) -> ContextInfo {
-        let bytes = match c.on_disk {
-            Some(d) => d.bytes as usize,
-            None if c.kv.is_swapped() => c.host_bytes(),
-            None => c.kv.blocks() * c.kv.layout().bytes_per_block(),
+        let bytes = match (c.on_disk, c.writing) {
+            (Some(d), _) => d.bytes as usize,
+            (None, Some(w)) => w.bytes as usize,
+            _ if c.kv.is_swapped() => c.host_bytes(),
+            _ => c.kv.blocks() * c.kv.layout().bytes_per_block(),
         };
         ContextInfo {
             id: id.to_string(),
@@ -240,7 +286,21 @@ impl Contexts {
             .ok_or_else(|| ContextError::NotFound(id.to_string()))
     }
 
-    pub(super) fn apply(&mut self, op: ContextOp) -> Result<Vec<ContextInfo>, ContextError> {
+    /// Carry out `op` and answer `reply`, now or (a snapshot written to disk) when it is done.
+    pub(super) fn request(&mut self, op: ContextOp, reply: ContextReply) {
+        let mut reply = Some(reply);
+        let result = self.apply(op, &mut reply);
+        if let Some(r) = reply {
+            let _ = r.send(result);
+        }
+    }
+
+    /// Carry out `op`; an operation that finishes later takes `reply` and answers it then.
+    fn apply(
+        &mut self,
+        op: ContextOp,
+        reply: &mut Option<ContextReply>,
+    ) -> Result<Vec<ContextInfo>, ContextError> {
         match op {
             ContextOp::Create { owner } => {
                 let id = new_id();
@@ -249,6 +309,7 @@ impl Contexts {
                     tokens: Vec::new(),
                     kv: self.empty(),
                     on_disk: None,
+                    writing: None,
                     created: now(),
                     last_used: Instant::now(),
                 };
@@ -284,6 +345,7 @@ impl Contexts {
                     tokens,
                     kv,
                     on_disk: None,
+                    writing: None,
                     created: now(),
                     last_used: Instant::now(),
                 };
@@ -306,20 +368,35 @@ impl Contexts {
                 if self.store.is_none() {
                     return Ok(Vec::new());
                 }
-                let ids: Vec<String> = self
+                let mut ids: Vec<String> = self
                     .map
                     .iter()
-                    .filter(|(_, c)| c.on_disk.is_none() && !c.tokens.is_empty())
+                    .filter(|(_, c)| {
+                        c.on_disk.is_none() && c.writing.is_none() && !c.tokens.is_empty()
+                    })
                     .map(|(id, _)| id.clone())
                     .collect();
-                let mut out = Vec::new();
-                for id in ids {
-                    match self.move_to_disk(&id, true) {
-                        Ok(()) => out.push(Self::info(&id, &self.map[&id])),
-                        Err(e) => tracing::error!("context {id} not saved: {e}"),
+                for id in &ids {
+                    if let Err(e) = self.move_to_disk(id, true, &mut None) {
+                        tracing::error!("context {id} not saved: {e}");
                     }
                 }
-                Ok(out)
+                // Every write under way finishes before the server stops.
+                let mut tickets: Vec<u64> = self.pending.keys().copied().collect();
+                tickets.sort_unstable();
+                for t in tickets {
+                    if let Some(id) = self.written(t) {
+                        if !ids.contains(&id) {
+                            ids.push(id);
+                        }
+                    }
+                }
+                Ok(ids
+                    .iter()
+                    .filter_map(|id| self.map.get(id).map(|c| (id, c)))
+                    .filter(|(_, c)| c.on_disk.is_some())
+                    .map(|(id, c)| Self::info(id, c))
+                    .collect())
             }
             ContextOp::Snapshot { id, owner, tier } => {
                 self.owned(&id, &owner)?;
@@ -331,16 +408,24 @@ impl Contexts {
                         }
                         self.enforce_host_budget(&[]);
                     }
-                    Tier::Disk => self.move_to_disk(&id, true)?,
+                    Tier::Disk => self.move_to_disk(&id, true, reply)?,
                 }
                 Ok(vec![Self::info(&id, &self.map[&id])])
             }
         }
     }
 
-    /// Write context `id` to disk and free its memory. `explicit`: the client asked, so a
-    /// missing or full disk tier is its error; otherwise the KV is dropped instead.
-    fn move_to_disk(&mut self, id: &str, explicit: bool) -> Result<(), ContextError> {
+    /// Write context `id` to disk and free its memory, on a writer thread (a snapshot of 1,400
+    /// tokens took ~40 ms to write and sync here, which every running sequence would wait for
+    /// on the engine thread); [`Contexts::written`] settles it. `explicit`: the client asked,
+    /// so a missing or full disk tier or a failed write is its error (answered through `reply`
+    /// when the write ends); otherwise the KV is dropped instead.
+    fn move_to_disk(
+        &mut self,
+        id: &str,
+        explicit: bool,
+        reply: &mut Option<ContextReply>,
+    ) -> Result<(), ContextError> {
         let Some(store) = self.store.clone() else {
             if explicit {
                 return Err(ContextError::Unsupported(
@@ -350,14 +435,9 @@ impl Contexts {
             self.drop_kv(id);
             return Ok(());
         };
-        let used: u64 = self
-            .map
-            .values()
-            .filter_map(|c| c.on_disk)
-            .map(|d| d.bytes)
-            .sum();
+        let used: u64 = self.map.values().map(Context::disk_bytes).sum();
         let c = self.map.get_mut(id).expect("caller checked");
-        if c.on_disk.is_some() {
+        if c.on_disk.is_some() || c.writing.is_some() {
             return Ok(());
         }
         c.kv.swap_out();
@@ -373,16 +453,100 @@ impl Contexts {
             self.drop_kv(id);
             return Ok(());
         }
-        let data = c.kv.host_data().unwrap_or(&[]);
-        let size = store
-            .write(id, &c.owner, c.created, &c.tokens, c.kv.len(), data)
-            .map_err(ContextError::Storage)?;
-        c.on_disk = Some(OnDisk {
-            bytes: size,
-            kv_len: c.kv.len(),
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        let kv = std::mem::replace(&mut c.kv, KvSeq::in_pool(self.pool.clone()));
+        c.writing = Some(Writing {
+            ticket,
+            bytes: need,
         });
-        c.kv = KvSeq::in_pool(self.pool.clone());
+        let (owner, created, tokens) = (c.owner.clone(), c.created, c.tokens.clone());
+        let (wid, wake) = (id.to_string(), self.wake.clone());
+        let handle = std::thread::spawn(move || {
+            let data = kv.host_data().unwrap_or(&[]);
+            let written = store.write_unnamed(&wid, &owner, created, &tokens, kv.len(), data);
+            let _ = wake.send(Command::Written(ticket));
+            (kv, written)
+        });
+        let reply = if explicit { reply.take() } else { None };
+        self.pending.insert(
+            ticket,
+            PendingWrite {
+                id: id.to_string(),
+                handle,
+                reply,
+            },
+        );
         Ok(())
+    }
+
+    /// The write with this ticket has ended (or is waited for: the server is stopping). On
+    /// success the context's KV is freed and it is on disk; on failure an explicit request
+    /// gets the error and the KV stays in host memory, and otherwise the KV is dropped (the
+    /// tokens stay). Returns the context's id, whose waiting requests may go on.
+    pub(super) fn written(&mut self, ticket: u64) -> Option<String> {
+        let p = self.pending.remove(&ticket)?;
+        let (kv, mut result) = p
+            .handle
+            .join()
+            .map(|(kv, r)| (Some(kv), r))
+            .unwrap_or_else(|_| (None, Err("the snapshot writer failed".into())));
+        let ours = self
+            .map
+            .get(&p.id)
+            .is_some_and(|c| c.writing.is_some_and(|w| w.ticket == ticket));
+        let store = self.store.clone().expect("writes need a store");
+        if !ours {
+            // Deleted, or run and extended, while it was written: the file is stale.
+            if let Ok((tmp, _)) = result {
+                store.discard(tmp);
+            }
+            if let Some(r) = p.reply {
+                let _ = r.send(
+                    self.owned_info(&p.id)
+                        .ok_or_else(|| ContextError::NotFound(p.id.clone())),
+                );
+            }
+            return Some(p.id);
+        }
+        if let Ok((tmp, _)) = &result {
+            if let Err(e) = store.name(tmp, &p.id) {
+                store.discard(tmp.clone());
+                result = Err(e);
+            }
+        }
+        let c = self.map.get_mut(&p.id).expect("checked above");
+        c.writing = None;
+        let answer = match (result.map(|(_, size)| size), kv) {
+            (Ok(size), Some(kv)) => {
+                c.on_disk = Some(OnDisk {
+                    bytes: size,
+                    kv_len: kv.len(),
+                });
+                Ok(())
+            }
+            (Err(why), Some(kv)) if p.reply.is_some() => {
+                c.kv = kv;
+                Err(ContextError::Storage(why))
+            }
+            (Err(why), _) => {
+                tracing::warn!("context {}: {why}; its KV is dropped instead", p.id);
+                Err(ContextError::Storage(why))
+            }
+            (Ok(_), None) => unreachable!("a written snapshot comes back with its KV"),
+        };
+        if let Some(r) = p.reply {
+            let _ = r.send(answer.and_then(|()| {
+                self.owned_info(&p.id)
+                    .ok_or_else(|| ContextError::NotFound(p.id.clone()))
+            }));
+        }
+        Some(p.id)
+    }
+
+    /// The API's view of context `id`, if it exists.
+    fn owned_info(&self, id: &str) -> Option<Vec<ContextInfo>> {
+        self.map.get(id).map(|c| vec![Self::info(id, c)])
     }
 
     /// Forget a context's KV, keeping its tokens: its next turn prefills them again.
@@ -406,22 +570,21 @@ impl Contexts {
                 .min_by_key(|(_, c)| c.last_used)
                 .map(|(id, _)| id.clone());
             let Some(id) = oldest else { return };
-            if let Err(e) = self.move_to_disk(&id, false) {
+            if let Err(e) = self.move_to_disk(&id, false, &mut None) {
                 tracing::warn!("context {id}: {e}; its KV is dropped instead");
                 self.drop_kv(&id);
             }
         }
     }
 
-    /// Under pool pressure: move the least recently used idle context with blocks in the pool
-    /// to host memory. False when there is none.
+    /// How many contexts each tier holds, and the bytes of the host and disk tiers.
     pub(super) fn tiers(&self) -> TierTotals {
         let mut t = TierTotals::default();
         for c in self.map.values() {
             match c.tier() {
                 "disk" => {
                     t.disk += 1;
-                    t.disk_bytes += c.on_disk.map_or(0, |d| d.bytes);
+                    t.disk_bytes += c.disk_bytes();
                 }
                 "host" => {
                     t.host += 1;
@@ -434,6 +597,8 @@ impl Contexts {
         t
     }
 
+    /// Under pool pressure: move the least recently used idle context with blocks in the pool
+    /// to host memory. False when there is none.
     pub(super) fn evict_one(&mut self, busy: &[&str]) -> bool {
         let victim = self
             .map
@@ -461,6 +626,9 @@ impl Contexts {
             return Start::Kv(KvSeq::in_pool(self.pool.clone()));
         };
         c.last_used = Instant::now();
+        if c.writing.is_some() {
+            return Start::Wait;
+        }
         if let (Some(d), Some(s)) = (c.on_disk, &self.store) {
             return Start::Load(s.path(id), d.kv_len);
         }
@@ -528,6 +696,8 @@ impl Contexts {
                 c.tokens = tokens[..fork.len()].to_vec();
                 c.kv = fork;
                 c.last_used = Instant::now();
+                // A write of the old KV still under way is stale now (`written` removes it).
+                c.writing = None;
                 if c.on_disk.take().is_some() {
                     if let Some(s) = &self.store {
                         s.remove(id);
@@ -535,5 +705,113 @@ impl Contexts {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::{KvDtype, KvLayout};
+
+    const LAYOUT: KvLayout = KvLayout {
+        n_layers: 2,
+        n_kv_heads: 1,
+        head_dim: 4,
+        dtype: KvDtype::F16,
+    };
+
+    /// A context holding `n` tokens of KV in the pool.
+    fn context(cx: &mut Contexts, n: usize) -> String {
+        let id = cx
+            .apply(ContextOp::Create { owner: "a".into() }, &mut None)
+            .unwrap()[0]
+            .id
+            .clone();
+        let mut kv = KvSeq::in_pool(cx.pool.clone());
+        kv.reserve(n).unwrap();
+        let rows: Vec<f32> = (0..n * 4).map(|i| i as f32).collect();
+        for layer in 0..2 {
+            kv.write(layer, &rows, &rows);
+        }
+        kv.advance(n);
+        let tokens: Vec<u32> = (0..n as u32).collect();
+        cx.finish(&id, &tokens, &kv);
+        id
+    }
+
+    fn wait_written(rx: &mpsc::Receiver<Command>) -> u64 {
+        match rx.recv_timeout(std::time::Duration::from_secs(30)) {
+            Ok(Command::Written(t)) => t,
+            _ => panic!("no write ended"),
+        }
+    }
+
+    #[test]
+    fn snapshots_are_written_off_the_engine_thread_and_settled_when_done() {
+        let dir = std::env::temp_dir().join(format!("aios-ctx-writes-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = DiskStore::new(&dir, "m", LAYOUT).unwrap();
+        let pool = KvPool::new(LAYOUT, 16);
+        let (tx, rx) = mpsc::channel();
+        let mut cx = Contexts::new(pool.clone(), Some(store), 1 << 30, 1 << 30, tx);
+        let file = |id: &str| dir.join(format!("{id}.kvctx"));
+
+        // Under way: shown on disk, its blocks given back, a request on it waits.
+        let a = context(&mut cx, 20);
+        assert_eq!(pool.usage().blocks_used, 2);
+        cx.move_to_disk(&a, false, &mut None).unwrap();
+        assert_eq!(cx.map[&a].tier(), "disk");
+        assert_eq!(pool.usage().blocks_used, 0);
+        assert!(matches!(cx.start(&a, &[0, 1, 2]), Start::Wait));
+        // Done: the file has its name and a request on the context reads it back.
+        let t = wait_written(&rx);
+        assert_eq!(cx.written(t).as_deref(), Some(a.as_str()));
+        assert!(file(&a).exists());
+        assert!(matches!(cx.start(&a, &[0, 1, 2]), Start::Load(_, 20)));
+        assert_eq!(
+            cx.tiers().disk_bytes,
+            std::fs::metadata(file(&a)).unwrap().len()
+        );
+
+        // Run and extended while it was written: the stale write is dropped, the new KV kept.
+        let b = context(&mut cx, 20);
+        cx.move_to_disk(&b, false, &mut None).unwrap();
+        let mut kv = KvSeq::in_pool(pool.clone());
+        kv.reserve(40).unwrap();
+        let rows = vec![0.5f32; 40 * 4];
+        for layer in 0..2 {
+            kv.write(layer, &rows, &rows);
+        }
+        kv.advance(40);
+        cx.finish(&b, &(0..40).collect::<Vec<u32>>(), &kv);
+        let t = wait_written(&rx);
+        cx.written(t);
+        assert!(!file(&b).exists());
+        assert_eq!((cx.map[&b].tier(), cx.map[&b].kv.len()), ("pool", 40));
+
+        // Deleted while it was written: no file is left.
+        let c = context(&mut cx, 20);
+        cx.move_to_disk(&c, false, &mut None).unwrap();
+        cx.apply(
+            ContextOp::Delete {
+                id: c.clone(),
+                owner: "a".into(),
+            },
+            &mut None,
+        )
+        .unwrap();
+        cx.written(wait_written(&rx));
+        assert!(!file(&c).exists());
+
+        // A stop waits for the writes under way and writes the rest.
+        let d = context(&mut cx, 20);
+        cx.move_to_disk(&d, false, &mut None).unwrap();
+        let saved = cx.apply(ContextOp::PersistAll, &mut None).unwrap();
+        let ids: Vec<&str> = saved.iter().map(|i| i.id.as_str()).collect();
+        assert_eq!(ids, vec![b.as_str(), d.as_str()], "{ids:?}");
+        assert!(file(&b).exists() && file(&d).exists());
+        assert_eq!(cx.map[&d].tier(), "disk");
+        drop(kv);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -140,6 +140,8 @@ enum Command {
     Context(ContextOp, ContextReply),
     /// A context's snapshot, read from disk by a loader thread.
     Loaded(String, contexts::Loaded),
+    /// A snapshot writer thread has finished the write with this ticket.
+    Written(u64),
     /// Rank sequences by this policy from now on (a configuration reload).
     SetPolicy(PolicyKind, PolicyParams),
 }
@@ -356,7 +358,13 @@ impl Engine {
                 })
                 .ok()
         });
-        let contexts = contexts::Contexts::new(pool.clone(), store, cfg.host_bytes, cfg.disk_bytes);
+        let contexts = contexts::Contexts::new(
+            pool.clone(),
+            store,
+            cfg.host_bytes,
+            cfg.disk_bytes,
+            loopback.clone(),
+        );
         Self {
             llama,
             info,
@@ -434,6 +442,10 @@ impl Engine {
                                 self.waiting.push((req, events, slot));
                                 return;
                             }
+                            contexts::Start::Wait => {
+                                self.waiting.push((req, events, slot));
+                                return;
+                            }
                         }
                     }
                 };
@@ -449,9 +461,7 @@ impl Engine {
                     arrived,
                 ));
             }
-            Command::Context(op, reply) => {
-                let _ = reply.send(self.contexts.apply(op));
-            }
+            Command::Context(op, reply) => self.contexts.request(op, reply),
             Command::SetPolicy(kind, params) => {
                 self.cfg.policy = kind;
                 self.cfg.policy_params = params;
@@ -459,17 +469,28 @@ impl Engine {
             }
             Command::Loaded(id, result) => {
                 let outcome = self.contexts.loaded(&id, result);
-                let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
-                    .into_iter()
-                    .partition(|(req, _, _)| req.context.as_deref() == Some(id.as_str()));
-                self.waiting = rest;
-                for (req, events, slot) in mine {
-                    match &outcome {
-                        Ok(()) => self.accept(Command::Submit(req, events, slot)),
-                        Err(msg) => {
-                            let _ = events.send(Event::Error(msg.clone()));
-                        }
-                    }
+                self.resume(&id, outcome);
+            }
+            Command::Written(ticket) => {
+                if let Some(id) = self.contexts.written(ticket) {
+                    self.resume(&id, Ok(()));
+                }
+            }
+        }
+    }
+
+    /// The requests waiting for context `id` (its snapshot being read or written) go on, or
+    /// fail with `outcome`'s message.
+    fn resume(&mut self, id: &str, outcome: Result<(), String>) {
+        let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|(req, _, _)| req.context.as_deref() == Some(id));
+        self.waiting = rest;
+        for (req, events, slot) in mine {
+            match &outcome {
+                Ok(()) => self.accept(Command::Submit(req, events, slot)),
+                Err(msg) => {
+                    let _ = events.send(Event::Error(msg.clone()));
                 }
             }
         }

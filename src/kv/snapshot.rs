@@ -30,6 +30,8 @@ const MAGIC: &[u8; 8] = b"AIOSKV\0\x02";
 pub const EXT: &str = "kvctx";
 /// File name ending of snapshots being deleted.
 const REMOVED: &str = "removed";
+/// Numbers the temporary and removal names, so that no two are the same.
+static SERIAL: AtomicU64 = AtomicU64::new(0);
 
 /// What a snapshot says about its context.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -181,6 +183,35 @@ impl DiskStore {
         kv_len: usize,
         data: &[u8],
     ) -> Result<u64, String> {
+        let (tmp, n) = self.write_unnamed(id, owner, created, tokens, kv_len, data)?;
+        self.name(&tmp, id)?;
+        Ok(n)
+    }
+
+    /// Give a snapshot from [`write_unnamed`](Self::write_unnamed) its name (a rename: cheap,
+    /// whatever the size). It replaces any earlier snapshot of the context.
+    pub fn name(&self, tmp: &Path, id: &str) -> Result<(), String> {
+        let path = self.path(id);
+        std::fs::rename(tmp, &path).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Delete a file on a thread of its own (see [`remove`](Self::remove)).
+    pub fn discard(&self, path: PathBuf) {
+        std::thread::spawn(move || std::fs::remove_file(path));
+    }
+
+    /// Write and sync a context's snapshot under a temporary name of its own (two writes of
+    /// one context never share one); [`name`](Self::name) then makes it the context's, or
+    /// [`discard`](Self::discard) drops it. Returns the temporary path and the file's size.
+    pub fn write_unnamed(
+        &self,
+        id: &str,
+        owner: &str,
+        created: u64,
+        tokens: &[u32],
+        kv_len: usize,
+        data: &[u8],
+    ) -> Result<(PathBuf, u64), String> {
         let meta = SnapshotMeta {
             fingerprint: self.fingerprint.clone(),
             id: id.to_string(),
@@ -192,7 +223,10 @@ impl DiskStore {
         };
         let header = serde_json::to_vec(&meta).map_err(|e| e.to_string())?;
         let path = self.path(id);
-        let tmp = path.with_extension("tmp");
+        let tmp = self.dir.join(format!(
+            "{id}.{}.tmp",
+            SERIAL.fetch_add(1, Ordering::Relaxed)
+        ));
         let res = (|| -> std::io::Result<u64> {
             let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
             let mut sum = Checksum::new();
@@ -214,10 +248,7 @@ impl DiskStore {
             Ok(f.metadata()?.len())
         })();
         match res {
-            Ok(n) => {
-                std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
-                Ok(n)
-            }
+            Ok(n) => Ok((tmp, n)),
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
                 Err(format!("writing {}: {e}", path.display()))
@@ -406,11 +437,10 @@ impl DiskStore {
     /// 9-10 ms for 32 MB, a pause every sequence would wait for if the engine thread took it.
     /// A file left under its removal name by a crash is deleted at the next start.
     pub fn remove(&self, id: &str) {
-        static REMOVALS: AtomicU64 = AtomicU64::new(0);
-        let n = REMOVALS.fetch_add(1, Ordering::Relaxed);
+        let n = SERIAL.fetch_add(1, Ordering::Relaxed);
         let gone = self.dir.join(format!("{id}.{n}.{REMOVED}"));
         if std::fs::rename(self.path(id), &gone).is_ok() {
-            std::thread::spawn(move || std::fs::remove_file(gone));
+            self.discard(gone);
         }
     }
 }
