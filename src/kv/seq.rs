@@ -126,20 +126,10 @@ impl KvSeq {
             self.len + n <= self.blocks.len() * BLOCK_TOKENS,
             "reserve() before write()"
         );
-        // Ownership is settled once per block touched, not once per token (it takes the
-        // pool's lock).
-        let mut owned: Option<(usize, u32)> = None;
+        let mut owned = None;
         for t in 0..n {
             let pos = self.len + t;
-            let i = pos / BLOCK_TOKENS;
-            let b = match owned {
-                Some((j, b)) if j == i => b,
-                _ => {
-                    let b = self.own_block(i);
-                    owned = Some((i, b));
-                    b
-                }
-            };
+            let b = self.own_block_once(&mut owned, pos / BLOCK_TOKENS);
             let r = pos % BLOCK_TOKENS;
             for (kv, src) in [k, v].into_iter().enumerate() {
                 for head in 0..h {
@@ -149,6 +139,19 @@ impl KvSeq {
                     let seg = unsafe { self.pool.seg_n_mut(b, (layer * 2 + kv) * h + head) };
                     store_row(dtype, seg, r, row);
                 }
+            }
+        }
+    }
+
+    /// [`own_block`](Self::own_block) settled once per block touched, not once per row (it
+    /// takes the pool's lock): `last` remembers the block index last owned and its block.
+    fn own_block_once(&mut self, last: &mut Option<(usize, u32)>, i: usize) -> u32 {
+        match *last {
+            Some((j, b)) if j == i => b,
+            _ => {
+                let b = self.own_block(i);
+                *last = Some((i, b));
+                b
             }
         }
     }
@@ -320,18 +323,10 @@ impl KvSeq {
     /// Panics past the blocks the sequence holds.
     pub fn fill(&mut self, mut offset: usize, mut bytes: &[u8]) {
         let (seg, per) = (self.pool.seg_bytes(), self.pool.segs_per_block());
-        let mut owned: Option<(usize, u32)> = None;
+        let mut owned = None;
         while !bytes.is_empty() {
             let (s, at) = (offset / seg, offset % seg);
-            let i = s / per;
-            let b = match owned {
-                Some((j, b)) if j == i => b,
-                _ => {
-                    let b = self.own_block(i);
-                    owned = Some((i, b));
-                    b
-                }
-            };
+            let b = self.own_block_once(&mut owned, s / per);
             let n = (seg - at).min(bytes.len());
             // SAFETY: `own_block` made the block ours alone; `&mut self` keeps readers away.
             let dst = unsafe { &mut self.pool.seg_n_mut(b, s % per)[at..at + n] };
