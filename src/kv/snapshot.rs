@@ -172,22 +172,6 @@ impl DiskStore {
         self.dir.join(format!("{id}.{EXT}"))
     }
 
-    /// Write a context's snapshot (to a temporary name, then renamed: a crash never leaves
-    /// half a file under the real name). Returns the file's size.
-    pub fn write(
-        &self,
-        id: &str,
-        owner: &str,
-        created: u64,
-        tokens: &[u32],
-        kv_len: usize,
-        data: &[u8],
-    ) -> Result<u64, String> {
-        let (tmp, n) = self.write_unnamed(id, owner, created, tokens, kv_len, data)?;
-        self.name(&tmp, id)?;
-        Ok(n)
-    }
-
     /// Give a snapshot from [`write_unnamed`](Self::write_unnamed) its name (a rename: cheap,
     /// whatever the size). It replaces any earlier snapshot of the context.
     pub fn name(&self, tmp: &Path, id: &str) -> Result<(), String> {
@@ -201,8 +185,9 @@ impl DiskStore {
     }
 
     /// Write and sync a context's snapshot under a temporary name of its own (two writes of
-    /// one context never share one); [`name`](Self::name) then makes it the context's, or
-    /// [`discard`](Self::discard) drops it. Returns the temporary path and the file's size.
+    /// one context never share one; a crash never leaves half a file under the real name);
+    /// [`name`](Self::name) then makes it the context's, or [`discard`](Self::discard) drops it.
+    /// Returns the temporary path and the file's size.
     pub fn write_unnamed(
         &self,
         id: &str,
@@ -462,6 +447,12 @@ mod tests {
         DiskStore::new(dir, fp, layout(crate::kv::KvDtype::F16)).unwrap()
     }
 
+    /// Write a snapshot and give it its name, as the engine does.
+    fn put(s: &DiskStore, id: &str, owner: &str, tokens: &[u32], data: &[u8]) {
+        let (tmp, _) = s.write_unnamed(id, owner, 7, tokens, 20, data).unwrap();
+        s.name(&tmp, id).unwrap();
+    }
+
     #[test]
     fn snapshots_round_trip_and_damage_is_refused() {
         let dir = std::env::temp_dir().join(format!("aios-snap-{}", std::process::id()));
@@ -470,7 +461,7 @@ mod tests {
         let per_block = BLOCK_TOKENS * 2 * 2 * 4 * 2; // layers × K/V × head_dim × f16
         let data: Vec<u8> = (0..2 * per_block).map(|i| (i * 7) as u8).collect();
         let tokens: Vec<u32> = (0..20).collect();
-        s.write("ctx-1", "alice", 7, &tokens, 20, &data).unwrap();
+        put(&s, "ctx-1", "alice", &tokens, &data);
         let (m, t, d) = s.read(&s.path("ctx-1")).unwrap();
         assert_eq!(
             (m.owner.as_str(), m.kv_len, t, d),
@@ -506,7 +497,7 @@ mod tests {
 
         // One flipped byte in the KV, a truncated copy.
         let mut bytes = std::fs::read(s.path("ctx-1")).unwrap();
-        s.write("ctx-2", "alice", 7, &tokens, 20, &data).unwrap();
+        put(&s, "ctx-2", "alice", &tokens, &data);
         std::fs::write(s.path("ctx-2"), &bytes[..bytes.len() - 100]).unwrap();
         let n = bytes.len();
         bytes[n - 50] ^= 0x40;
@@ -517,10 +508,10 @@ mod tests {
         assert!(err.contains("checksum"), "{err}");
         assert!(s.read(&s.path("ctx-2")).unwrap_err().contains("truncated"));
 
-        s.write("ctx-3", "bob", 8, &tokens, 20, &data).unwrap();
+        put(&s, "ctx-3", "bob", &tokens, &data);
         // A removed snapshot leaves its name at once; what a crash left half removed or half
         // written is deleted at the next start.
-        s.write("ctx-4", "bob", 8, &tokens, 20, &data).unwrap();
+        put(&s, "ctx-4", "bob", &tokens, &data);
         s.remove("ctx-4");
         assert!(!s.path("ctx-4").exists());
         std::fs::write(dir.join("ctx-5.3.removed"), b"old").unwrap();
