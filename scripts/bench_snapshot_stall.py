@@ -3,7 +3,11 @@ other agents' contexts (~1,400 tokens each, parked in host memory beforehand) ar
 to disk one after another; prints the streaming agent's median and largest gap between tokens,
 and the largest while a snapshot was being written. Against a running aios with `[kv] disk_dir`:
 
-    python3 scripts/bench_snapshot_stall.py http://127.0.0.1:8000
+    python3 scripts/bench_snapshot_stall.py http://127.0.0.1:8000 [disk|turn]
+
+With `turn`, the four agents take their next turn instead (one token each, one after another):
+their KV comes back from host memory into the pool while the streaming agent runs, and the
+gaps show what bringing it back costs the other agents (no disk tier needed).
 """
 
 import json
@@ -20,14 +24,16 @@ from bench_context_ttft import call, words  # noqa: E402
 
 def main():
     url = sys.argv[1].rstrip("/") if len(sys.argv) > 1 else "http://127.0.0.1:8000"
+    mode = sys.argv[2] if len(sys.argv) > 2 else "disk"
     rng = random.Random(1)
     ctxs = []
     for _ in range(4):
         ctx = call(url, "/v1/contexts", {})
+        history = words(rng, 1400)
         call(url, "/v1/completions",
-             {"prompt": words(rng, 1400), "max_tokens": 1, "context_id": ctx["id"]})
+             {"prompt": history, "max_tokens": 1, "context_id": ctx["id"]})
         call(url, "/v1/contexts/%s/snapshot" % ctx["id"], {"tier": "host"})
-        ctxs.append(ctx["id"])
+        ctxs.append((ctx["id"], history))
     stamps = []
 
     def stream():
@@ -44,13 +50,17 @@ def main():
     t.start()
     time.sleep(0.5)
     spans = []
-    for c in ctxs:
+    for c, history in ctxs:
         a = time.perf_counter()
-        call(url, "/v1/contexts/%s/snapshot" % c, {"tier": "disk"})
+        if mode == "turn":
+            call(url, "/v1/completions", {"prompt": history + " Next:", "max_tokens": 1,
+                                          "context_id": c})
+        else:
+            call(url, "/v1/contexts/%s/snapshot" % c, {"tier": "disk"})
         spans.append((a, time.perf_counter()))
         time.sleep(0.2)
     t.join()
-    for c in ctxs:
+    for c, _ in ctxs:
         call(url, "/v1/contexts/" + c, method="DELETE")
     gaps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
     during = [b - a for a, b in zip(stamps, stamps[1:])
@@ -58,8 +68,8 @@ def main():
     print(json.dumps({
         "median_gap_ms": round(gaps[len(gaps) // 2] * 1e3, 1),
         "max_gap_ms": round(gaps[-1] * 1e3, 1),
-        "max_gap_while_writing_ms": round(max(during) * 1e3, 1) if during else None,
-        "snapshot_call_ms": [round((e - s) * 1e3) for s, e in spans],
+        "max_gap_during_calls_ms": round(max(during) * 1e3, 1) if during else None,
+        "call_ms": [round((e - s) * 1e3) for s, e in spans],
     }))
 
 

@@ -7,8 +7,10 @@
 //! exact copy, its blocks given back), or on disk (a snapshot file that survives a restart).
 //! Under pool pressure idle contexts move to the host, least recently used first; past
 //! `host_bytes` the host's oldest move on to disk (or, with no disk tier, lose their KV and keep
-//! their tokens). A request on a context in host memory takes its KV as a swapped-out sequence
-//! that the scheduler swaps in when it runs; one on disk is read and verified on a loader
+//! their tokens). A request on a context in host memory waits while a copier thread copies its
+//! KV into pool blocks (the engine steps the other sequences meanwhile); when the pool has no
+//! free blocks for it, the request takes the KV as a swapped-out sequence that the scheduler
+//! swaps in when it runs, making room. One on disk is read and verified on a loader
 //! thread, straight into pool blocks when the pool has them (else into host memory), while
 //! the engine keeps stepping. Snapshots are written on writer threads too; a request on a
 //! context being written waits for the write, then reads it back.
@@ -129,6 +131,8 @@ pub(super) struct Context {
     on_disk: Option<OnDisk>,
     /// Its KV is being written to disk (then `kv` is empty; the writer holds it).
     writing: Option<Writing>,
+    /// Its KV, in host memory, is being copied into pool blocks by a copier thread.
+    filling: bool,
     created: u64,
     last_used: Instant,
 }
@@ -166,7 +170,8 @@ pub(super) enum Start {
     Kv(KvSeq),
     /// The KV is on disk: read this file first (it holds this many tokens of KV).
     Load(PathBuf, usize),
-    /// The KV is being written to disk: wait for it (then it is read back).
+    /// The KV is being written to disk (then it is read back), or copied into the pool from
+    /// host memory: wait for it.
     Wait,
 }
 
@@ -237,6 +242,7 @@ impl Contexts {
                             kv_len: meta.kv_len,
                         }),
                         writing: None,
+                        filling: false,
                         created: meta.created,
                         last_used: Instant::now(),
                     },
@@ -310,6 +316,7 @@ impl Contexts {
                     kv: self.empty(),
                     on_disk: None,
                     writing: None,
+                    filling: false,
                     created: now(),
                     last_used: Instant::now(),
                 };
@@ -346,6 +353,7 @@ impl Contexts {
                     kv,
                     on_disk: None,
                     writing: None,
+                    filling: false,
                     created: now(),
                     last_used: Instant::now(),
                 };
@@ -566,7 +574,7 @@ impl Contexts {
             let oldest = self
                 .map
                 .iter()
-                .filter(|(id, c)| c.host_bytes() > 0 && !busy.contains(&id.as_str()))
+                .filter(|(id, c)| c.host_bytes() > 0 && !c.filling && !busy.contains(&id.as_str()))
                 .min_by_key(|(_, c)| c.last_used)
                 .map(|(id, _)| id.clone());
             let Some(id) = oldest else { return };
@@ -626,7 +634,7 @@ impl Contexts {
             return Start::Kv(KvSeq::in_pool(self.pool.clone()));
         };
         c.last_used = Instant::now();
-        if c.writing.is_some() {
+        if c.writing.is_some() || c.filling {
             return Start::Wait;
         }
         if let (Some(d), Some(s)) = (c.on_disk, &self.store) {
@@ -639,6 +647,31 @@ impl Contexts {
             .take_while(|(a, b)| a == b)
             .count()
             .min(c.kv.len());
+        if c.kv.is_swapped() {
+            // Copied into pool blocks on a copier thread while the engine steps the other
+            // sequences; the request waits for it (`filled`). The context keeps its host copy
+            // meanwhile, so a snapshot or a delete in between still sees it.
+            if let (Ok(mut into), Some(from)) = (
+                KvSeq::for_fill(self.pool.clone(), c.kv.len()),
+                c.kv.host_shared(),
+            ) {
+                c.filling = true;
+                let (fid, wake) = (id.to_string(), self.wake.clone());
+                std::thread::spawn(move || {
+                    let t = Instant::now();
+                    into.fill(0, &from);
+                    tracing::debug!(
+                        "context {fid}: {} bytes copied from host memory into the pool in {:.1} ms",
+                        from.len(),
+                        t.elapsed().as_secs_f64() * 1e3
+                    );
+                    let _ = wake.send(Command::Filled(fid, from, into));
+                });
+                return Start::Wait;
+            }
+        }
+        // Without the blocks for it now, the sequence takes the host copy and the scheduler
+        // swaps it in when it runs (making room as it plans the step).
         let mut kv = if c.kv.is_swapped() {
             std::mem::replace(&mut c.kv, KvSeq::in_pool(self.pool.clone()))
         } else {
@@ -680,6 +713,18 @@ impl Contexts {
                 }
                 tracing::error!("{msg}");
                 Err(msg)
+            }
+        }
+    }
+
+    /// A copier thread has copied context `id`'s KV from host memory (`from`) into the pool
+    /// blocks of `kv`: the context takes them, unless its KV changed meanwhile (deleted, or
+    /// written to disk), and then they go back to the pool.
+    pub(super) fn filled(&mut self, id: &str, from: &Arc<Vec<u8>>, kv: KvSeq) {
+        if let Some(c) = self.map.get_mut(id) {
+            c.filling = false;
+            if c.kv.host_shared().is_some_and(|d| Arc::ptr_eq(&d, from)) {
+                c.kv = kv;
             }
         }
     }

@@ -144,6 +144,9 @@ enum Command {
     Loaded(String, contexts::Loaded),
     /// A snapshot writer thread has finished the write with this ticket.
     Written(u64),
+    /// A copier thread has copied a context's KV from host memory (the shared bytes) into
+    /// pool blocks.
+    Filled(String, std::sync::Arc<Vec<u8>>, KvSeq),
     /// Rank sequences by this policy from now on (a configuration reload).
     SetPolicy(PolicyKind, PolicyParams),
 }
@@ -379,6 +382,10 @@ impl Engine {
                 if let Some(id) = self.contexts.written(ticket) {
                     self.resume(&id, Ok(()));
                 }
+            }
+            Command::Filled(id, from, kv) => {
+                self.contexts.filled(&id, &from, kv);
+                self.resume(&id, Ok(()));
             }
         }
     }

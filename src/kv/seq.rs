@@ -10,8 +10,9 @@ use super::*;
 /// A sequence's KV held in host memory while its blocks are given back to the pool.
 pub struct SwappedKv {
     len: usize,
-    /// The blocks' segments as the pool stores them.
-    data: Vec<u8>,
+    /// The blocks' segments as the pool stores them; shared with a thread copying them into
+    /// the pool (see [`KvSeq::host_shared`]).
+    data: Arc<Vec<u8>>,
 }
 
 /// One sequence's keys and values: a block table into a pool.
@@ -181,8 +182,10 @@ impl KvSeq {
         self.len = self.len.min(len);
         if let Some(sw) = &mut self.swapped {
             sw.len = sw.len.min(len);
-            sw.data
-                .truncate(Self::blocks_for(sw.len) * self.pool.block_bytes());
+            let keep = Self::blocks_for(sw.len) * self.pool.block_bytes();
+            if sw.data.len() > keep {
+                Arc::make_mut(&mut sw.data).truncate(keep);
+            }
         }
         let keep = Self::blocks_for(self.len);
         if self.blocks.len() > keep {
@@ -271,7 +274,7 @@ impl KvSeq {
         self.blocks.clear();
         self.swapped = Some(SwappedKv {
             len: self.len,
-            data,
+            data: Arc::new(data),
         });
         self.pool.swapped.fetch_add(1, Ordering::AcqRel);
         self.pool.swap_outs.fetch_add(1, Ordering::AcqRel);
@@ -299,7 +302,10 @@ impl KvSeq {
             pool,
             blocks: Vec::new(),
             len,
-            swapped: Some(SwappedKv { len, data }),
+            swapped: Some(SwappedKv {
+                len,
+                data: Arc::new(data),
+            }),
             hashes: Vec::new(),
         })
     }
@@ -340,6 +346,12 @@ impl KvSeq {
     /// The KV in host memory while swapped out.
     pub fn host_data(&self) -> Option<&[u8]> {
         self.swapped.as_ref().map(|s| s.data.as_slice())
+    }
+
+    /// The KV in host memory while swapped out, shared: a thread can copy it into blocks
+    /// taken with [`KvSeq::for_fill`] while this sequence keeps it (and stays swapped out).
+    pub fn host_shared(&self) -> Option<Arc<Vec<u8>>> {
+        self.swapped.as_ref().map(|s| s.data.clone())
     }
 
     /// Bring a swapped-out sequence back into the pool, bit for bit.

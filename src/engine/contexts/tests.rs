@@ -1,6 +1,6 @@
 //! Unit tests of contexts: snapshots written off the engine thread.
 use super::*;
-use crate::kv::{KvDtype, KvLayout};
+use crate::kv::{KvDtype, KvLayout, BLOCK_TOKENS};
 
 const LAYOUT: KvLayout = KvLayout {
     n_layers: 2,
@@ -102,4 +102,85 @@ fn snapshots_are_written_off_the_engine_thread_and_settled_when_done() {
     assert_eq!(cx.map[&d].tier(), "disk");
     drop(kv);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn wait_filled(rx: &mpsc::Receiver<Command>) -> (String, Arc<Vec<u8>>, KvSeq) {
+    match rx.recv_timeout(std::time::Duration::from_secs(30)) {
+        Ok(Command::Filled(id, from, kv)) => (id, from, kv),
+        _ => panic!("no copy into the pool ended"),
+    }
+}
+
+/// The bytes of a context's KV as a swap-out lays them out.
+fn host_bytes_of(kv: &KvSeq) -> Vec<u8> {
+    let mut copy = kv.fork();
+    copy.swap_out();
+    copy.host_data().unwrap().to_vec()
+}
+
+#[test]
+fn a_context_in_host_memory_is_copied_into_the_pool_off_the_engine_thread() {
+    let pool = KvPool::new(LAYOUT, 8);
+    let (tx, rx) = mpsc::channel();
+    let mut cx = Contexts::new(pool.clone(), None, 1 << 30, 0, tx);
+    let host = |cx: &mut Contexts, id: &str| {
+        let op = ContextOp::Snapshot {
+            id: id.into(),
+            owner: "a".into(),
+            tier: Tier::Host,
+        };
+        cx.apply(op, &mut None).unwrap();
+    };
+
+    // The request waits while the copy runs; a second one starts no second copy.
+    let a = context(&mut cx, 20);
+    let before = host_bytes_of(&cx.map[&a].kv);
+    host(&mut cx, &a);
+    assert_eq!((cx.map[&a].tier(), pool.usage().blocks_used), ("host", 0));
+    let prompt: Vec<u32> = (0..25).collect();
+    assert!(matches!(cx.start(&a, &prompt), Start::Wait));
+    assert!(matches!(cx.start(&a, &prompt), Start::Wait));
+    assert_eq!(
+        pool.usage().blocks_used,
+        2,
+        "blocks taken once, for one copy"
+    );
+    assert_eq!(
+        cx.map[&a].tier(),
+        "host",
+        "the context keeps its host copy meanwhile"
+    );
+    // Done: the context is in the pool, bit for bit, and a request runs on its blocks.
+    let (id, from, kv) = wait_filled(&rx);
+    cx.filled(&id, &from, kv);
+    assert_eq!(cx.map[&a].tier(), "pool");
+    assert_eq!(host_bytes_of(&cx.map[&a].kv), before);
+    match cx.start(&a, &prompt) {
+        Start::Kv(kv) => assert_eq!((kv.len(), kv.is_swapped()), (20, false)),
+        _ => panic!("a context in the pool starts at once"),
+    }
+    assert_eq!(pool.usage().blocks_used, 2);
+
+    // Deleted while it was copied: the copy's blocks go back to the pool.
+    host(&mut cx, &a);
+    assert!(matches!(cx.start(&a, &prompt), Start::Wait));
+    let del = ContextOp::Delete {
+        id: a.clone(),
+        owner: "a".into(),
+    };
+    cx.apply(del, &mut None).unwrap();
+    let (id, from, kv) = wait_filled(&rx);
+    cx.filled(&id, &from, kv);
+    assert_eq!(pool.usage().blocks_used, 0);
+
+    // No free blocks for it: the sequence takes the host copy, for the scheduler to swap in.
+    let b = context(&mut cx, 20);
+    host(&mut cx, &b);
+    let held = KvSeq::for_fill(pool.clone(), 8 * BLOCK_TOKENS).unwrap();
+    match cx.start(&b, &prompt) {
+        Start::Kv(kv) => assert_eq!((kv.len(), kv.is_swapped()), (20, true)),
+        _ => panic!("without free blocks the request takes the host copy"),
+    }
+    assert!(rx.try_recv().is_err(), "no copy was started");
+    drop(held);
 }
