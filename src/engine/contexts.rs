@@ -5,7 +5,8 @@
 //!
 //! Tiers: a context's KV lives in the pool (device memory), in host memory (swapped out: an
 //! exact copy, its blocks given back), or on disk (a snapshot file that survives a restart).
-//! Under pool pressure idle contexts move to the host, least recently used first; past
+//! Under pool pressure idle contexts move to the host, least recently used first (copied out
+//! on copier threads; the sequence that needs their blocks waits for them); past
 //! `host_bytes` the host's oldest move on to disk (or, with no disk tier, lose their KV and keep
 //! their tokens). A request on a context in host memory waits while a copier thread copies its
 //! KV into pool blocks (the engine steps the other sequences meanwhile); when the pool has no
@@ -133,6 +134,9 @@ pub(super) struct Context {
     writing: Option<Writing>,
     /// Its KV, in host memory, is being copied into pool blocks by a copier thread.
     filling: bool,
+    /// Its KV is being copied out to host memory by a copier thread (its blocks stay in the
+    /// pool until then): the blocks that will free.
+    evicting: Option<usize>,
     created: u64,
     last_used: Instant,
 }
@@ -162,6 +166,15 @@ impl Context {
             (None, None) => 0,
         }
     }
+}
+
+/// A context's KV copied out to host memory (see [`Contexts::evict_one`]): the block table and
+/// length it was copied from, and the copy.
+pub(super) struct Evicted {
+    id: String,
+    blocks: Vec<u32>,
+    len: usize,
+    copy: KvSeq,
 }
 
 /// How a sequence on a context starts.
@@ -197,6 +210,9 @@ pub(super) struct Contexts {
     disk_budget: u64,
     /// Snapshots being written, by ticket.
     pending: HashMap<u64, PendingWrite>,
+    /// Clients that asked for a context to go to host memory (`POST .../snapshot`), answered
+    /// when its copy out of the pool ends.
+    host_replies: HashMap<String, Vec<ContextReply>>,
     next_ticket: u64,
     /// Where a writer thread says it is done (the engine's own queue).
     wake: mpsc::Sender<Command>,
@@ -243,6 +259,7 @@ impl Contexts {
                         }),
                         writing: None,
                         filling: false,
+                        evicting: None,
                         created: meta.created,
                         last_used: Instant::now(),
                     },
@@ -259,6 +276,7 @@ impl Contexts {
             host_budget: host_budget as usize,
             disk_budget,
             pending: HashMap::new(),
+            host_replies: HashMap::new(),
             next_ticket: 0,
             wake,
         }
@@ -317,6 +335,7 @@ impl Contexts {
                     on_disk: None,
                     writing: None,
                     filling: false,
+                    evicting: None,
                     created: now(),
                     last_used: Instant::now(),
                 };
@@ -354,6 +373,7 @@ impl Contexts {
                     on_disk: None,
                     writing: None,
                     filling: false,
+                    evicting: None,
                     created: now(),
                     last_used: Instant::now(),
                 };
@@ -410,11 +430,17 @@ impl Contexts {
                 self.owned(&id, &owner)?;
                 match tier {
                     Tier::Host => {
-                        let c = self.map.get_mut(&id).expect("checked above");
-                        if c.on_disk.is_none() {
-                            c.kv.swap_out();
+                        let c = &self.map[&id];
+                        let in_pool = c.on_disk.is_none() && c.writing.is_none();
+                        if in_pool && c.kv.blocks() > 0 {
+                            // Copied out on a copier thread; answered when it is done.
+                            if c.evicting.is_none() {
+                                self.evict(id.clone());
+                            }
+                            if let Some(r) = reply.take() {
+                                self.host_replies.entry(id.clone()).or_default().push(r);
+                            }
                         }
-                        self.enforce_host_budget(&[]);
                     }
                     Tier::Disk => self.move_to_disk(&id, true, reply)?,
                 }
@@ -448,8 +474,8 @@ impl Contexts {
         if c.on_disk.is_some() || c.writing.is_some() {
             return Ok(());
         }
-        c.kv.swap_out();
-        let bytes = c.kv.host_data().map_or(0, <[u8]>::len);
+        // KV still in the pool is copied out by the writer thread (its blocks are freed there).
+        let bytes = KvSeq::blocks_for(c.kv.len()) * c.kv.layout().bytes_per_block();
         let need = (bytes + c.tokens.len() * 4) as u64;
         if used + need > self.disk_budget {
             if explicit {
@@ -471,6 +497,8 @@ impl Contexts {
         let (owner, created, tokens) = (c.owner.clone(), c.created, c.tokens.clone());
         let (wid, wake) = (id.to_string(), self.wake.clone());
         let handle = std::thread::spawn(move || {
+            let mut kv = kv;
+            kv.swap_out();
             let data = kv.host_data().unwrap_or(&[]);
             let written = store.write_unnamed(&wid, &owner, created, &tokens, kv.len(), data);
             let _ = wake.send(Command::Written(ticket));
@@ -605,19 +633,80 @@ impl Contexts {
         t
     }
 
-    /// Under pool pressure: move the least recently used idle context with blocks in the pool
-    /// to host memory. False when there is none.
+    /// Under pool pressure: start moving the least recently used idle context with blocks in
+    /// the pool to host memory. A copier thread copies its KV out (32 MB for 1,400 tokens took
+    /// 8-45 ms here, which every running sequence would wait for on the engine thread); its
+    /// blocks are given back when [`Contexts::evicted`] adopts the copy. False when there is
+    /// no such context.
     pub(super) fn evict_one(&mut self, busy: &[&str]) -> bool {
         let victim = self
             .map
             .iter()
-            .filter(|(id, c)| c.kv.blocks() > 0 && !busy.contains(&id.as_str()))
+            .filter(|(id, c)| {
+                c.kv.blocks() > 0 && c.evicting.is_none() && !busy.contains(&id.as_str())
+            })
             .min_by_key(|(_, c)| c.last_used)
             .map(|(id, _)| id.clone());
         let Some(id) = victim else { return false };
-        self.map.get_mut(&id).expect("just found").kv.swap_out();
-        self.enforce_host_budget(busy);
+        self.evict(id);
         true
+    }
+
+    /// Start copying context `id`'s KV (in the pool) out to host memory on a copier thread.
+    fn evict(&mut self, id: String) {
+        let c = self.map.get_mut(&id).expect("caller checked");
+        c.evicting = Some(c.kv.sole_blocks());
+        // The copier reads a fork: blocks in the pool are never written while shared.
+        let mut copy = c.kv.fork();
+        let (blocks, len) = (c.kv.block_ids().to_vec(), c.kv.len());
+        let wake = self.wake.clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            copy.swap_out();
+            tracing::debug!(
+                "context {id}: {len} tokens of KV copied out to host memory in {:.1} ms",
+                t.elapsed().as_secs_f64() * 1e3
+            );
+            let _ = wake.send(Command::Evicted(Box::new(Evicted {
+                id,
+                blocks,
+                len,
+                copy,
+            })));
+        });
+    }
+
+    /// Whether a request on context `id` waits for room in the pool (its KV in host memory,
+    /// no copy into the pool under way): it may go on once an eviction has freed blocks.
+    pub(super) fn waits_for_room(&self, id: &str) -> bool {
+        self.map
+            .get(id)
+            .is_some_and(|c| c.kv.is_swapped() && !c.filling && c.writing.is_none())
+    }
+
+    /// Blocks that the evictions under way will give back to the pool.
+    pub(super) fn evicting_blocks(&self) -> usize {
+        self.map.values().filter_map(|c| c.evicting).sum()
+    }
+
+    /// A copier thread has copied a context's KV out to host memory: the context takes the
+    /// copy and gives its blocks back, unless its KV changed meanwhile (a turn ran on it, it
+    /// was deleted or written to disk), and then the copy is dropped. Past the host budget the
+    /// oldest contexts in host memory move on to disk (`busy` ones stay).
+    pub(super) fn evicted(&mut self, e: Evicted, busy: &[&str]) {
+        if let Some(c) = self.map.get_mut(&e.id) {
+            c.evicting = None;
+            if !c.kv.is_swapped() && c.kv.len() == e.len && c.kv.block_ids() == e.blocks {
+                c.kv = e.copy;
+                self.enforce_host_budget(busy);
+            }
+        }
+        for r in self.host_replies.remove(&e.id).unwrap_or_default() {
+            let _ = r.send(
+                self.owned_info(&e.id)
+                    .ok_or_else(|| ContextError::NotFound(e.id.clone())),
+            );
+        }
     }
 
     /// Check that `owner` may run on context `id`.
@@ -629,7 +718,7 @@ impl Contexts {
     /// the tokens it shares with the prompt (never the prompt's last token). KV in the pool is
     /// shared copy-on-write; KV in host memory is handed to the sequence (the context gets it
     /// back, extended, when the sequence ends).
-    pub(super) fn start(&mut self, id: &str, prompt: &[u32]) -> Start {
+    pub(super) fn start(&mut self, id: &str, prompt: &[u32], busy: &[&str]) -> Start {
         let Some(c) = self.map.get_mut(id) else {
             return Start::Kv(KvSeq::in_pool(self.pool.clone()));
         };
@@ -669,9 +758,19 @@ impl Contexts {
                 });
                 return Start::Wait;
             }
+            // No room: idle contexts are copied out to make it, and the request waits for
+            // them (`waits_for_room`) while the others run.
+            let short = KvSeq::blocks_for(c.kv.len()).saturating_sub(self.pool.free_blocks());
+            let mut skip = busy.to_vec();
+            skip.push(id);
+            while self.evicting_blocks() < short && self.evict_one(&skip) {}
+            if self.evicting_blocks() > 0 {
+                return Start::Wait;
+            }
         }
-        // Without the blocks for it now, the sequence takes the host copy and the scheduler
-        // swaps it in when it runs (making room as it plans the step).
+        // Nothing more to free: the sequence takes the host copy and the scheduler swaps it in
+        // when it runs (preempting lower-ranked sequences if it must).
+        let c = self.map.get_mut(id).expect("found above");
         let mut kv = if c.kv.is_swapped() {
             std::mem::replace(&mut c.kv, KvSeq::in_pool(self.pool.clone()))
         } else {

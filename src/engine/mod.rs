@@ -147,6 +147,8 @@ enum Command {
     /// A copier thread has copied a context's KV from host memory (the shared bytes) into
     /// pool blocks.
     Filled(String, std::sync::Arc<Vec<u8>>, KvSeq),
+    /// A copier thread has copied an idle context's KV out to host memory.
+    Evicted(Box<contexts::Evicted>),
     /// Rank sequences by this policy from now on (a configuration reload).
     SetPolicy(PolicyKind, PolicyParams),
 }
@@ -304,6 +306,15 @@ impl Engine {
             self.ran = 0;
             if !self.running.is_empty() {
                 self.step();
+                if self.ran == 0 {
+                    // Nothing could run (waiting for blocks a copier thread gives back): wait
+                    // for news instead of spinning on a core the copier needs.
+                    match rx.recv_timeout(std::time::Duration::from_millis(2)) {
+                        Ok(cmd) => self.accept(cmd),
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                }
             }
             self.publish();
         }
@@ -342,7 +353,9 @@ impl Engine {
                             let _ = events.send(Event::Error(e.to_string()));
                             return;
                         }
-                        match self.contexts.start(id, &req.prompt) {
+                        let busy: Vec<&str> =
+                            self.running.iter().filter_map(Sequence::context).collect();
+                        match self.contexts.start(id, &req.prompt, &busy) {
                             contexts::Start::Kv(kv) => kv,
                             contexts::Start::Load(path, kv_len) => {
                                 self.load(id.clone(), path, kv_len);
@@ -380,6 +393,21 @@ impl Engine {
             }
             Command::Written(ticket) => {
                 if let Some(id) = self.contexts.written(ticket) {
+                    self.resume(&id, Ok(()));
+                }
+            }
+            Command::Evicted(e) => {
+                let busy: Vec<&str> = self.running.iter().filter_map(Sequence::context).collect();
+                self.contexts.evicted(*e, &busy);
+                // Requests waiting for room in the pool try again.
+                let mut ids: Vec<String> = self
+                    .waiting
+                    .iter()
+                    .filter_map(|(r, _, _)| r.context.clone())
+                    .filter(|id| self.contexts.waits_for_room(id))
+                    .collect();
+                ids.dedup();
+                for id in ids {
                     self.resume(&id, Ok(()));
                 }
             }
@@ -488,7 +516,13 @@ impl Engine {
                 continue;
             }
             while self.running[i].kv().blocks_needed(plan[i]) > self.pool.free_blocks() {
-                // Idle contexts leave the pool first (to host memory, least recently used).
+                // Idle contexts leave the pool first (to host memory, least recently used),
+                // copied out on copier threads: this sequence waits for the blocks they give
+                // back (a shorter chunk, or nothing, this step) while the others run.
+                let short = self.running[i].kv().blocks_needed(plan[i]) - self.pool.free_blocks();
+                if self.contexts.evicting_blocks() >= short {
+                    break;
+                }
                 let busy: Vec<&str> = self.running.iter().filter_map(Sequence::context).collect();
                 if self.contexts.evict_one(&busy) {
                     continue;

@@ -70,6 +70,20 @@ impl KvSeq {
         self.blocks.len()
     }
 
+    /// The pool blocks it holds, in order.
+    pub fn block_ids(&self) -> &[u32] {
+        &self.blocks
+    }
+
+    /// Blocks it holds that no other sequence shares: those a swap-out would free.
+    pub fn sole_blocks(&self) -> usize {
+        let st = self.pool.state.lock().expect("kv pool lock");
+        self.blocks
+            .iter()
+            .filter(|&&b| st.refs[b as usize] == 1)
+            .count()
+    }
+
     /// Blocks needed to hold `tokens` tokens.
     pub fn blocks_for(tokens: usize) -> usize {
         tokens.div_ceil(BLOCK_TOKENS)

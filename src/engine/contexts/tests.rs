@@ -45,18 +45,19 @@ fn snapshots_are_written_off_the_engine_thread_and_settled_when_done() {
     let mut cx = Contexts::new(pool.clone(), Some(store), 1 << 30, 1 << 30, tx);
     let file = |id: &str| dir.join(format!("{id}.kvctx"));
 
-    // Under way: shown on disk, its blocks given back, a request on it waits.
+    // Under way: shown on disk, a request on it waits.
     let a = context(&mut cx, 20);
     assert_eq!(pool.usage().blocks_used, 2);
     cx.move_to_disk(&a, false, &mut None).unwrap();
     assert_eq!(cx.map[&a].tier(), "disk");
-    assert_eq!(pool.usage().blocks_used, 0);
-    assert!(matches!(cx.start(&a, &[0, 1, 2]), Start::Wait));
-    // Done: the file has its name and a request on the context reads it back.
+    assert!(matches!(cx.start(&a, &[0, 1, 2], &[]), Start::Wait));
+    // Done: the writer gave the blocks back (it copied the KV out of the pool itself), the
+    // file has its name and a request on the context reads it back.
     let t = wait_written(&rx);
+    assert_eq!(pool.usage().blocks_used, 0);
     assert_eq!(cx.written(t).as_deref(), Some(a.as_str()));
     assert!(file(&a).exists());
-    assert!(matches!(cx.start(&a, &[0, 1, 2]), Start::Load(_, 20)));
+    assert!(matches!(cx.start(&a, &[0, 1, 2], &[]), Start::Load(_, 20)));
     assert_eq!(
         cx.tiers().disk_bytes,
         std::fs::metadata(file(&a)).unwrap().len()
@@ -111,6 +112,20 @@ fn wait_filled(rx: &mpsc::Receiver<Command>) -> (String, Arc<Vec<u8>>, KvSeq) {
     }
 }
 
+/// `POST /v1/contexts/{id}/snapshot` to host memory, and its copy out of the pool settled.
+fn to_host(cx: &mut Contexts, rx: &mpsc::Receiver<Command>, id: &str) {
+    let op = ContextOp::Snapshot {
+        id: id.into(),
+        owner: "a".into(),
+        tier: Tier::Host,
+    };
+    let (tx, mut answer) = tokio::sync::oneshot::channel();
+    cx.request(op, tx);
+    assert!(answer.try_recv().is_err(), "answered when the copy is done");
+    cx.evicted(wait_evicted(rx), &[]);
+    assert_eq!(answer.try_recv().unwrap().unwrap()[0].tier, "host");
+}
+
 /// The bytes of a context's KV as a swap-out lays them out.
 fn host_bytes_of(kv: &KvSeq) -> Vec<u8> {
     let mut copy = kv.fork();
@@ -123,14 +138,7 @@ fn a_context_in_host_memory_is_copied_into_the_pool_off_the_engine_thread() {
     let pool = KvPool::new(LAYOUT, 8);
     let (tx, rx) = mpsc::channel();
     let mut cx = Contexts::new(pool.clone(), None, 1 << 30, 0, tx);
-    let host = |cx: &mut Contexts, id: &str| {
-        let op = ContextOp::Snapshot {
-            id: id.into(),
-            owner: "a".into(),
-            tier: Tier::Host,
-        };
-        cx.apply(op, &mut None).unwrap();
-    };
+    let host = |cx: &mut Contexts, id: &str| to_host(cx, &rx, id);
 
     // The request waits while the copy runs; a second one starts no second copy.
     let a = context(&mut cx, 20);
@@ -138,8 +146,8 @@ fn a_context_in_host_memory_is_copied_into_the_pool_off_the_engine_thread() {
     host(&mut cx, &a);
     assert_eq!((cx.map[&a].tier(), pool.usage().blocks_used), ("host", 0));
     let prompt: Vec<u32> = (0..25).collect();
-    assert!(matches!(cx.start(&a, &prompt), Start::Wait));
-    assert!(matches!(cx.start(&a, &prompt), Start::Wait));
+    assert!(matches!(cx.start(&a, &prompt, &[]), Start::Wait));
+    assert!(matches!(cx.start(&a, &prompt, &[]), Start::Wait));
     assert_eq!(
         pool.usage().blocks_used,
         2,
@@ -155,7 +163,7 @@ fn a_context_in_host_memory_is_copied_into_the_pool_off_the_engine_thread() {
     cx.filled(&id, &from, kv);
     assert_eq!(cx.map[&a].tier(), "pool");
     assert_eq!(host_bytes_of(&cx.map[&a].kv), before);
-    match cx.start(&a, &prompt) {
+    match cx.start(&a, &prompt, &[]) {
         Start::Kv(kv) => assert_eq!((kv.len(), kv.is_swapped()), (20, false)),
         _ => panic!("a context in the pool starts at once"),
     }
@@ -163,7 +171,7 @@ fn a_context_in_host_memory_is_copied_into_the_pool_off_the_engine_thread() {
 
     // Deleted while it was copied: the copy's blocks go back to the pool.
     host(&mut cx, &a);
-    assert!(matches!(cx.start(&a, &prompt), Start::Wait));
+    assert!(matches!(cx.start(&a, &prompt, &[]), Start::Wait));
     let del = ContextOp::Delete {
         id: a.clone(),
         owner: "a".into(),
@@ -177,10 +185,102 @@ fn a_context_in_host_memory_is_copied_into_the_pool_off_the_engine_thread() {
     let b = context(&mut cx, 20);
     host(&mut cx, &b);
     let held = KvSeq::for_fill(pool.clone(), 8 * BLOCK_TOKENS).unwrap();
-    match cx.start(&b, &prompt) {
+    match cx.start(&b, &prompt, &[]) {
         Start::Kv(kv) => assert_eq!((kv.len(), kv.is_swapped()), (20, true)),
         _ => panic!("without free blocks the request takes the host copy"),
     }
     assert!(rx.try_recv().is_err(), "no copy was started");
+    drop(held);
+}
+
+fn wait_evicted(rx: &mpsc::Receiver<Command>) -> Evicted {
+    match rx.recv_timeout(std::time::Duration::from_secs(30)) {
+        Ok(Command::Evicted(e)) => *e,
+        _ => panic!("no copy out of the pool ended"),
+    }
+}
+
+#[test]
+fn idle_contexts_are_copied_out_of_the_pool_off_the_engine_thread() {
+    let pool = KvPool::new(LAYOUT, 8);
+    let (tx, rx) = mpsc::channel();
+    let mut cx = Contexts::new(pool.clone(), None, 1 << 30, 0, tx);
+
+    // Least recently used first, each once; the blocks stay until the copy is adopted.
+    let a = context(&mut cx, 20);
+    let b = context(&mut cx, 20);
+    let before = [&a, &b].map(|id| host_bytes_of(&cx.map[id].kv));
+    assert!(cx.evict_one(&[b.as_str()]), "a is idle");
+    assert!(!cx.evict_one(&[b.as_str()]), "a is under way and b busy");
+    assert!(cx.evict_one(&[]));
+    assert!(!cx.evict_one(&[]));
+    assert_eq!(cx.evicting_blocks(), 4);
+    assert_eq!((cx.map[&a].tier(), pool.usage().blocks_used), ("pool", 4));
+    let mut done = vec![wait_evicted(&rx), wait_evicted(&rx)];
+    done.sort_by_key(|e| e.id != a);
+    assert_eq!(done[0].id, a, "the least recently used went first");
+    for e in done {
+        cx.evicted(e, &[]);
+    }
+    assert_eq!(cx.evicting_blocks(), 0);
+    assert_eq!(pool.usage().blocks_used, 0);
+    for (id, bytes) in [&a, &b].into_iter().zip(&before) {
+        assert_eq!(cx.map[id].tier(), "host");
+        assert_eq!(cx.map[id].kv.host_data().unwrap(), &bytes[..]);
+    }
+
+    // A turn ran on it while it was copied: the copy is stale and dropped, the new KV kept.
+    let c = context(&mut cx, 20);
+    assert!(cx.evict_one(&[]));
+    let mut kv = KvSeq::in_pool(pool.clone());
+    kv.reserve(40).unwrap();
+    let rows = vec![0.5f32; 40 * 4];
+    for layer in 0..2 {
+        kv.write(layer, &rows, &rows);
+    }
+    kv.advance(40);
+    cx.finish(&c, &(0..40).collect::<Vec<u32>>(), &kv);
+    drop(kv);
+    cx.evicted(wait_evicted(&rx), &[]);
+    assert_eq!((cx.map[&c].tier(), cx.map[&c].kv.len()), ("pool", 40));
+    assert_eq!(
+        pool.usage().blocks_used,
+        3,
+        "the old blocks and the copy are gone"
+    );
+}
+
+#[test]
+fn a_context_coming_back_without_room_waits_for_an_idle_one_to_be_copied_out() {
+    let pool = KvPool::new(LAYOUT, 8);
+    let (tx, rx) = mpsc::channel();
+    let mut cx = Contexts::new(pool.clone(), None, 1 << 30, 0, tx);
+    let back = context(&mut cx, 20);
+    to_host(&mut cx, &rx, &back);
+    let (idle, busy) = (context(&mut cx, 20), context(&mut cx, 20));
+    let held = KvSeq::for_fill(pool.clone(), 4 * BLOCK_TOKENS).unwrap();
+    assert_eq!(pool.free_blocks(), 0);
+
+    // The idle context is copied out (not the busy one), and the request waits for its blocks.
+    let prompt: Vec<u32> = (0..25).collect();
+    assert!(matches!(
+        cx.start(&back, &prompt, &[busy.as_str()]),
+        Start::Wait
+    ));
+    assert!(cx.waits_for_room(&back));
+    assert_eq!(cx.evicting_blocks(), 2);
+    let e = wait_evicted(&rx);
+    assert_eq!(e.id, idle);
+    cx.evicted(e, &[busy.as_str()]);
+    assert_eq!((cx.map[&idle].tier(), pool.free_blocks()), ("host", 2));
+    // Tried again, it is copied into the freed blocks.
+    assert!(matches!(
+        cx.start(&back, &prompt, &[busy.as_str()]),
+        Start::Wait
+    ));
+    assert!(!cx.waits_for_room(&back));
+    let (id, from, kv) = wait_filled(&rx);
+    cx.filled(&id, &from, kv);
+    assert_eq!(cx.map[&back].tier(), "pool");
     drop(held);
 }
