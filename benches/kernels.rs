@@ -177,7 +177,14 @@ fn attention_bench_of(bw: f64, dtype: aios::kv::KvDtype) {
     );
     // AIOS_BENCH_ATTN=2000x1 times one shape only (for a profiler).
     let only = std::env::var("AIOS_BENCH_ATTN").ok();
-    for (ctx, new) in [(16, 1), (500, 1), (2000, 1), (4000, 1), (1400, 16)] {
+    for (ctx, new) in [
+        (16, 1),
+        (500, 1),
+        (2000, 1),
+        (4000, 1),
+        (1400, 2),
+        (1400, 16),
+    ] {
         if only.as_ref().is_some_and(|o| *o != format!("{ctx}x{new}")) {
             continue;
         }
