@@ -748,7 +748,7 @@ impl Contexts {
                 let (fid, wake) = (id.to_string(), self.wake.clone());
                 std::thread::spawn(move || {
                     let t = Instant::now();
-                    into.fill(0, &from);
+                    into.fill_all(&from);
                     tracing::debug!(
                         "context {fid}: {} bytes copied from host memory into the pool in {:.1} ms",
                         from.len(),

@@ -357,6 +357,35 @@ impl KvSeq {
         super::stream_fence();
     }
 
+    /// Write all of this sequence's KV from `bytes`, laid out as [`KvSeq::swap_out`] lays it
+    /// out, on two threads each taking half the blocks: one core's copy is limited by how many
+    /// cache misses it keeps in flight, and two copy 32 MB about 1.5x faster here.
+    pub fn fill_all(&mut self, bytes: &[u8]) {
+        let per = self.pool.block_bytes();
+        let n = Self::blocks_for(self.len);
+        assert_eq!(bytes.len(), n * per, "the KV of {} tokens", self.len);
+        for i in 0..n {
+            self.own_block(i);
+        }
+        let (pool, seg) = (&*self.pool, self.pool.seg_bytes());
+        let copy = |blocks: &[u32], bytes: &[u8]| {
+            for (&b, src) in blocks.iter().zip(bytes.chunks_exact(per)) {
+                for (s, piece) in src.chunks_exact(seg).enumerate() {
+                    // SAFETY: `own_block` made every block ours alone, `&mut self` keeps
+                    // readers away, and the two threads write disjoint blocks.
+                    super::copy_streaming(unsafe { pool.seg_n_mut(b, s) }, piece);
+                }
+            }
+            super::stream_fence();
+        };
+        let (head, tail) = self.blocks[..n].split_at(n / 2);
+        let (first, rest) = bytes.split_at(head.len() * per);
+        std::thread::scope(|scope| {
+            scope.spawn(|| copy(tail, rest));
+            copy(head, first);
+        });
+    }
+
     /// The KV in host memory while swapped out.
     pub fn host_data(&self) -> Option<&[u8]> {
         self.swapped.as_ref().map(|s| s.data.as_slice())
@@ -374,17 +403,9 @@ impl KvSeq {
             return Ok(());
         };
         let blocks = self.pool.alloc(Self::blocks_for(sw.len))?;
-        let mut from = sw.data.chunks_exact(self.pool.seg_bytes());
-        for &b in &blocks {
-            for seg in 0..self.pool.segs_per_block() {
-                let src = from.next().expect("swapped data for every segment");
-                // SAFETY: freshly allocated, ours alone.
-                super::copy_streaming(unsafe { self.pool.seg_n_mut(b, seg) }, src);
-            }
-        }
-        super::stream_fence();
+        let data = self.swapped.take().expect("checked above").data;
         self.blocks = blocks;
-        self.swapped = None;
+        self.fill_all(&data);
         // Fresh blocks: offered to the prefix cache again by the next `register_blocks`.
         self.hashes.clear();
         self.pool.swapped.fetch_sub(1, Ordering::AcqRel);
