@@ -16,16 +16,23 @@ fn context(cx: &mut Contexts, n: usize) -> String {
         .unwrap()[0]
         .id
         .clone();
+    let rows: Vec<f32> = (0..n * 4).map(|i| i as f32).collect();
+    turn(cx, &id, &rows);
+    id
+}
+
+/// A turn on context `id` ended with these K and V rows (one of 4 values a token, the same in
+/// both layers) in its KV; returns the sequence's KV, which shares the context's blocks.
+fn turn(cx: &mut Contexts, id: &str, rows: &[f32]) -> KvSeq {
+    let n = rows.len() / 4;
     let mut kv = KvSeq::in_pool(cx.pool.clone());
     kv.reserve(n).unwrap();
-    let rows: Vec<f32> = (0..n * 4).map(|i| i as f32).collect();
     for layer in 0..2 {
-        kv.write(layer, &rows, &rows);
+        kv.write(layer, rows, rows);
     }
     kv.advance(n);
-    let tokens: Vec<u32> = (0..n as u32).collect();
-    cx.finish(&id, &tokens, &kv);
-    id
+    cx.finish(id, &(0..n as u32).collect::<Vec<u32>>(), &kv);
+    kv
 }
 
 fn wait_written(rx: &mpsc::Receiver<Command>) -> u64 {
@@ -66,14 +73,7 @@ fn snapshots_are_written_off_the_engine_thread_and_settled_when_done() {
     // Run and extended while it was written: the stale write is dropped, the new KV kept.
     let b = context(&mut cx, 20);
     cx.move_to_disk(&b, false, &mut None).unwrap();
-    let mut kv = KvSeq::in_pool(pool.clone());
-    kv.reserve(40).unwrap();
-    let rows = vec![0.5f32; 40 * 4];
-    for layer in 0..2 {
-        kv.write(layer, &rows, &rows);
-    }
-    kv.advance(40);
-    cx.finish(&b, &(0..40).collect::<Vec<u32>>(), &kv);
+    let kv = turn(&mut cx, &b, &[0.5; 40 * 4]);
     let t = wait_written(&rx);
     cx.written(t);
     assert!(!file(&b).exists());
@@ -232,15 +232,7 @@ fn idle_contexts_are_copied_out_of_the_pool_off_the_engine_thread() {
     // A turn ran on it while it was copied: the copy is stale and dropped, the new KV kept.
     let c = context(&mut cx, 20);
     assert!(cx.evict_one(&[]));
-    let mut kv = KvSeq::in_pool(pool.clone());
-    kv.reserve(40).unwrap();
-    let rows = vec![0.5f32; 40 * 4];
-    for layer in 0..2 {
-        kv.write(layer, &rows, &rows);
-    }
-    kv.advance(40);
-    cx.finish(&c, &(0..40).collect::<Vec<u32>>(), &kv);
-    drop(kv);
+    drop(turn(&mut cx, &c, &[0.5; 40 * 4]));
     cx.evicted(wait_evicted(&rx), &[]);
     assert_eq!((cx.map[&c].tier(), cx.map[&c].kv.len()), ("pool", 40));
     assert_eq!(
