@@ -77,10 +77,9 @@ impl KvSeq {
 
     /// Blocks it holds that no other sequence shares: those a swap-out would free.
     pub fn sole_blocks(&self) -> usize {
-        let st = self.pool.state.lock().expect("kv pool lock");
         self.blocks
             .iter()
-            .filter(|&&b| st.refs[b as usize] == 1)
+            .filter(|&&b| self.pool.refs(b) == 1)
             .count()
     }
 
