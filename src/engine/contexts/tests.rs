@@ -35,6 +35,15 @@ fn turn(cx: &mut Contexts, id: &str, rows: &[f32]) -> KvSeq {
     kv
 }
 
+/// Contexts over a pool of 8 blocks, with host memory to spare and no disk tier, and the
+/// queue their copier threads report to.
+fn memory_only() -> (Arc<KvPool>, mpsc::Receiver<Command>, Contexts) {
+    let pool = KvPool::new(LAYOUT, 8);
+    let (tx, rx) = mpsc::channel();
+    let cx = Contexts::new(pool.clone(), None, 1 << 30, 0, tx);
+    (pool, rx, cx)
+}
+
 fn wait_written(rx: &mpsc::Receiver<Command>) -> u64 {
     match rx.recv_timeout(std::time::Duration::from_secs(30)) {
         Ok(Command::Written(t)) => t,
@@ -135,9 +144,7 @@ fn host_bytes_of(kv: &KvSeq) -> Vec<u8> {
 
 #[test]
 fn a_context_in_host_memory_is_copied_into_the_pool_off_the_engine_thread() {
-    let pool = KvPool::new(LAYOUT, 8);
-    let (tx, rx) = mpsc::channel();
-    let mut cx = Contexts::new(pool.clone(), None, 1 << 30, 0, tx);
+    let (pool, rx, mut cx) = memory_only();
     let host = |cx: &mut Contexts, id: &str| to_host(cx, &rx, id);
 
     // The request waits while the copy runs; a second one starts no second copy.
@@ -202,9 +209,7 @@ fn wait_evicted(rx: &mpsc::Receiver<Command>) -> Evicted {
 
 #[test]
 fn idle_contexts_are_copied_out_of_the_pool_off_the_engine_thread() {
-    let pool = KvPool::new(LAYOUT, 8);
-    let (tx, rx) = mpsc::channel();
-    let mut cx = Contexts::new(pool.clone(), None, 1 << 30, 0, tx);
+    let (pool, rx, mut cx) = memory_only();
 
     // Least recently used first, each once; the blocks stay until the copy is adopted.
     let a = context(&mut cx, 20);
@@ -244,9 +249,7 @@ fn idle_contexts_are_copied_out_of_the_pool_off_the_engine_thread() {
 
 #[test]
 fn a_context_coming_back_without_room_waits_for_an_idle_one_to_be_copied_out() {
-    let pool = KvPool::new(LAYOUT, 8);
-    let (tx, rx) = mpsc::channel();
-    let mut cx = Contexts::new(pool.clone(), None, 1 << 30, 0, tx);
+    let (pool, rx, mut cx) = memory_only();
     let back = context(&mut cx, 20);
     to_host(&mut cx, &rx, &back);
     let (idle, busy) = (context(&mut cx, 20), context(&mut cx, 20));
