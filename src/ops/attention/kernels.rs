@@ -5,7 +5,7 @@
 
 use super::CHUNK;
 use crate::kv::{widen, KvElem, KvRows};
-use crate::ops::quant::{isa, Isa};
+use crate::ops::quant::isa;
 use crate::ops::{axpy, dot};
 
 /// A block's K or V rows: as stored (8-bit rows without their scales, which the caller
@@ -39,7 +39,7 @@ impl<'a> Rows<'a> {
 }
 
 fn fast(d: usize) -> bool {
-    cfg!(target_arch = "x86_64") && d.is_multiple_of(8) && isa() == Isa::Avx2
+    cfg!(target_arch = "x86_64") && d.is_multiple_of(8) && isa().is_avx2()
 }
 
 /// `w[j * CHUNK + r] = q_j · k_r` for every query `j < nq` and row `r < cnt` (rows up to

@@ -7,6 +7,22 @@
 
 use super::{ActBlock, QActs, QKind, QWeight, QK};
 
+/// AVX-512 VNNI with 256-bit registers (AVX512VL) besides AVX2: `vpdpbusd` for the
+/// interleaved kernels' integer sums.
+pub fn vnni_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        supported()
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 pub fn supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -47,17 +63,26 @@ pub fn tile(
 }
 
 /// Fill `res[k]` with the dot products of the eight rows of interleaved group `g` and
-/// activation row `j + k` (`k < a`, `a` 1..=4).
-pub fn tile_x8(w: &QWeight, g: usize, acts: &QActs, j: usize, a: usize, res: &mut [[f32; 8]; 4]) {
+/// activation row `j + k` (`k < a`, `a` 1..=4); with `vnni`, on the AVX-512 VNNI variant.
+pub fn tile_x8(
+    w: &QWeight,
+    g: usize,
+    acts: &QActs,
+    j: usize,
+    a: usize,
+    vnni: bool,
+    res: &mut [[f32; 8]; 4],
+) {
     #[cfg(target_arch = "x86_64")]
     {
-        assert!(supported());
-        // SAFETY: as for `tile`; the group holds `nb` interleaved blocks.
-        unsafe { x86::tile_x8(w, g, acts, j, a, res) }
+        assert!(if vnni { vnni_supported() } else { supported() });
+        // SAFETY: as for `tile`, and VNNI checked when asked for; the group holds `nb`
+        // interleaved blocks.
+        unsafe { x86::tile_x8(w, g, acts, j, a, vnni, res) }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (w, g, acts, j, a, res);
+        let _ = (w, g, acts, j, a, vnni, res);
         unreachable!("AVX2 kernels on a non-x86 CPU")
     }
 }
@@ -120,19 +145,24 @@ mod x86 {
         acts: &QActs,
         j: usize,
         a: usize,
+        vnni: bool,
         res: &mut [[f32; 8]; 4],
     ) {
         let nb = w.cols / w.kind.block_len();
         let grp = w.group(g).as_ptr();
         macro_rules! go {
-            ($kern:ident, $A:literal) => {{
+            ($kern:ty, $A:literal) => {{
                 let ap: [*const ActBlock; $A] = std::array::from_fn(|k| acts.row(j + k).as_ptr());
-                let out = $kern::<$A>(grp, ap, nb);
+                let out = if vnni {
+                    on_vnni::<$kern, $A>(grp, ap, nb)
+                } else {
+                    on_avx2::<$kern, $A>(grp, ap, nb)
+                };
                 res[..$A].copy_from_slice(&out);
             }};
         }
         macro_rules! acts {
-            ($kern:ident) => {
+            ($kern:ty) => {
                 match a {
                     1 => go!($kern, 1),
                     2 => go!($kern, 2),
@@ -143,12 +173,109 @@ mod x86 {
             };
         }
         match w.kind {
-            QKind::Q4_0 => acts!(q4_0_x8),
-            QKind::Q4_1 => acts!(q4_1_x8),
-            QKind::Q8_0 => acts!(q8_0_x8),
-            QKind::Q4K => acts!(q4k_x8),
-            QKind::Q6K => acts!(q6k_x8),
+            QKind::Q4_0 => acts!(Q40),
+            QKind::Q4_1 => acts!(Q41),
+            QKind::Q8_0 => acts!(Q80),
+            QKind::Q4K => acts!(Q4K),
+            QKind::Q6K => acts!(Q6K),
         }
+    }
+
+    /// How a kernel sums the products of unsigned weight bytes and signed activation bytes,
+    /// four to each 32-bit lane.
+    trait IntDot {
+        /// `s` plus the products of `w` and `x`, in this method's running-sum form.
+        unsafe fn add(s: __m256i, w: __m256i, x: __m256i) -> __m256i;
+        /// A running sum as eight i32 lanes.
+        unsafe fn finish(s: __m256i) -> __m256i;
+        /// `s` (i32 lanes) plus the products of `w` and `x`.
+        unsafe fn add32(s: __m256i, w: __m256i, x: __m256i) -> __m256i;
+    }
+
+    /// AVX2: products summed in pairs into 16-bit lanes (`vpmaddubsw`); the running sum stays
+    /// in 16 bits (callers keep it from overflowing) until `finish` pairs it into 32.
+    struct Avx2Dot;
+
+    impl IntDot for Avx2Dot {
+        #[inline(always)]
+        unsafe fn add(s: __m256i, w: __m256i, x: __m256i) -> __m256i {
+            _mm256_add_epi16(s, _mm256_maddubs_epi16(w, x))
+        }
+        #[inline(always)]
+        unsafe fn finish(s: __m256i) -> __m256i {
+            _mm256_madd_epi16(s, _mm256_set1_epi16(1))
+        }
+        #[inline(always)]
+        unsafe fn add32(s: __m256i, w: __m256i, x: __m256i) -> __m256i {
+            _mm256_add_epi32(s, Self::finish(_mm256_maddubs_epi16(w, x)))
+        }
+    }
+
+    /// AVX-512 VNNI: one `vpdpbusd` sums four products into each 32-bit lane.
+    struct VnniDot;
+
+    impl IntDot for VnniDot {
+        #[inline(always)]
+        unsafe fn add(s: __m256i, w: __m256i, x: __m256i) -> __m256i {
+            _mm256_dpbusd_epi32(s, w, x)
+        }
+        #[inline(always)]
+        unsafe fn finish(s: __m256i) -> __m256i {
+            s
+        }
+        #[inline(always)]
+        unsafe fn add32(s: __m256i, w: __m256i, x: __m256i) -> __m256i {
+            _mm256_dpbusd_epi32(s, w, x)
+        }
+    }
+
+    /// An interleaved eight-row kernel for one format, generic over the integer sums.
+    trait X8 {
+        unsafe fn run<const A: usize, D: IntDot>(
+            grp: *const u8,
+            ap: [*const ActBlock; A],
+            nb: usize,
+        ) -> [[f32; 8]; A];
+    }
+
+    macro_rules! x8 {
+        ($name:ident, |$grp:ident, $ap:ident, $nb:ident| $body:expr) => {
+            struct $name;
+            impl X8 for $name {
+                #[inline(always)]
+                unsafe fn run<const A: usize, D: IntDot>(
+                    $grp: *const u8,
+                    $ap: [*const ActBlock; A],
+                    $nb: usize,
+                ) -> [[f32; 8]; A] {
+                    $body
+                }
+            }
+        };
+    }
+    x8!(Q40, |g, a, n| q4_x8::<A, false, D>(g, a, n));
+    x8!(Q41, |g, a, n| q4_x8::<A, true, D>(g, a, n));
+    x8!(Q80, |g, a, n| q8_0_x8::<A, D>(g, a, n));
+    x8!(Q4K, |g, a, n| q4k_x8::<A, D>(g, a, n));
+    // Q6_K's sums are scaled per 16 values in 16-bit lanes: AVX2's way either way.
+    x8!(Q6K, |g, a, n| q6k_x8::<A>(g, a, n));
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn on_avx2<K: X8, const A: usize>(
+        grp: *const u8,
+        ap: [*const ActBlock; A],
+        nb: usize,
+    ) -> [[f32; 8]; A] {
+        K::run::<A, Avx2Dot>(grp, ap, nb)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    unsafe fn on_vnni<K: X8, const A: usize>(
+        grp: *const u8,
+        ap: [*const ActBlock; A],
+        nb: usize,
+    ) -> [[f32; 8]; A] {
+        K::run::<A, VnniDot>(grp, ap, nb)
     }
 
     /// The eight lanes of each accumulator (one per interleaved row).
@@ -173,9 +300,8 @@ mod x86 {
     /// holds, per row (32-bit lane), four bytes: low nibbles are values `4s..4s + 4`, high
     /// nibbles `16 + 4s..`. Products are summed in 16-bit lanes over the whole block (at most
     /// 8 · 2 · 15 · 127 = 30,480, no overflow), then once in 32 bits.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_x8<const A: usize, const HAS_MIN: bool>(
+    #[inline(always)]
+    unsafe fn q4_x8<const A: usize, const HAS_MIN: bool, D: IntDot>(
         grp: *const u8,
         ap: [*const ActBlock; A],
         nb: usize,
@@ -183,7 +309,6 @@ mod x86 {
         let hdr = if HAS_MIN { 32 } else { 16 };
         let bytes = hdr + 128;
         let mask = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); A];
         for b in 0..nb {
             let p = grp.add(b * bytes);
@@ -200,37 +325,18 @@ mod x86 {
                 let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask);
                 for k in 0..A {
                     let ab = &*ap[k].add(b);
-                    let xl = _mm256_maddubs_epi16(lo, bcast4(ab, 4 * s));
-                    let xh = _mm256_maddubs_epi16(hi, bcast4(ab, 16 + 4 * s));
-                    isum[k] = _mm256_add_epi16(isum[k], _mm256_add_epi16(xl, xh));
+                    isum[k] = D::add(isum[k], lo, bcast4(ab, 4 * s));
+                    isum[k] = D::add(isum[k], hi, bcast4(ab, 16 + 4 * s));
                 }
             }
             for k in 0..A {
                 let ab = &*ap[k].add(b);
-                let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(isum[k], ones));
+                let dot = _mm256_cvtepi32_ps(D::finish(isum[k]));
                 acc[k] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(ab.d)), dot, acc[k]);
                 acc[k] = _mm256_fmadd_ps(m, _mm256_set1_ps(ab.s), acc[k]);
             }
         }
         lanes(acc)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_1_x8<const A: usize>(
-        grp: *const u8,
-        ap: [*const ActBlock; A],
-        nb: usize,
-    ) -> [[f32; 8]; A] {
-        q4_x8::<A, true>(grp, ap, nb)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_0_x8<const A: usize>(
-        grp: *const u8,
-        ap: [*const ActBlock; A],
-        nb: usize,
-    ) -> [[f32; 8]; A] {
-        q4_x8::<A, false>(grp, ap, nb)
     }
 
     /// Byte `k` of eight rows as the eight bytes of a `u64` (one plane of an interleaved
@@ -251,8 +357,8 @@ mod x86 {
     /// 6-bit sub-scales (decoded for all eight rows at once, eight bytes to a `u64`), then the
     /// values of sub-blocks `2p` (low nibbles) and `2p + 1` (high nibbles) in runs of four per
     /// row, summed in 16-bit lanes over a sub-block.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4k_x8<const A: usize>(
+    #[inline(always)]
+    unsafe fn q4k_x8<const A: usize, D: IntDot>(
         grp: *const u8,
         ap: [*const ActBlock; A],
         nb: usize,
@@ -261,7 +367,6 @@ mod x86 {
         const LO4: u64 = 0x0F0F_0F0F_0F0F_0F0F;
         const LO2: u64 = 0x0303_0303_0303_0303;
         let mask = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); A];
         for b in 0..nb {
             let p = grp.add(b * 1152);
@@ -290,10 +395,8 @@ mod x86 {
                     for k in 0..A {
                         let a0 = &*ap[k].add(b * 8 + 2 * pair);
                         let a1 = &*ap[k].add(b * 8 + 2 * pair + 1);
-                        let xl = _mm256_maddubs_epi16(lo, bcast4(a0, 4 * t));
-                        let xh = _mm256_maddubs_epi16(hi, bcast4(a1, 4 * t));
-                        lo_sum[k] = _mm256_add_epi16(lo_sum[k], xl);
-                        hi_sum[k] = _mm256_add_epi16(hi_sum[k], xh);
+                        lo_sum[k] = D::add(lo_sum[k], lo, bcast4(a0, 4 * t));
+                        hi_sum[k] = D::add(hi_sum[k], hi, bcast4(a1, 4 * t));
                     }
                 }
                 for (half, sums) in [lo_sum, hi_sum].iter().enumerate() {
@@ -303,7 +406,7 @@ mod x86 {
                     let min = _mm256_mul_ps(dmin, plane_f32(mn));
                     for k in 0..A {
                         let ab = &*ap[k].add(b * 8 + sub);
-                        let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums[k], ones));
+                        let dot = _mm256_cvtepi32_ps(D::finish(sums[k]));
                         let f = _mm256_mul_ps(scale, _mm256_set1_ps(ab.d));
                         acc[k] = _mm256_fmadd_ps(f, dot, acc[k]);
                         acc[k] = _mm256_fnmadd_ps(min, _mm256_set1_ps(ab.s), acc[k]);
@@ -345,7 +448,7 @@ mod x86 {
     /// multiplied by the row's sub-scale and summed in 32 bits by one `madd` (the sub-scale
     /// repeated in both 16-bit halves of the row's lane); the 32 offset is taken off in 32 bits.
     /// Only a chunk's total (two sub-blocks) is converted to f32.
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline(always)]
     unsafe fn q6k_x8<const A: usize>(
         grp: *const u8,
         ap: [*const ActBlock; A],
@@ -413,13 +516,12 @@ mod x86 {
     }
 
     /// Eight interleaved Q8_0 rows: eight runs of 32 bytes, four values per row each.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q8_0_x8<const A: usize>(
+    #[inline(always)]
+    unsafe fn q8_0_x8<const A: usize, D: IntDot>(
         grp: *const u8,
         ap: [*const ActBlock; A],
         nb: usize,
     ) -> [[f32; 8]; A] {
-        let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); A];
         for b in 0..nb {
             let p = grp.add(b * 272);
@@ -431,8 +533,7 @@ mod x86 {
                 for k in 0..A {
                     let ab = &*ap[k].add(b);
                     let x = _mm256_sign_epi8(bcast4(ab, 4 * s), q);
-                    let p16 = _mm256_maddubs_epi16(qa, x);
-                    isum[k] = _mm256_add_epi32(isum[k], _mm256_madd_epi16(p16, ones));
+                    isum[k] = D::add32(isum[k], qa, x);
                 }
             }
             for k in 0..A {

@@ -6,7 +6,8 @@
 //! takes that input (Q, K and V; gate and up). Integer dot products per block of 32 are scaled
 //! to f32 and summed, as llama.cpp does.
 //!
-//! Kernels: AVX2+FMA+F16C (chosen at run time) and a portable scalar path; [`set_isa`] forces
+//! Kernels: AVX2+FMA+F16C, the same with AVX-512 VNNI's integer dot products (chosen at run
+//! time), and a portable scalar path; [`set_isa`] forces
 //! one, so tests cover every path the machine has. Both shapes are served by one tiled driver:
 //! matrix × vector for a single decode stream (four weight rows per pass, for independent
 //! accumulators) and matrix × small matrix for batches and prefill chunks (each weight block is
@@ -188,7 +189,7 @@ impl QWeight {
         }
         let data = t.data().ok()?.into_owned();
         let w = QWeight::from_bytes(kind, rows, cols, data)?;
-        Some(if isa() == Isa::Avx2 {
+        Some(if isa().is_avx2() {
             w.interleaved()
         } else {
             w
@@ -380,6 +381,9 @@ fn deinterleave_block(kind: QKind, src: &[u8], i: usize, dst: &mut [u8]) {
 pub enum Isa {
     Portable,
     Avx2,
+    /// The AVX2 kernels with AVX-512 VNNI's `vpdpbusd` (on 256-bit registers) summing the
+    /// 8-bit products straight into 32-bit lanes, where AVX2 needs three instructions.
+    Vnni,
 }
 
 impl Isa {
@@ -389,21 +393,26 @@ impl Isa {
         if avx2::supported() {
             v.push(Isa::Avx2);
         }
+        if avx2::vnni_supported() {
+            v.push(Isa::Vnni);
+        }
         v
     }
 
     fn best() -> Isa {
-        if avx2::supported() {
-            Isa::Avx2
-        } else {
-            Isa::Portable
-        }
+        *Isa::available().last().expect("portable is always available")
+    }
+
+    /// Whether this path uses the AVX2 kernels (and so the interleaved weight layout).
+    pub fn is_avx2(self) -> bool {
+        matches!(self, Isa::Avx2 | Isa::Vnni)
     }
 
     pub fn name(self) -> &'static str {
         match self {
             Isa::Portable => "portable",
             Isa::Avx2 => "avx2",
+            Isa::Vnni => "avx512vnni",
         }
     }
 
@@ -411,6 +420,7 @@ impl Isa {
         match s {
             "portable" => Some(Isa::Portable),
             "avx2" if avx2::supported() => Some(Isa::Avx2),
+            "avx512vnni" if avx2::vnni_supported() => Some(Isa::Vnni),
             _ => None,
         }
     }
@@ -420,11 +430,12 @@ impl Isa {
 static ISA: AtomicU8 = AtomicU8::new(0);
 
 /// The instruction set the kernels use: forced by [`set_isa`] or `AIOS_CPU_KERNELS`
-/// (`portable`, `avx2`), else the best this CPU has.
+/// (`portable`, `avx2`, `avx512vnni`), else the best this CPU has.
 pub fn isa() -> Isa {
     match ISA.load(Ordering::Relaxed) {
         1 => Isa::Portable,
         2 => Isa::Avx2,
+        3 => Isa::Vnni,
         _ => {
             let chosen = std::env::var("AIOS_CPU_KERNELS")
                 .ok()
@@ -443,6 +454,7 @@ pub fn set_isa(isa: Isa) {
         match isa {
             Isa::Portable => 1,
             Isa::Avx2 => 2,
+            Isa::Vnni => 3,
         },
         Ordering::Relaxed,
     );
@@ -539,10 +551,10 @@ unsafe fn tile(isa: Isa, w: &QWeight, t: &Task, acts: &QActs, out: *mut f32) {
     let mut j = t.j0;
     while j < t.j1 {
         let a = (t.j1 - j).min(4);
-        if isa == Isa::Avx2 {
+        if isa.is_avx2() {
             for g in t.r0 / GROUP..mid / GROUP {
                 let mut res = [[0f32; GROUP]; 4];
-                avx2::tile_x8(w, g, acts, j, a, &mut res);
+                avx2::tile_x8(w, g, acts, j, a, isa == Isa::Vnni, &mut res);
                 for (k, row) in res.iter().enumerate().take(a) {
                     let dst = out.add((j + k) * w.rows + g * GROUP);
                     std::ptr::copy_nonoverlapping(row.as_ptr(), dst, GROUP);
@@ -562,7 +574,7 @@ unsafe fn tile(isa: Isa, w: &QWeight, t: &Task, acts: &QActs, out: *mut f32) {
             let rr = if rr == 3 { 2 } else { rr };
             let mut res = [[0f32; 4]; 4];
             match isa {
-                Isa::Avx2 => avx2::tile(w, r, rr, acts, j, a, &mut res),
+                Isa::Avx2 | Isa::Vnni => avx2::tile(w, r, rr, acts, j, a, &mut res),
                 Isa::Portable => {
                     for (i, row) in res.iter_mut().enumerate().take(rr) {
                         for (k, cell) in row.iter_mut().enumerate().take(a) {
