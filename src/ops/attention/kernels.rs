@@ -5,7 +5,7 @@
 
 use super::CHUNK;
 use crate::kv::{widen, KvElem, KvRows};
-use crate::ops::quant::isa;
+use crate::ops::quant::{isa, Isa};
 use crate::ops::{axpy, dot};
 
 /// A block's K or V rows: as stored (8-bit rows without their scales, which the caller
@@ -42,9 +42,28 @@ fn fast(d: usize) -> bool {
     cfg!(target_arch = "x86_64") && d.is_multiple_of(8) && isa().is_avx2()
 }
 
+/// The 512-bit kernels: where the kernels in use are the AVX-512 ones and a head is whole
+/// 16-lane vectors.
+fn wide(d: usize) -> bool {
+    cfg!(target_arch = "x86_64") && d.is_multiple_of(16) && isa() == Isa::Vnni
+}
+
 /// `w[j * CHUNK + r] = q_j · k_r` for every query `j < nq` and row `r < cnt` (rows up to
 /// `cnt` rounded up to 4 may be written too; `k` holds a whole block).
 pub fn scores(q: &[f32], nq: usize, d: usize, k: Rows, cnt: usize, w: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if wide(d) {
+        // SAFETY: AVX-512F checked with the instruction set; `d` is a multiple of 16;
+        // lengths asserted.
+        unsafe {
+            match k {
+                Rows::F16(k) => avx512::scores(q, nq, d, k, cnt, w),
+                Rows::I8(k) => avx512::scores(q, nq, d, k, cnt, w),
+                Rows::F32(k) => avx512::scores(q, nq, d, k, cnt, w),
+            }
+        }
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if fast(d) {
         // SAFETY: AVX2, FMA and F16C checked; `d` is a multiple of 8; lengths asserted.
@@ -68,6 +87,18 @@ pub fn scores(q: &[f32], nq: usize, d: usize, k: Rows, cnt: usize, w: &mut [f32]
 
 /// `acc_j += sum over r < cnt of w[j * CHUNK + r] * v_r` for every query `j < nq`.
 pub fn accumulate(w: &[f32], nq: usize, d: usize, v: Rows, cnt: usize, acc: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if wide(d) {
+        // SAFETY: as for `scores`.
+        unsafe {
+            match v {
+                Rows::F16(v) => avx512::accumulate(w, nq, d, v, cnt, acc),
+                Rows::I8(v) => avx512::accumulate(w, nq, d, v, cnt, acc),
+                Rows::F32(v) => avx512::accumulate(w, nq, d, v, cnt, acc),
+            }
+        }
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if fast(d) {
         // SAFETY: as for `scores`.
@@ -263,6 +294,191 @@ mod avx2 {
                     (_, false) => add_rows::<1, 1, T>(wj, vp, aj, d, cnt, c),
                 }
                 c += if wide { 16 } else { 8 };
+            }
+            j += qs;
+        }
+    }
+}
+
+/// The same loops on 512-bit registers (AVX-512F): 16 values per instruction, and with 32
+/// registers a whole 64-wide head's accumulators for three queries stay in registers.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::CHUNK;
+    use crate::kv::KvElem;
+    use std::arch::x86_64::*;
+
+    /// Sixteen consecutive values as f32 lanes.
+    pub trait Load16 {
+        /// # Safety
+        /// Sixteen values must be readable at `p`; AVX-512F must be present.
+        unsafe fn load16(p: *const Self) -> __m512;
+    }
+
+    impl Load16 for f32 {
+        #[inline(always)]
+        unsafe fn load16(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+    }
+
+    impl Load16 for KvElem {
+        #[inline(always)]
+        unsafe fn load16(p: *const KvElem) -> __m512 {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+        }
+    }
+
+    impl Load16 for i8 {
+        #[inline(always)]
+        unsafe fn load16(p: *const i8) -> __m512 {
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast())))
+        }
+    }
+
+    /// Four accumulators' sums: each folded to eight lanes (lane `i` + lane `i + 8`), then
+    /// the eight summed in one fixed order for every accumulator.
+    #[inline(always)]
+    unsafe fn sum4(a: __m512, b: __m512, c: __m512, d: __m512) -> __m128 {
+        let fold = |x: __m512| {
+            _mm256_add_ps(
+                _mm512_castps512_ps256(x),
+                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)),
+            )
+        };
+        let g = _mm256_hadd_ps(
+            _mm256_hadd_ps(fold(a), fold(b)),
+            _mm256_hadd_ps(fold(c), fold(d)),
+        );
+        _mm_add_ps(_mm256_castps256_ps128(g), _mm256_extractf128_ps(g, 1))
+    }
+
+    /// Dot products of `Q` queries with four rows from `k`, each `d` long, as 16 partial
+    /// sums each.
+    #[inline(always)]
+    unsafe fn dots<const Q: usize, T: Load16>(
+        q: *const f32,
+        k: *const T,
+        d: usize,
+    ) -> [[__m512; 4]; Q] {
+        let mut a = [[_mm512_setzero_ps(); 4]; Q];
+        for c in (0..d).step_by(16) {
+            #[allow(clippy::needless_range_loop)]
+            for r in 0..4 {
+                let kv = T::load16(k.add(r * d + c));
+                for (i, ai) in a.iter_mut().enumerate() {
+                    ai[r] = _mm512_fmadd_ps(_mm512_loadu_ps(q.add(i * d + c)), kv, ai[r]);
+                }
+            }
+        }
+        a
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub unsafe fn scores<T: Load16>(
+        q: &[f32],
+        nq: usize,
+        d: usize,
+        k: &[T],
+        cnt: usize,
+        w: &mut [f32],
+    ) {
+        // Rows are read four at a time: `k` holds a whole block.
+        assert!(cnt <= CHUNK && k.len() >= cnt.next_multiple_of(4) * d);
+        assert!(q.len() >= nq * d && w.len() >= (nq - 1) * CHUNK + cnt.next_multiple_of(4));
+        let (qp, kp, wp) = (q.as_ptr(), k.as_ptr(), w.as_mut_ptr());
+        let mut j = 0;
+        while j < nq {
+            let qs = (nq - j).min(3);
+            let qj = qp.add(j * d);
+            for r in (0..cnt).step_by(4) {
+                let out = wp.add(j * CHUNK + r);
+                let kr = kp.add(r * d);
+                macro_rules! go {
+                    ($Q:literal) => {
+                        for (i, a) in dots::<$Q, T>(qj, kr, d).iter().enumerate() {
+                            _mm_storeu_ps(out.add(i * CHUNK), sum4(a[0], a[1], a[2], a[3]));
+                        }
+                    };
+                }
+                match qs {
+                    3 => go!(3),
+                    2 => go!(2),
+                    _ => go!(1),
+                }
+            }
+            j += qs;
+        }
+    }
+
+    /// Add the weighted rows to columns `c..c + 16 * V` of `Q` queries' accumulators.
+    #[inline(always)]
+    unsafe fn add_rows<const Q: usize, const V: usize, T: Load16>(
+        w: *const f32,
+        v: *const T,
+        acc: *mut f32,
+        d: usize,
+        cnt: usize,
+        c: usize,
+    ) {
+        let mut a = [[_mm512_setzero_ps(); V]; Q];
+        for (i, ai) in a.iter_mut().enumerate() {
+            for (x, av) in ai.iter_mut().enumerate() {
+                *av = _mm512_loadu_ps(acc.add(i * d + c + 16 * x));
+            }
+        }
+        for r in 0..cnt {
+            let wr: [__m512; Q] = std::array::from_fn(|i| _mm512_set1_ps(*w.add(i * CHUNK + r)));
+            #[allow(clippy::needless_range_loop)]
+            for x in 0..V {
+                let vx = T::load16(v.add(r * d + c + 16 * x));
+                for i in 0..Q {
+                    a[i][x] = _mm512_fmadd_ps(wr[i], vx, a[i][x]);
+                }
+            }
+        }
+        for (i, ai) in a.iter().enumerate() {
+            for (x, av) in ai.iter().enumerate() {
+                _mm512_storeu_ps(acc.add(i * d + c + 16 * x), *av);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub unsafe fn accumulate<T: Load16>(
+        w: &[f32],
+        nq: usize,
+        d: usize,
+        v: &[T],
+        cnt: usize,
+        acc: &mut [f32],
+    ) {
+        assert!(cnt <= CHUNK && w.len() >= (nq - 1) * CHUNK + cnt);
+        assert!(v.len() >= cnt * d && acc.len() >= nq * d);
+        let (wp, vp, ap) = (w.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
+        let mut j = 0;
+        while j < nq {
+            let qs = (nq - j).min(3);
+            let (wj, aj) = (wp.add(j * CHUNK), ap.add(j * d));
+            let mut c = 0;
+            while c < d {
+                // Q * V accumulators, V row vectors and Q weights: 19 registers at most.
+                let wide = d - c >= 64;
+                macro_rules! go {
+                    ($Q:literal) => {
+                        if wide {
+                            add_rows::<$Q, 4, T>(wj, vp, aj, d, cnt, c)
+                        } else {
+                            add_rows::<$Q, 1, T>(wj, vp, aj, d, cnt, c)
+                        }
+                    };
+                }
+                match qs {
+                    3 => go!(3),
+                    2 => go!(2),
+                    _ => go!(1),
+                }
+                c += if wide { 64 } else { 16 };
             }
             j += qs;
         }
