@@ -12,8 +12,17 @@ scripts/fetch-model.sh >/dev/null
 if ! .venv-bench/bin/python -c "import llama_cpp" 2>/dev/null; then
     command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake >/dev/null; }
     python3 -m venv .venv-bench
-    # Native build for this CPU, like our target-cpu build.
-    CMAKE_ARGS="-DGGML_NATIVE=ON" .venv-bench/bin/pip install -q llama-cpp-python
+    # Native build for this CPU, like our target-cpu build. On a CPU that reports AMX, a native
+    # build runs llama.cpp's AMX tiles, which a virtual machine may not enable (SIGILL at the
+    # first matmul): there, the same AVX-512 and VNNI instructions without AMX.
+    flags="-DGGML_NATIVE=ON"
+    if grep -qw amx_tile /proc/cpuinfo; then
+        flags="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+        for f in avx512f:AVX512 avx512_vnni:AVX512_VNNI avx512vbmi:AVX512_VBMI avx512_bf16:AVX512_BF16; do
+            grep -qw "${f%%:*}" /proc/cpuinfo && flags="$flags -DGGML_${f##*:}=ON"
+        done
+    fi
+    CMAKE_ARGS="$flags" .venv-bench/bin/pip install -q llama-cpp-python
 fi
 theirs=$(.venv-bench/bin/python scripts/bench_llama_cpp.py "$model" "$threads")
 ours=$(AIOS_BENCH_THREADS="$threads" cargo bench -q --bench model 2>/dev/null | grep '^{')
