@@ -244,6 +244,15 @@ fn serve(common: Common) -> Result<()> {
             None
         };
         let state = aios::start_loading(&cfg, kv_events.clone()).map_err(anyhow::Error::msg)?;
+        {
+            use aios::ops::quant::{isa, Isa};
+            let paths: Vec<&str> = Isa::available().iter().map(|i| i.name()).collect();
+            tracing::info!(
+                "CPU kernels: {} (this CPU runs {}; AIOS_CPU_KERNELS picks one)",
+                isa().name(),
+                paths.join(", ")
+            );
+        }
         let _ = state
             .reload_source
             .set(Box::new(move || common.config().map_err(|e| format!("{e:#}"))));

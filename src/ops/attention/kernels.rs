@@ -45,7 +45,7 @@ fn fast(d: usize) -> bool {
 /// The 512-bit kernels: where the kernels in use are the AVX-512 ones and a head is whole
 /// 16-lane vectors.
 fn wide(d: usize) -> bool {
-    cfg!(target_arch = "x86_64") && d.is_multiple_of(16) && isa() == Isa::Vnni
+    cfg!(target_arch = "x86_64") && d.is_multiple_of(16) && isa() == Isa::Avx512
 }
 
 /// `w[j * CHUNK + r] = q_j · k_r` for every query `j < nq` and row `r < cnt` (rows up to

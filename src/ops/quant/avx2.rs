@@ -5,17 +5,29 @@
 //! activation row of the tile (`_mm256_maddubs_epi16`: unsigned weight nibbles × signed 8-bit
 //! activations), then the integer sums are scaled and accumulated in f32 lanes.
 
-use super::{ActBlock, QActs, QKind, QWeight, QK};
+use super::{ActBlock, Isa, QActs, QKind, QWeight, QK};
 
-/// AVX-512 VNNI with 256-bit registers (AVX512VL) besides AVX2: `vpdpbusd` for the
-/// interleaved kernels' integer sums.
-pub fn vnni_supported() -> bool {
+/// AVX-512 (F, and VNNI on 256-bit registers with VL) besides AVX2: `vpdpbusd` for the
+/// interleaved kernels' integer sums, 512-bit attention.
+pub fn avx512_supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         supported()
             && std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// AVX-VNNI (the VEX-encoded `vpdpbusd`, without AVX-512) besides AVX2.
+pub fn avx_vnni_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        supported() && std::arch::is_x86_feature_detected!("avxvnni")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -63,26 +75,32 @@ pub fn tile(
 }
 
 /// Fill `res[k]` with the dot products of the eight rows of interleaved group `g` and
-/// activation row `j + k` (`k < a`, `a` 1..=4); with `vnni`, on the AVX-512 VNNI variant.
+/// activation row `j + k` (`k < a`, `a` 1..=4), with the integer sums of `isa` (one of the
+/// AVX2 family).
 pub fn tile_x8(
     w: &QWeight,
     g: usize,
     acts: &QActs,
     j: usize,
     a: usize,
-    vnni: bool,
+    isa: Isa,
     res: &mut [[f32; 8]; 4],
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        assert!(if vnni { vnni_supported() } else { supported() });
-        // SAFETY: as for `tile`, and VNNI checked when asked for; the group holds `nb`
+        assert!(match isa {
+            Isa::Avx2 => supported(),
+            Isa::AvxVnni => avx_vnni_supported(),
+            Isa::Avx512 => avx512_supported(),
+            Isa::Portable => false,
+        });
+        // SAFETY: as for `tile`, and the instruction set checked above; the group holds `nb`
         // interleaved blocks.
-        unsafe { x86::tile_x8(w, g, acts, j, a, vnni, res) }
+        unsafe { x86::tile_x8(w, g, acts, j, a, isa, res) }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (w, g, acts, j, a, vnni, res);
+        let _ = (w, g, acts, j, a, isa, res);
         unreachable!("AVX2 kernels on a non-x86 CPU")
     }
 }
@@ -145,7 +163,7 @@ mod x86 {
         acts: &QActs,
         j: usize,
         a: usize,
-        vnni: bool,
+        isa: Isa,
         res: &mut [[f32; 8]; 4],
     ) {
         let nb = w.cols / w.kind.block_len();
@@ -153,10 +171,10 @@ mod x86 {
         macro_rules! go {
             ($kern:ty, $A:literal) => {{
                 let ap: [*const ActBlock; $A] = std::array::from_fn(|k| acts.row(j + k).as_ptr());
-                let out = if vnni {
-                    on_vnni::<$kern, $A>(grp, ap, nb)
-                } else {
-                    on_avx2::<$kern, $A>(grp, ap, nb)
+                let out = match isa {
+                    Isa::Avx512 => on_avx512::<$kern, $A>(grp, ap, nb),
+                    Isa::AvxVnni => on_avx_vnni::<$kern, $A>(grp, ap, nb),
+                    _ => on_avx2::<$kern, $A>(grp, ap, nb),
                 };
                 res[..$A].copy_from_slice(&out);
             }};
@@ -211,23 +229,30 @@ mod x86 {
         }
     }
 
-    /// AVX-512 VNNI: one `vpdpbusd` sums four products into each 32-bit lane.
-    struct VnniDot;
+    /// VNNI: one `vpdpbusd` sums four products into each 32-bit lane (`$dp`: the AVX-512
+    /// encoding or the VEX one).
+    macro_rules! vnni_dot {
+        ($name:ident, $dp:ident) => {
+            struct $name;
 
-    impl IntDot for VnniDot {
-        #[inline(always)]
-        unsafe fn add(s: __m256i, w: __m256i, x: __m256i) -> __m256i {
-            _mm256_dpbusd_epi32(s, w, x)
-        }
-        #[inline(always)]
-        unsafe fn finish(s: __m256i) -> __m256i {
-            s
-        }
-        #[inline(always)]
-        unsafe fn add32(s: __m256i, w: __m256i, x: __m256i) -> __m256i {
-            _mm256_dpbusd_epi32(s, w, x)
-        }
+            impl IntDot for $name {
+                #[inline(always)]
+                unsafe fn add(s: __m256i, w: __m256i, x: __m256i) -> __m256i {
+                    $dp(s, w, x)
+                }
+                #[inline(always)]
+                unsafe fn finish(s: __m256i) -> __m256i {
+                    s
+                }
+                #[inline(always)]
+                unsafe fn add32(s: __m256i, w: __m256i, x: __m256i) -> __m256i {
+                    $dp(s, w, x)
+                }
+            }
+        };
     }
+    vnni_dot!(Avx512Dot, _mm256_dpbusd_epi32);
+    vnni_dot!(AvxVnniDot, _mm256_dpbusd_avx_epi32);
 
     /// An interleaved eight-row kernel for one format, generic over the integer sums.
     trait X8 {
@@ -270,12 +295,21 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-    unsafe fn on_vnni<K: X8, const A: usize>(
+    unsafe fn on_avx512<K: X8, const A: usize>(
         grp: *const u8,
         ap: [*const ActBlock; A],
         nb: usize,
     ) -> [[f32; 8]; A] {
-        K::run::<A, VnniDot>(grp, ap, nb)
+        K::run::<A, Avx512Dot>(grp, ap, nb)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    unsafe fn on_avx_vnni<K: X8, const A: usize>(
+        grp: *const u8,
+        ap: [*const ActBlock; A],
+        nb: usize,
+    ) -> [[f32; 8]; A] {
+        K::run::<A, AvxVnniDot>(grp, ap, nb)
     }
 
     /// The eight lanes of each accumulator (one per interleaved row).

@@ -6,8 +6,8 @@
 //! takes that input (Q, K and V; gate and up). Integer dot products per block of 32 are scaled
 //! to f32 and summed, as llama.cpp does.
 //!
-//! Kernels: AVX2+FMA+F16C, the same with AVX-512 VNNI's integer dot products (chosen at run
-//! time), and a portable scalar path; [`set_isa`] forces
+//! Kernels: AVX2+FMA+F16C, the same with AVX-VNNI's or AVX-512 VNNI's integer dot products
+//! (chosen at run time), and a portable scalar path; [`set_isa`] forces
 //! one, so tests cover every path the machine has. Both shapes are served by one tiled driver:
 //! matrix × vector for a single decode stream (four weight rows per pass, for independent
 //! accumulators) and matrix × small matrix for batches and prefill chunks (each weight block is
@@ -189,11 +189,7 @@ impl QWeight {
         }
         let data = t.data().ok()?.into_owned();
         let w = QWeight::from_bytes(kind, rows, cols, data)?;
-        Some(if isa().is_avx2() {
-            w.interleaved()
-        } else {
-            w
-        })
+        Some(if isa().is_avx2() { w.interleaved() } else { w })
     }
 
     /// Wrap raw GGUF blocks; `None` when the shape and byte count disagree.
@@ -381,9 +377,12 @@ fn deinterleave_block(kind: QKind, src: &[u8], i: usize, dst: &mut [u8]) {
 pub enum Isa {
     Portable,
     Avx2,
-    /// The AVX2 kernels with AVX-512 VNNI's `vpdpbusd` (on 256-bit registers) summing the
-    /// 8-bit products straight into 32-bit lanes, where AVX2 needs three instructions.
-    Vnni,
+    /// The AVX2 kernels with AVX-VNNI's `vpdpbusd` summing the 8-bit products straight into
+    /// 32-bit lanes, where AVX2 needs three instructions (Alder Lake and later client CPUs).
+    AvxVnni,
+    /// The same with AVX-512 VNNI's `vpdpbusd` (on 256-bit registers, AVX512VL), and
+    /// attention on 512-bit registers (AVX-512F): Ice Lake, Sapphire Rapids, Zen 4 and later.
+    Avx512,
 }
 
 impl Isa {
@@ -393,26 +392,32 @@ impl Isa {
         if avx2::supported() {
             v.push(Isa::Avx2);
         }
-        if avx2::vnni_supported() {
-            v.push(Isa::Vnni);
+        if avx2::avx_vnni_supported() {
+            v.push(Isa::AvxVnni);
+        }
+        if avx2::avx512_supported() {
+            v.push(Isa::Avx512);
         }
         v
     }
 
     fn best() -> Isa {
-        *Isa::available().last().expect("portable is always available")
+        *Isa::available()
+            .last()
+            .expect("portable is always available")
     }
 
     /// Whether this path uses the AVX2 kernels (and so the interleaved weight layout).
     pub fn is_avx2(self) -> bool {
-        matches!(self, Isa::Avx2 | Isa::Vnni)
+        matches!(self, Isa::Avx2 | Isa::AvxVnni | Isa::Avx512)
     }
 
     pub fn name(self) -> &'static str {
         match self {
             Isa::Portable => "portable",
             Isa::Avx2 => "avx2",
-            Isa::Vnni => "avx512vnni",
+            Isa::AvxVnni => "avxvnni",
+            Isa::Avx512 => "avx512",
         }
     }
 
@@ -420,7 +425,8 @@ impl Isa {
         match s {
             "portable" => Some(Isa::Portable),
             "avx2" if avx2::supported() => Some(Isa::Avx2),
-            "avx512vnni" if avx2::vnni_supported() => Some(Isa::Vnni),
+            "avxvnni" if avx2::avx_vnni_supported() => Some(Isa::AvxVnni),
+            "avx512" if avx2::avx512_supported() => Some(Isa::Avx512),
             _ => None,
         }
     }
@@ -430,17 +436,24 @@ impl Isa {
 static ISA: AtomicU8 = AtomicU8::new(0);
 
 /// The instruction set the kernels use: forced by [`set_isa`] or `AIOS_CPU_KERNELS`
-/// (`portable`, `avx2`, `avx512vnni`), else the best this CPU has.
+/// (`portable`, `avx2`, `avxvnni`, `avx512`), else the best this CPU has.
 pub fn isa() -> Isa {
     match ISA.load(Ordering::Relaxed) {
         1 => Isa::Portable,
         2 => Isa::Avx2,
-        3 => Isa::Vnni,
+        3 => Isa::AvxVnni,
+        4 => Isa::Avx512,
         _ => {
-            let chosen = std::env::var("AIOS_CPU_KERNELS")
-                .ok()
-                .and_then(|s| Isa::parse(&s))
-                .unwrap_or_else(Isa::best);
+            let asked = std::env::var("AIOS_CPU_KERNELS").ok();
+            let chosen = asked.as_deref().and_then(Isa::parse).unwrap_or_else(|| {
+                if let Some(a) = &asked {
+                    tracing::warn!(
+                        "AIOS_CPU_KERNELS={a}: not a kernel set this CPU runs; using {}",
+                        Isa::best().name()
+                    );
+                }
+                Isa::best()
+            });
             set_isa(chosen);
             chosen
         }
@@ -454,7 +467,8 @@ pub fn set_isa(isa: Isa) {
         match isa {
             Isa::Portable => 1,
             Isa::Avx2 => 2,
-            Isa::Vnni => 3,
+            Isa::AvxVnni => 3,
+            Isa::Avx512 => 4,
         },
         Ordering::Relaxed,
     );
@@ -554,7 +568,7 @@ unsafe fn tile(isa: Isa, w: &QWeight, t: &Task, acts: &QActs, out: *mut f32) {
         if isa.is_avx2() {
             for g in t.r0 / GROUP..mid / GROUP {
                 let mut res = [[0f32; GROUP]; 4];
-                avx2::tile_x8(w, g, acts, j, a, isa == Isa::Vnni, &mut res);
+                avx2::tile_x8(w, g, acts, j, a, isa, &mut res);
                 for (k, row) in res.iter().enumerate().take(a) {
                     let dst = out.add((j + k) * w.rows + g * GROUP);
                     std::ptr::copy_nonoverlapping(row.as_ptr(), dst, GROUP);
@@ -574,7 +588,9 @@ unsafe fn tile(isa: Isa, w: &QWeight, t: &Task, acts: &QActs, out: *mut f32) {
             let rr = if rr == 3 { 2 } else { rr };
             let mut res = [[0f32; 4]; 4];
             match isa {
-                Isa::Avx2 | Isa::Vnni => avx2::tile(w, r, rr, acts, j, a, &mut res),
+                Isa::Avx2 | Isa::AvxVnni | Isa::Avx512 => {
+                    avx2::tile(w, r, rr, acts, j, a, &mut res)
+                }
                 Isa::Portable => {
                     for (i, row) in res.iter_mut().enumerate().take(rr) {
                         for (k, cell) in row.iter_mut().enumerate().take(a) {
