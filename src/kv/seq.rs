@@ -467,22 +467,28 @@ impl KvSeq {
             })
     }
 
-    /// K and V of one layer and KV head for the blocks holding the first `upto` rows, whole:
-    /// `BLOCK_TOKENS` rows each, the last block's rows past `upto` included (whatever they
-    /// hold), so a kernel may read a block in fixed-size steps and ignore what it does not need.
+    /// K and V of one layer and KV head for the blocks holding rows `from..upto` (`from` a
+    /// multiple of `BLOCK_TOKENS`), whole: `BLOCK_TOKENS` rows each, the last block's rows past
+    /// `upto` included (whatever they hold), so a kernel may read a block in fixed-size steps
+    /// and ignore what it does not need.
     pub fn block_segments(
         &self,
         layer: usize,
         kv_head: usize,
+        from: usize,
         upto: usize,
     ) -> impl Iterator<Item = (KvRows<'_>, KvRows<'_>)> + '_ {
         assert!(
             upto <= self.blocks.len() * BLOCK_TOKENS,
             "rows beyond the blocks"
         );
-        self.blocks
+        assert!(
+            from.is_multiple_of(BLOCK_TOKENS),
+            "a range starting inside a block"
+        );
+        self.blocks[..upto.div_ceil(BLOCK_TOKENS)]
             .iter()
-            .take(upto.div_ceil(BLOCK_TOKENS))
+            .skip(from / BLOCK_TOKENS)
             .map(move |&b| {
                 // SAFETY: writers hold `&mut KvSeq`; this borrow of `self` keeps them away.
                 unsafe {

@@ -200,9 +200,16 @@ fn attend_range(
         sum: vec![0.0; nq],
         acc: vec![0.0; nq * d],
     };
-    let segs: Vec<Seg> = kv.block_segments(layer, g, hi).collect();
+    // The range's blocks: `segs[i]` is block `lo / BLOCK_TOKENS + i`.
+    let segs: Vec<Seg> = kv.block_segments(layer, g, lo, hi).collect();
+    let first_block = lo / BLOCK_TOKENS;
     let mut w = vec![0f32; nq * CHUNK];
-    let (mut kbuf, mut vbuf) = (vec![0f32; CHUNK * d], vec![0f32; CHUNK * d]);
+    // Rows widened once for many queries (a prefill chunk); a decode step reads them in place.
+    let (mut kbuf, mut vbuf) = if nq > 3 {
+        (vec![0f32; CHUNK * d], vec![0f32; CHUNK * d])
+    } else {
+        (Vec::new(), Vec::new())
+    };
     let quantised = segs
         .first()
         .is_some_and(|s| matches!(s.0, KvRows::Q8 { .. }));
@@ -210,14 +217,15 @@ fn attend_range(
     let mut r0 = lo;
     while r0 < hi {
         let cnt = CHUNK.min(hi - r0);
-        // The chunk's blocks, and how many of its rows each holds.
-        let b0 = r0 / BLOCK_TOKENS;
-        let parts: Vec<(usize, Seg)> = (0..cnt.div_ceil(BLOCK_TOKENS))
-            .map(|i| {
-                let rows = BLOCK_TOKENS.min(cnt - i * BLOCK_TOKENS);
-                (rows, segs[b0 + i])
-            })
-            .collect();
+        // The chunk's blocks, and how many of its rows each holds (no allocation: this runs
+        // for every 32 rows of every head and layer).
+        let b0 = r0 / BLOCK_TOKENS - first_block;
+        let n_parts = cnt.div_ceil(BLOCK_TOKENS);
+        let parts: [(usize, Seg); CHUNK / BLOCK_TOKENS] = std::array::from_fn(|i| {
+            let i = i.min(n_parts - 1);
+            (BLOCK_TOKENS.min(cnt - i * BLOCK_TOKENS), segs[b0 + i])
+        });
+        let parts = &parts[..n_parts];
         // The next chunk's blocks, where they do not simply follow this chunk's in memory (the
         // hardware prefetcher follows those by itself).
         let next = b0 + parts.len();
