@@ -389,19 +389,22 @@ mod tests {
 
     #[test]
     fn matches_reference_for_prefill_then_decode() {
+        // Heads of 16 (one vector a row) and 64 (the default model's, four).
         for dtype in [KvDtype::F16, KvDtype::Q8] {
-            check(150, 149, dtype);
-            // Long enough that a decode step is split across threads and merged.
-            check(1100, 1098, dtype);
+            for d in [16, 64] {
+                check(150, 149, dtype, d);
+                // Long enough that a decode step is split across threads and merged.
+                check(1100, 1098, dtype, d);
+            }
         }
     }
 
-    /// What the cache gives back for rows of 16 values stored as `dtype`.
-    fn stored(x: &[f32], dtype: KvDtype) -> Vec<f32> {
+    /// What the cache gives back for rows of `d` values stored as `dtype`.
+    fn stored(x: &[f32], dtype: KvDtype, d: usize) -> Vec<f32> {
         match dtype {
             KvDtype::F16 => x.iter().map(|a| f16::from_f32(*a).to_f32()).collect(),
             KvDtype::Q8 => x
-                .chunks(16)
+                .chunks(d)
                 .flat_map(|row| {
                     let s = row.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
                     let inv = 1.0 / s;
@@ -411,18 +414,20 @@ mod tests {
         }
     }
 
-    fn check(total: usize, prefill: usize, dtype: KvDtype) {
+    fn check(total: usize, prefill: usize, dtype: KvDtype, d: usize) {
         let h = Heads {
             n_heads: 6,
             n_kv_heads: 2,
-            head_dim: 16,
+            head_dim: d,
         };
         let layout = KvLayout {
             n_layers: 1,
             n_kv_heads: 2,
-            head_dim: 16,
+            head_dim: d,
             dtype,
         };
+        // Widths of a token's K (or V) and Q rows.
+        let (kw, qw) = (2 * d, 6 * d);
         let mut rng = 12345u64;
         let mut rand = move || {
             rng ^= rng << 13;
@@ -430,42 +435,45 @@ mod tests {
             rng ^= rng << 17;
             (rng % 2000) as f32 / 1000.0 - 1.0
         };
-        let k: Vec<f32> = (0..total * 32).map(|_| rand()).collect();
-        let v: Vec<f32> = (0..total * 32).map(|_| rand()).collect();
-        let q: Vec<f32> = (0..total * 96).map(|_| rand()).collect();
+        let k: Vec<f32> = (0..total * kw).map(|_| rand()).collect();
+        let v: Vec<f32> = (0..total * kw).map(|_| rand()).collect();
+        let q: Vec<f32> = (0..total * qw).map(|_| rand()).collect();
         // Round K/V as the cache stores them, so the reference sees the same rows.
-        let want = reference(&q, &stored(&k, dtype), &stored(&v, dtype), total, 0, h);
+        let want = reference(
+            &q,
+            &stored(&k, dtype, d),
+            &stored(&v, dtype, d),
+            total,
+            0,
+            h,
+        );
 
         let mut kv = KvSeq::new(layout, 8);
         kv.reserve(prefill).unwrap();
-        kv.write(0, &k[..prefill * 32], &v[..prefill * 32]);
+        kv.write(0, &k[..prefill * kw], &v[..prefill * kw]);
         let seqs = [AttnSeq {
             kv: &kv,
             row: 0,
             n_tokens: prefill,
             first_pos: 0,
         }];
-        let got = attention(&q[..prefill * 96], &seqs, 0, h);
+        let got = attention(&q[..prefill * qw], &seqs, 0, h);
         kv.advance(prefill);
         let mut got = got;
         for pos in prefill..total {
             kv.reserve(1).unwrap();
-            kv.write(
-                0,
-                &k[pos * 32..(pos + 1) * 32],
-                &v[pos * 32..(pos + 1) * 32],
-            );
+            kv.write(0, &k[pos * kw..][..kw], &v[pos * kw..][..kw]);
             let seqs = [AttnSeq {
                 kv: &kv,
                 row: 0,
                 n_tokens: 1,
                 first_pos: pos,
             }];
-            got.extend(attention(&q[pos * 96..(pos + 1) * 96], &seqs, 0, h));
+            got.extend(attention(&q[pos * qw..][..qw], &seqs, 0, h));
             kv.advance(1);
         }
         for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-            assert!((a - b).abs() < 1e-4, "{dtype:?} row {i}: {a} vs {b}");
+            assert!((a - b).abs() < 1e-4, "{dtype:?} d={d} row {i}: {a} vs {b}");
         }
         // Batch invariance: the same tokens computed in one prefill of the whole sequence
         // (many queries per task, blocks widened once) give the decode steps' bits exactly.
@@ -477,8 +485,8 @@ mod tests {
         }];
         let whole = attention(&q, &seqs, 0, h);
         assert!(
-            whole[prefill * 96..] == got[prefill * 96..],
-            "{dtype:?}: a decode step differs from the same token in a prefill"
+            whole[prefill * qw..] == got[prefill * qw..],
+            "{dtype:?} d={d}: a decode step differs from the same token in a prefill"
         );
     }
 }
