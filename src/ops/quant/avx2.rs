@@ -1,9 +1,11 @@
-//! AVX2 + FMA + F16C kernels, chosen at run time.
+//! AVX2 + FMA + F16C kernels, chosen at run time, and their VNNI variants (AVX-VNNI, or
+//! AVX-512 VNNI on 256-bit registers) for the interleaved formats.
 //!
 //! Each kernel computes an `R × A` tile: `R` weight rows against `A` activation rows, all
 //! accumulators in registers. A weight block is unpacked once and multiplied into every
-//! activation row of the tile (`_mm256_maddubs_epi16`: unsigned weight nibbles × signed 8-bit
-//! activations), then the integer sums are scaled and accumulated in f32 lanes.
+//! activation row of the tile (`_mm256_maddubs_epi16`, or `vpdpbusd` with VNNI: unsigned
+//! weight nibbles × signed 8-bit activations), then the integer sums are scaled and
+//! accumulated in f32 lanes.
 
 use super::{ActBlock, Isa, QActs, QKind, QWeight, QK};
 
