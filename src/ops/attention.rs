@@ -217,19 +217,15 @@ fn attend_range(
     let mut r0 = lo;
     while r0 < hi {
         let cnt = CHUNK.min(hi - r0);
-        // The chunk's blocks, and how many of its rows each holds (no allocation: this runs
-        // for every 32 rows of every head and layer).
+        // The chunk's blocks (a slice of the range's: no allocation per chunk), and how many
+        // of its rows block `i` holds.
         let b0 = r0 / BLOCK_TOKENS - first_block;
-        let n_parts = cnt.div_ceil(BLOCK_TOKENS);
-        let parts: [(usize, Seg); CHUNK / BLOCK_TOKENS] = std::array::from_fn(|i| {
-            let i = i.min(n_parts - 1);
-            (BLOCK_TOKENS.min(cnt - i * BLOCK_TOKENS), segs[b0 + i])
-        });
-        let parts = &parts[..n_parts];
+        let parts = &segs[b0..b0 + cnt.div_ceil(BLOCK_TOKENS)];
+        let rows_in = |i: usize| BLOCK_TOKENS.min(cnt - i * BLOCK_TOKENS);
         // The next chunk's blocks, where they do not simply follow this chunk's in memory (the
         // hardware prefetcher follows those by itself).
         let next = b0 + parts.len();
-        if let (Some(&(_, (lk, lv))), Some(&(nk, nv))) = (parts.last(), segs.get(next)) {
+        if let (Some(&(lk, lv)), Some(&(nk, nv))) = (parts.last(), segs.get(next)) {
             // 8-bit rows are prefetched even when they follow on: measured 5% faster at 2,000
             // rows (benches/kernels.rs), where doing the same for f16 rows was 15% slower.
             if quantised
@@ -243,7 +239,7 @@ fn attend_range(
             }
         }
         if quantised {
-            for (i, &(_, (k, v))) in parts.iter().enumerate() {
+            for (i, &(k, v)) in parts.iter().enumerate() {
                 let at = i * BLOCK_TOKENS..(i + 1) * BLOCK_TOKENS;
                 kscale[at.clone()].copy_from_slice(k.scales());
                 vscale[at].copy_from_slice(v.scales());
@@ -251,17 +247,17 @@ fn attend_range(
         }
         if nq > 3 {
             // Many queries (a prefill chunk): widen the chunk once for all of them.
-            for (i, &(rows, (k, v))) in parts.iter().enumerate() {
+            for (i, &(k, v)) in parts.iter().enumerate() {
                 let at = i * BLOCK_TOKENS * d;
                 k.widen_unscaled(BLOCK_TOKENS * d, &mut kbuf[at..]);
-                v.widen_unscaled(rows * d, &mut vbuf[at..]);
+                v.widen_unscaled(rows_in(i) * d, &mut vbuf[at..]);
             }
             kernels::scores(&q, nq, d, Rows::F32(&kbuf), cnt, &mut w);
         } else {
             // A decode step: rows widened as they are read, a block at a time.
-            for (i, &(rows, (k, _))) in parts.iter().enumerate() {
+            for (i, &(k, _)) in parts.iter().enumerate() {
                 let off = i * BLOCK_TOKENS;
-                kernels::scores(&q, nq, d, Rows::stored(k), rows, &mut w[off..]);
+                kernels::scores(&q, nq, d, Rows::stored(k), rows_in(i), &mut w[off..]);
             }
         }
         if quantised {
@@ -305,9 +301,9 @@ fn attend_range(
         if nq > 3 {
             kernels::accumulate(&w, nq, d, Rows::F32(&vbuf), cnt, &mut p.acc);
         } else {
-            for (i, &(rows, (_, v))) in parts.iter().enumerate() {
+            for (i, &(_, v)) in parts.iter().enumerate() {
                 let off = i * BLOCK_TOKENS;
-                kernels::accumulate(&w[off..], nq, d, Rows::stored(v), rows, &mut p.acc);
+                kernels::accumulate(&w[off..], nq, d, Rows::stored(v), rows_in(i), &mut p.acc);
             }
         }
         r0 += cnt;
