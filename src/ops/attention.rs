@@ -341,7 +341,23 @@ fn prefetch(rows: KvRows) {
             unsafe { _mm_prefetch(ptr.add(off), _MM_HINT_T0) };
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(target_arch = "aarch64")]
+    {
+        let range = rows.byte_range();
+        let ptr = range.start.cast::<u8>();
+        for off in (0..range.end as usize - range.start as usize).step_by(64) {
+            // SAFETY: a prefetch is only a hint, reads nothing and cannot fault; the address
+            // is inside `rows`.
+            unsafe {
+                std::arch::asm!(
+                    "prfm pldl1keep, [{p}]",
+                    p = in(reg) ptr.add(off),
+                    options(nostack, readonly, preserves_flags)
+                )
+            };
+        }
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     let _ = rows;
 }
 

@@ -1,11 +1,11 @@
 //! The two inner loops of attention: scores of queries against a block of K rows, and the
-//! weighted sum of a block of V rows. AVX2+FMA where the CPU has it and the head width is a
-//! multiple of 8, else portable loops. Every query's dot products and sums are computed in the
+//! weighted sum of a block of V rows. AVX2+FMA (or AVX-512F) where the CPU has it and NEON on
+//! aarch64, where the head width is a multiple of 8 (16 for AVX-512), else portable loops. Every query's dot products and sums are computed in the
 //! same order whichever queries are processed together, so results are batch invariant.
 
 use super::CHUNK;
 use crate::kv::{widen, KvElem, KvRows};
-use crate::ops::quant::{isa, Isa};
+use crate::ops::quant::isa;
 use crate::ops::{axpy, dot};
 
 /// A block's K or V rows: as stored (8-bit rows without their scales, which the caller
@@ -38,14 +38,22 @@ impl<'a> Rows<'a> {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 fn fast(d: usize) -> bool {
-    cfg!(target_arch = "x86_64") && d.is_multiple_of(8) && isa().is_avx2()
+    d.is_multiple_of(8) && isa().is_avx2()
 }
 
 /// The 512-bit kernels: where the kernels in use are the AVX-512 ones and a head is whole
 /// 16-lane vectors.
+#[cfg(target_arch = "x86_64")]
 fn wide(d: usize) -> bool {
-    cfg!(target_arch = "x86_64") && d.is_multiple_of(16) && isa() == Isa::Avx512
+    d.is_multiple_of(16) && isa() == crate::ops::quant::Isa::Avx512
+}
+
+/// The NEON kernels: on aarch64 with the NEON kernel set and a head of whole 8-value runs.
+#[cfg(target_arch = "aarch64")]
+fn neon(d: usize) -> bool {
+    d.is_multiple_of(8) && isa().is_neon()
 }
 
 /// `w[j * CHUNK + r] = q_j · k_r` for every query `j < nq` and row `r < cnt` (rows up to
@@ -72,6 +80,18 @@ pub fn scores(q: &[f32], nq: usize, d: usize, k: Rows, cnt: usize, w: &mut [f32]
                 Rows::F16(k) => avx2::scores(q, nq, d, k, cnt, w),
                 Rows::I8(k) => avx2::scores(q, nq, d, k, cnt, w),
                 Rows::F32(k) => avx2::scores(q, nq, d, k, cnt, w),
+            }
+        }
+        return;
+    }
+    #[cfg(target_arch = "aarch64")]
+    if neon(d) {
+        // SAFETY: NEON is the aarch64 baseline; `d` is a multiple of 8; lengths asserted.
+        unsafe {
+            match k {
+                Rows::F16(k) => neon::scores(q, nq, d, k, cnt, w),
+                Rows::I8(k) => neon::scores(q, nq, d, k, cnt, w),
+                Rows::F32(k) => neon::scores(q, nq, d, k, cnt, w),
             }
         }
         return;
@@ -107,6 +127,18 @@ pub fn accumulate(w: &[f32], nq: usize, d: usize, v: Rows, cnt: usize, acc: &mut
                 Rows::F16(v) => avx2::accumulate(w, nq, d, v, cnt, acc),
                 Rows::I8(v) => avx2::accumulate(w, nq, d, v, cnt, acc),
                 Rows::F32(v) => avx2::accumulate(w, nq, d, v, cnt, acc),
+            }
+        }
+        return;
+    }
+    #[cfg(target_arch = "aarch64")]
+    if neon(d) {
+        // SAFETY: as for `scores`.
+        unsafe {
+            match v {
+                Rows::F16(v) => neon::accumulate(w, nq, d, v, cnt, acc),
+                Rows::I8(v) => neon::accumulate(w, nq, d, v, cnt, acc),
+                Rows::F32(v) => neon::accumulate(w, nq, d, v, cnt, acc),
             }
         }
         return;
@@ -479,6 +511,193 @@ mod avx512 {
                     _ => go!(1),
                 }
                 c += if wide { 64 } else { 16 };
+            }
+            j += qs;
+        }
+    }
+}
+
+/// The same loops on NEON (aarch64): eight values per step as two 128-bit vectors, and with
+/// 32 registers the scores of three queries against four rows in one pass.
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::CHUNK;
+    use crate::kv::KvElem;
+    use std::arch::aarch64::*;
+
+    /// Eight consecutive values as two f32 vectors.
+    pub trait Load8 {
+        /// # Safety
+        /// Eight values must be readable at `p`.
+        unsafe fn load8(p: *const Self) -> [float32x4_t; 2];
+    }
+
+    impl Load8 for f32 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f32) -> [float32x4_t; 2] {
+            [vld1q_f32(p), vld1q_f32(p.add(4))]
+        }
+    }
+
+    impl Load8 for KvElem {
+        #[inline(always)]
+        unsafe fn load8(p: *const KvElem) -> [float32x4_t; 2] {
+            crate::ops::quant::neon::widen8(vld1q_u16(p.cast()))
+        }
+    }
+
+    impl Load8 for i8 {
+        #[inline(always)]
+        unsafe fn load8(p: *const i8) -> [float32x4_t; 2] {
+            let w = vmovl_s8(vld1_s8(p));
+            [
+                vcvtq_f32_s32(vmovl_s16(vget_low_s16(w))),
+                vcvtq_f32_s32(vmovl_high_s16(w)),
+            ]
+        }
+    }
+
+    /// The four lanes of each of four vectors summed, `(l0 + l1) + (l2 + l3)` for every one.
+    #[inline(always)]
+    unsafe fn sum4(a: float32x4_t, b: float32x4_t, c: float32x4_t, d: float32x4_t) -> float32x4_t {
+        vpaddq_f32(vpaddq_f32(a, b), vpaddq_f32(c, d))
+    }
+
+    /// Dot products of `Q` queries with four rows from `k`, each `d` long, as four partial
+    /// sums each.
+    #[inline(always)]
+    unsafe fn dots<const Q: usize, T: Load8>(
+        q: *const f32,
+        k: *const T,
+        d: usize,
+    ) -> [[float32x4_t; 4]; Q] {
+        // 4Q accumulators, two K vectors and the queries' two: at most 20 registers.
+        let mut a = [[vdupq_n_f32(0.0); 4]; Q];
+        for c in (0..d).step_by(8) {
+            #[allow(clippy::needless_range_loop)]
+            for r in 0..4 {
+                let [k0, k1] = T::load8(k.add(r * d + c));
+                for (i, ai) in a.iter_mut().enumerate() {
+                    let qi = q.add(i * d + c);
+                    ai[r] = vfmaq_f32(ai[r], vld1q_f32(qi), k0);
+                    ai[r] = vfmaq_f32(ai[r], vld1q_f32(qi.add(4)), k1);
+                }
+            }
+        }
+        a
+    }
+
+    /// # Safety
+    /// `d` must be a multiple of 8.
+    pub unsafe fn scores<T: Load8>(
+        q: &[f32],
+        nq: usize,
+        d: usize,
+        k: &[T],
+        cnt: usize,
+        w: &mut [f32],
+    ) {
+        // Rows are read four at a time: `k` holds a whole block.
+        assert!(cnt <= CHUNK && k.len() >= cnt.next_multiple_of(4) * d);
+        assert!(q.len() >= nq * d && w.len() >= (nq - 1) * CHUNK + cnt.next_multiple_of(4));
+        let (qp, kp, wp) = (q.as_ptr(), k.as_ptr(), w.as_mut_ptr());
+        let mut j = 0;
+        while j < nq {
+            let qs = (nq - j).min(3);
+            let qj = qp.add(j * d);
+            for r in (0..cnt).step_by(4) {
+                let out = wp.add(j * CHUNK + r);
+                let kr = kp.add(r * d);
+                macro_rules! go {
+                    ($Q:literal) => {
+                        for (i, a) in dots::<$Q, T>(qj, kr, d).iter().enumerate() {
+                            vst1q_f32(out.add(i * CHUNK), sum4(a[0], a[1], a[2], a[3]));
+                        }
+                    };
+                }
+                match qs {
+                    3 => go!(3),
+                    2 => go!(2),
+                    _ => go!(1),
+                }
+            }
+            j += qs;
+        }
+    }
+
+    /// Add the weighted rows to columns `c..c + 8 * V` of `Q` queries' accumulators.
+    #[inline(always)]
+    unsafe fn add_rows<const Q: usize, const V: usize, T: Load8>(
+        w: *const f32,
+        v: *const T,
+        acc: *mut f32,
+        d: usize,
+        cnt: usize,
+        c: usize,
+    ) {
+        let mut a = [[[vdupq_n_f32(0.0); 2]; V]; Q];
+        for (i, ai) in a.iter_mut().enumerate() {
+            for (x, av) in ai.iter_mut().enumerate() {
+                let p = acc.add(i * d + c + 8 * x);
+                *av = [vld1q_f32(p), vld1q_f32(p.add(4))];
+            }
+        }
+        for r in 0..cnt {
+            let wr: [f32; Q] = std::array::from_fn(|i| *w.add(i * CHUNK + r));
+            #[allow(clippy::needless_range_loop)]
+            for x in 0..V {
+                let [v0, v1] = T::load8(v.add(r * d + c + 8 * x));
+                for i in 0..Q {
+                    a[i][x][0] = vfmaq_n_f32(a[i][x][0], v0, wr[i]);
+                    a[i][x][1] = vfmaq_n_f32(a[i][x][1], v1, wr[i]);
+                }
+            }
+        }
+        for (i, ai) in a.iter().enumerate() {
+            for (x, av) in ai.iter().enumerate() {
+                let p = acc.add(i * d + c + 8 * x);
+                vst1q_f32(p, av[0]);
+                vst1q_f32(p.add(4), av[1]);
+            }
+        }
+    }
+
+    /// # Safety
+    /// `d` must be a multiple of 8.
+    pub unsafe fn accumulate<T: Load8>(
+        w: &[f32],
+        nq: usize,
+        d: usize,
+        v: &[T],
+        cnt: usize,
+        acc: &mut [f32],
+    ) {
+        assert!(cnt <= CHUNK && w.len() >= (nq - 1) * CHUNK + cnt);
+        assert!(v.len() >= cnt * d && acc.len() >= nq * d);
+        let (wp, vp, ap) = (w.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
+        let mut j = 0;
+        while j < nq {
+            let qs = (nq - j).min(3);
+            let (wj, aj) = (wp.add(j * CHUNK), ap.add(j * d));
+            let mut c = 0;
+            while c < d {
+                // 2QV accumulators, 2V row vectors and Q weights: 19 registers at most.
+                let wide = d - c >= 16;
+                macro_rules! go {
+                    ($Q:literal) => {
+                        if wide {
+                            add_rows::<$Q, 2, T>(wj, vp, aj, d, cnt, c)
+                        } else {
+                            add_rows::<$Q, 1, T>(wj, vp, aj, d, cnt, c)
+                        }
+                    };
+                }
+                match qs {
+                    3 => go!(3),
+                    2 => go!(2),
+                    _ => go!(1),
+                }
+                c += if wide { 16 } else { 8 };
             }
             j += qs;
         }

@@ -7,7 +7,7 @@
 //! weight nibbles × signed 8-bit activations), then the integer sums are scaled and
 //! accumulated in f32 lanes.
 
-use super::{ActBlock, Isa, QActs, QKind, QWeight, QK};
+use super::{Isa, QActs, QWeight};
 
 /// AVX-512 (F, and VNNI on 256-bit registers with VL) besides AVX2: `vpdpbusd` for the
 /// interleaved kernels' integer sums, 512-bit attention.
@@ -94,7 +94,7 @@ pub fn tile_x8(
             Isa::Avx2 => supported(),
             Isa::AvxVnni => avx_vnni_supported(),
             Isa::Avx512 => avx512_supported(),
-            Isa::Portable => false,
+            _ => false,
         });
         // SAFETY: as for `tile`, and the instruction set checked above; the group holds `nb`
         // interleaved blocks.
@@ -116,6 +116,7 @@ mod x86 {
 
     use super::rows::{q4_0, q4_1, q4k, q6k, q8_0};
     use super::*;
+    use crate::ops::quant::{ActBlock, QKind, QK};
 
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn tile(

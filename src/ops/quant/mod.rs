@@ -15,6 +15,7 @@
 //! activation rows for long prefill chunks) on candle's persistent thread pool.
 
 mod avx2;
+pub(crate) mod neon;
 mod portable;
 
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -180,7 +181,7 @@ impl QKind {
 
 impl QWeight {
     /// Take a 2-D quantised tensor whose format we have kernels for; `None` otherwise (the
-    /// caller keeps candle's matmul for it). Interleaved when the kernels in use are AVX2.
+    /// caller keeps candle's matmul for it). Interleaved when the kernels in use read that layout.
     pub fn from_qtensor(t: &QTensor) -> Option<QWeight> {
         let kind = QKind::from_ggml(t.dtype())?;
         let (rows, cols) = t.shape().dims2().ok()?;
@@ -189,7 +190,11 @@ impl QWeight {
         }
         let data = t.data().ok()?.into_owned();
         let w = QWeight::from_bytes(kind, rows, cols, data)?;
-        Some(if isa().is_avx2() { w.interleaved() } else { w })
+        Some(if isa().interleaves() {
+            w.interleaved()
+        } else {
+            w
+        })
     }
 
     /// Wrap raw GGUF blocks; `None` when the shape and byte count disagree.
@@ -383,6 +388,10 @@ pub enum Isa {
     /// The same with AVX-512 VNNI's `vpdpbusd` (on 256-bit registers, AVX512VL), and
     /// attention on 512-bit registers (AVX-512F): Ice Lake, Sapphire Rapids, Zen 4 and later.
     Avx512,
+    /// aarch64's NEON (every 64-bit Arm CPU), on the same interleaved layout.
+    Neon,
+    /// NEON with the dot-product extension's `sdot` (Armv8.2 and later).
+    NeonDot,
 }
 
 impl Isa {
@@ -398,6 +407,12 @@ impl Isa {
         if avx2::avx512_supported() {
             v.push(Isa::Avx512);
         }
+        if neon::supported() {
+            v.push(Isa::Neon);
+        }
+        if neon::dotprod_supported() {
+            v.push(Isa::NeonDot);
+        }
         v
     }
 
@@ -407,9 +422,19 @@ impl Isa {
             .expect("portable is always available")
     }
 
-    /// Whether this path uses the AVX2 kernels (and so the interleaved weight layout).
+    /// Whether this path uses the AVX2 kernels.
     pub fn is_avx2(self) -> bool {
         matches!(self, Isa::Avx2 | Isa::AvxVnni | Isa::Avx512)
+    }
+
+    /// Whether this path uses the NEON kernels.
+    pub fn is_neon(self) -> bool {
+        matches!(self, Isa::Neon | Isa::NeonDot)
+    }
+
+    /// Whether this path's kernels read weights in the interleaved eight-row layout.
+    pub fn interleaves(self) -> bool {
+        self.is_avx2() || self.is_neon()
     }
 
     pub fn name(self) -> &'static str {
@@ -418,6 +443,8 @@ impl Isa {
             Isa::Avx2 => "avx2",
             Isa::AvxVnni => "avxvnni",
             Isa::Avx512 => "avx512",
+            Isa::Neon => "neon",
+            Isa::NeonDot => "neondot",
         }
     }
 
@@ -427,6 +454,8 @@ impl Isa {
             "avx2" if avx2::supported() => Some(Isa::Avx2),
             "avxvnni" if avx2::avx_vnni_supported() => Some(Isa::AvxVnni),
             "avx512" if avx2::avx512_supported() => Some(Isa::Avx512),
+            "neon" if neon::supported() => Some(Isa::Neon),
+            "neondot" if neon::dotprod_supported() => Some(Isa::NeonDot),
             _ => None,
         }
     }
@@ -436,13 +465,15 @@ impl Isa {
 static ISA: AtomicU8 = AtomicU8::new(0);
 
 /// The instruction set the kernels use: forced by [`set_isa`] or `AIOS_CPU_KERNELS`
-/// (`portable`, `avx2`, `avxvnni`, `avx512`), else the best this CPU has.
+/// (`portable`, `avx2`, `avxvnni`, `avx512`, `neon`, `neondot`), else the best this CPU has.
 pub fn isa() -> Isa {
     match ISA.load(Ordering::Relaxed) {
         1 => Isa::Portable,
         2 => Isa::Avx2,
         3 => Isa::AvxVnni,
         4 => Isa::Avx512,
+        5 => Isa::Neon,
+        6 => Isa::NeonDot,
         _ => {
             let asked = std::env::var("AIOS_CPU_KERNELS").ok();
             let chosen = asked.as_deref().and_then(Isa::parse).unwrap_or_else(|| {
@@ -469,6 +500,8 @@ pub fn set_isa(isa: Isa) {
             Isa::Avx2 => 2,
             Isa::AvxVnni => 3,
             Isa::Avx512 => 4,
+            Isa::Neon => 5,
+            Isa::NeonDot => 6,
         },
         Ordering::Relaxed,
     );
@@ -565,10 +598,14 @@ unsafe fn tile(isa: Isa, w: &QWeight, t: &Task, acts: &QActs, out: *mut f32) {
     let mut j = t.j0;
     while j < t.j1 {
         let a = (t.j1 - j).min(4);
-        if isa.is_avx2() {
+        if isa.interleaves() {
             for g in t.r0 / GROUP..mid / GROUP {
                 let mut res = [[0f32; GROUP]; 4];
-                avx2::tile_x8(w, g, acts, j, a, isa, &mut res);
+                if isa.is_neon() {
+                    neon::tile_x8(w, g, acts, j, a, isa, &mut res);
+                } else {
+                    avx2::tile_x8(w, g, acts, j, a, isa, &mut res);
+                }
                 for (k, row) in res.iter().enumerate().take(a) {
                     let dst = out.add((j + k) * w.rows + g * GROUP);
                     std::ptr::copy_nonoverlapping(row.as_ptr(), dst, GROUP);
@@ -591,7 +628,8 @@ unsafe fn tile(isa: Isa, w: &QWeight, t: &Task, acts: &QActs, out: *mut f32) {
                 Isa::Avx2 | Isa::AvxVnni | Isa::Avx512 => {
                     avx2::tile(w, r, rr, acts, j, a, &mut res)
                 }
-                Isa::Portable => {
+                // Rows past the last group of eight: few, in the file's layout.
+                Isa::Portable | Isa::Neon | Isa::NeonDot => {
                     for (i, row) in res.iter_mut().enumerate().take(rr) {
                         for (k, cell) in row.iter_mut().enumerate().take(a) {
                             *cell = portable::dot(w.kind, w.row(r + i), acts.row(j + k));
