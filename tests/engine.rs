@@ -380,6 +380,52 @@ fn preempted_sequences_resume_unchanged(preemption: Preemption) {
 }
 
 #[test]
+fn clients_leaving_while_their_kv_is_copied_out_or_back_leak_nothing() {
+    // Eight blocks (128 tokens) and twelve sequences of ~8 + 40 tokens under round-robin: the
+    // preempted are copied to host memory and back on copier threads all the time. A third of
+    // the clients leave part-way, some while their KV is in flight; the rest get what they get
+    // alone, and every block and host copy comes back.
+    use rand::{Rng, SeedableRng};
+    let e = small_pool(8, PolicyKind::RoundRobin);
+    let texts = [
+        "Once upon a time",
+        "The capital of France is",
+        "def fibonacci(n):",
+    ];
+    let alone: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| collect(submit(&e, request(&e, t, 40))))
+        .collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let watchers: Vec<_> = (0..12)
+        .map(|i| {
+            let mut rx = submit(&e, request(&e, texts[i % 3], 40));
+            let leave_after = rng.random_bool(1.0 / 3.0).then(|| rng.random_range(1..30));
+            let want = alone[i % 3].clone();
+            std::thread::spawn(move || {
+                let mut ids = vec![];
+                while let Some(ev) = rx.blocking_recv() {
+                    match ev {
+                        Event::Token { id, .. } => ids.push(id),
+                        Event::Done { .. } => break,
+                        Event::Error(err) => panic!("{err}"),
+                    }
+                    if Some(ids.len()) == leave_after {
+                        return;
+                    }
+                }
+                assert_eq!(ids, want, "a preempted sequence changed its output");
+            })
+        })
+        .collect();
+    for w in watchers {
+        w.join().unwrap();
+    }
+    assert!(e.kv_usage().swap_outs > 0, "nothing was preempted");
+    wait_for_no_blocks(&e);
+}
+
+#[test]
 fn priority_preempts_lower_priority_work_when_blocks_run_out() {
     let e = small_pool(8, PolicyKind::Priority);
     // A low-priority sequence that grows to fill the pool: a ~90-token prompt and 30 more.

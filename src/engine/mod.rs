@@ -13,6 +13,7 @@ pub mod sampler;
 mod sequence;
 pub mod text;
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -27,7 +28,7 @@ pub use policy::{PolicyKind, PolicyParams};
 pub use sampler::{SamplingParams, TokenLogprobs};
 use sequence::Sequence;
 
-use crate::kv::{KvPool, KvSeq};
+use crate::kv::{HostCopy, KvPool, KvSeq};
 use crate::model::{LoadedModel, SeqInput};
 pub use contexts::{ContextError, ContextInfo, ContextOp, Tier};
 
@@ -149,6 +150,11 @@ enum Command {
     Filled(String, std::sync::Arc<Vec<u8>>, KvSeq),
     /// A copier thread has copied an idle context's KV out to host memory.
     Evicted(Box<contexts::Evicted>),
+    /// A copier thread has copied a preempted sequence's KV out to host memory.
+    SwappedOut(u64, Box<HostCopy>),
+    /// A copier thread has copied a preempted sequence's KV (the shared bytes) back into pool
+    /// blocks.
+    SwappedIn(u64, std::sync::Arc<Vec<u8>>, KvSeq),
     /// Rank sequences by this policy from now on (a configuration reload).
     SetPolicy(PolicyKind, PolicyParams),
 }
@@ -241,6 +247,11 @@ struct Engine {
     stats: Arc<EngineStats>,
     /// Sequences that ran in the last step.
     ran: usize,
+    /// Preempted sequences being copied out to host memory on copier threads, by id, with the
+    /// blocks each will give back; and those being copied back into the pool. Neither runs
+    /// until its copy is settled.
+    moving_out: HashMap<u64, usize>,
+    moving_in: HashSet<u64>,
 }
 
 /// What identifies the KV a model computes: its file, its format and quantisation.
@@ -287,6 +298,8 @@ impl Engine {
             loopback,
             stats,
             ran: 0,
+            moving_out: HashMap::new(),
+            moving_in: HashSet::new(),
         }
     }
 
@@ -415,6 +428,20 @@ impl Engine {
                 self.contexts.filled(&id, &from, kv);
                 self.resume(&id, Ok(()));
             }
+            // A sequence gone meanwhile (its client left) drops the copy, and with it the
+            // blocks or the bytes.
+            Command::SwappedOut(id, copy) => {
+                self.moving_out.remove(&id);
+                if let Some(s) = self.running.iter_mut().find(|s| s.id() == id) {
+                    s.kv_mut().swap_out_with(*copy);
+                }
+            }
+            Command::SwappedIn(id, from, kv) => {
+                self.moving_in.remove(&id);
+                if let Some(s) = self.running.iter_mut().find(|s| s.id() == id) {
+                    s.kv_mut().swap_in_with(&from, kv);
+                }
+            }
         }
     }
 
@@ -495,6 +522,13 @@ impl Engine {
         }
         let mut left = self.cfg.max_batched_tokens.max(1);
         let mut plan = vec![0; self.running.len()];
+        let moving: Vec<bool> = self
+            .running
+            .iter()
+            .map(|s| self.is_moving(s.id()))
+            .collect();
+        let chosen: Vec<usize> = chosen.iter().copied().filter(|&i| !moving[i]).collect();
+        let chosen = &chosen[..];
         for &i in chosen {
             if self.running[i].pending() == 1 && left > 0 {
                 plan[i] = 1;
@@ -520,25 +554,28 @@ impl Engine {
                 // copied out on copier threads: this sequence waits for the blocks they give
                 // back (a shorter chunk, or nothing, this step) while the others run.
                 let short = self.running[i].kv().blocks_needed(plan[i]) - self.pool.free_blocks();
-                if self.contexts.evicting_blocks() >= short {
+                let coming: usize = self.moving_out.values().sum();
+                if self.contexts.evicting_blocks() + coming >= short {
                     break;
                 }
                 let busy: Vec<&str> = self.running.iter().filter_map(Sequence::context).collect();
                 if self.contexts.evict_one(&busy) {
                     continue;
                 }
-                // Then the lowest-ranked sequence below this one that holds blocks.
+                // Then the lowest-ranked sequence below this one that holds blocks (and is not
+                // being copied out already).
                 let victim = order
                     .iter()
                     .rev()
                     .take_while(|&&j| rank[j] > rank[i])
-                    .find(|&&j| self.running[j].kv().blocks() > 0);
+                    .find(|&&j| {
+                        self.running[j].kv().blocks() > 0 && !self.is_moving(self.running[j].id())
+                    });
                 match victim {
                     Some(&j) => {
-                        let kv = self.running[j].kv_mut();
                         match self.cfg.preemption {
-                            Preemption::Swap => kv.swap_out(),
-                            Preemption::Recompute => kv.drop_for_recompute(),
+                            Preemption::Swap => self.start_swap_out(j),
+                            Preemption::Recompute => self.running[j].kv_mut().drop_for_recompute(),
                         }
                         plan[j] = 0;
                     }
@@ -552,15 +589,53 @@ impl Engine {
                 let room = (kv.blocks() + free) * crate::kv::BLOCK_TOKENS;
                 plan[i] = plan[i].min(room.saturating_sub(kv.len()));
             }
-            if plan[i] > 0 {
-                let kv = self.running[i].kv_mut();
-                let ready = kv.swap_in().and_then(|_| kv.reserve(plan[i]));
-                if ready.is_err() {
-                    plan[i] = 0;
-                }
+            if plan[i] > 0 && self.running[i].kv().is_swapped() {
+                // Swapped out: copied back on a copier thread; it runs once that is settled.
+                self.start_swap_in(i);
+                plan[i] = 0;
+            }
+            if plan[i] > 0 && self.running[i].kv_mut().reserve(plan[i]).is_err() {
+                plan[i] = 0;
             }
         }
         plan
+    }
+
+    /// Whether sequence `id`'s KV is being copied between the pool and host memory.
+    fn is_moving(&self, id: u64) -> bool {
+        self.moving_out.contains_key(&id) || self.moving_in.contains(&id)
+    }
+
+    /// Preempt sequence `i` by swapping: its KV is copied to host memory on a copier thread
+    /// while the others run (32 MB took 3 ms here, a step's worth of stall on the engine
+    /// thread), and its blocks go back to the pool when [`Command::SwappedOut`] is settled.
+    fn start_swap_out(&mut self, i: usize) {
+        let s = &self.running[i];
+        let frees = s.kv().sole_blocks();
+        let Some(job) = s.kv().copy_out_job() else {
+            return;
+        };
+        let (id, tx) = (s.id(), self.loopback.clone());
+        self.moving_out.insert(id, frees);
+        std::thread::spawn(move || {
+            let copy = job.run();
+            let _ = tx.send(Command::SwappedOut(id, Box::new(copy)));
+        });
+    }
+
+    /// Bring swapped-out sequence `i` back: pool blocks taken now, filled on a copier thread
+    /// ([`Command::SwappedIn`]). Nothing starts when the pool is short of blocks.
+    fn start_swap_in(&mut self, i: usize) {
+        let s = &self.running[i];
+        let Ok(Some(job)) = s.kv().fill_job() else {
+            return;
+        };
+        let (id, tx) = (s.id(), self.loopback.clone());
+        self.moving_in.insert(id);
+        std::thread::spawn(move || {
+            let (from, into) = job.run();
+            let _ = tx.send(Command::SwappedIn(id, from, into));
+        });
     }
 
     /// One decode step of a throwaway one-token sequence (its own KV, not the pool's): the

@@ -80,6 +80,10 @@ impl Sequence {
         }
     }
 
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// Output tokens sampled so far.
     pub fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len

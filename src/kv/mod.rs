@@ -601,7 +601,7 @@ fn stream_fence() {
 }
 
 mod seq;
-pub use seq::{KvSeq, SwappedKv};
+pub use seq::{CopyOut, FillIn, HostCopy, KvSeq, SwappedKv};
 
 pub mod snapshot;
 

@@ -15,6 +15,42 @@ pub struct SwappedKv {
     data: Arc<Vec<u8>>,
 }
 
+/// A swap-out job (see [`KvSeq::copy_out_job`]): a fork of the sequence, sharing its blocks.
+pub struct CopyOut(KvSeq);
+
+impl CopyOut {
+    /// Copy the blocks to host memory; the fork's references go when this returns.
+    pub fn run(self) -> HostCopy {
+        HostCopy {
+            data: self.0.copy_to_host(),
+            blocks: self.0.blocks.clone(),
+            len: self.0.len,
+        }
+    }
+}
+
+/// A swap-in job (see [`KvSeq::fill_job`]): blocks taken for a swapped-out sequence, and its
+/// host copy.
+pub struct FillIn {
+    into: KvSeq,
+    from: Arc<Vec<u8>>,
+}
+
+impl FillIn {
+    /// Copy the host copy into the blocks; returns both, for [`KvSeq::swap_in_with`].
+    pub fn run(mut self) -> (Arc<Vec<u8>>, KvSeq) {
+        self.into.fill_all(&self.from);
+        (self.from, self.into)
+    }
+}
+
+/// What a [`CopyOut`] job copied: the blocks and length it copied, and the bytes.
+pub struct HostCopy {
+    blocks: Vec<u32>,
+    len: usize,
+    data: Vec<u8>,
+}
+
 /// One sequence's keys and values: a block table into a pool.
 pub struct KvSeq {
     pool: Arc<KvPool>,
@@ -274,41 +310,46 @@ impl KvSeq {
         if self.is_swapped() {
             return;
         }
+        let data = self.copy_to_host();
+        self.swapped_to(data);
+    }
+
+    /// This sequence's KV in host memory, block after block as the pool stores it (the layout
+    /// of [`KvSeq::fill`] and of snapshots).
+    fn copy_to_host(&self) -> Vec<u8> {
         let n = self.pool.block_bytes();
         let used = Self::blocks_for(self.len);
         // Copied by two threads, half the blocks each, into a buffer left uninitialised (a
         // zeroed one costs a memset when the allocator reuses memory): 32 MB in 2.6-3.0 ms
         // where one thread took 5.0-6.7, and 8.7-9.5 ms where it took 16.4-18.8 when the
         // buffer's pages are fresh.
-        let data = {
-            let mut data: Vec<u8> = Vec::with_capacity(used * n);
-            let (pool, seg) = (&*self.pool, self.pool.seg_bytes());
-            let copy = |blocks: &[u32], out: &mut [std::mem::MaybeUninit<u8>]| {
-                for (&b, dst) in blocks.iter().zip(out.chunks_exact_mut(n)) {
-                    for (s, piece) in dst.chunks_exact_mut(seg).enumerate() {
-                        // SAFETY: reading a block we hold a reference to.
-                        let src = unsafe { pool.seg_n(b, s) };
-                        // SAFETY: `piece` is `seg` bytes of the buffer's spare room, as is `src`.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                src.as_ptr(),
-                                piece.as_mut_ptr().cast(),
-                                seg,
-                            )
-                        };
-                    }
+        let mut data: Vec<u8> = Vec::with_capacity(used * n);
+        let (pool, seg) = (&*self.pool, self.pool.seg_bytes());
+        let copy = |blocks: &[u32], out: &mut [std::mem::MaybeUninit<u8>]| {
+            for (&b, dst) in blocks.iter().zip(out.chunks_exact_mut(n)) {
+                for (s, piece) in dst.chunks_exact_mut(seg).enumerate() {
+                    // SAFETY: reading a block we hold a reference to.
+                    let src = unsafe { pool.seg_n(b, s) };
+                    // SAFETY: `piece` is `seg` bytes of the buffer's spare room, as is `src`.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(src.as_ptr(), piece.as_mut_ptr().cast(), seg)
+                    };
                 }
-            };
-            let (head, tail) = self.blocks[..used].split_at(used / 2);
-            let (first, rest) = data.spare_capacity_mut()[..used * n].split_at_mut(head.len() * n);
-            std::thread::scope(|scope| {
-                scope.spawn(|| copy(tail, rest));
-                copy(head, first);
-            });
-            // SAFETY: both halves were written, every byte.
-            unsafe { data.set_len(used * n) };
-            data
+            }
         };
+        let (head, tail) = self.blocks[..used].split_at(used / 2);
+        let (first, rest) = data.spare_capacity_mut()[..used * n].split_at_mut(head.len() * n);
+        std::thread::scope(|scope| {
+            scope.spawn(|| copy(tail, rest));
+            copy(head, first);
+        });
+        // SAFETY: both halves were written, every byte.
+        unsafe { data.set_len(used * n) };
+        data
+    }
+
+    /// Give the blocks back, keeping `data` (this sequence's KV) in host memory.
+    fn swapped_to(&mut self, data: Vec<u8>) {
         self.pool.release(&self.blocks);
         self.blocks.clear();
         self.swapped = Some(SwappedKv {
@@ -317,6 +358,53 @@ impl KvSeq {
         });
         self.pool.swapped.fetch_add(1, Ordering::AcqRel);
         self.pool.swap_outs.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A swap-out to run on another thread ([`CopyOut::run`], then [`KvSeq::swap_out_with`] on
+    /// this sequence), so that the caller goes on meanwhile. The job holds its own references
+    /// to the blocks (a fork), which stay intact whatever becomes of this sequence; `None`
+    /// while swapped out.
+    pub fn copy_out_job(&self) -> Option<CopyOut> {
+        self.fork_resident().map(CopyOut)
+    }
+
+    /// Finish a swap-out with the copy a [`CopyOut`] job made: the blocks go back to the
+    /// pool. False, changing nothing, unless this sequence still holds what was copied.
+    pub fn swap_out_with(&mut self, copy: HostCopy) -> bool {
+        if self.is_swapped() || self.blocks != copy.blocks || self.len != copy.len {
+            return false;
+        }
+        self.swapped_to(copy.data);
+        true
+    }
+
+    /// A swap-in to run on another thread ([`FillIn::run`], then [`KvSeq::swap_in_with`] on
+    /// this sequence): pool blocks taken now, to be filled from the host copy. `Ok(None)` when
+    /// not swapped out.
+    pub fn fill_job(&self) -> Result<Option<FillIn>, KvFull> {
+        let Some(from) = self.host_shared() else {
+            return Ok(None);
+        };
+        Ok(Some(FillIn {
+            into: KvSeq::for_fill(self.pool.clone(), self.len)?,
+            from,
+        }))
+    }
+
+    /// Finish a swap-in with blocks `into` filled from host copy `from`. False, changing
+    /// nothing (and `into`'s blocks go back to the pool), unless this sequence is still
+    /// swapped out with that copy.
+    pub fn swap_in_with(&mut self, from: &Arc<Vec<u8>>, into: KvSeq) -> bool {
+        let same = self
+            .swapped
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(&s.data, from) && s.len == into.len);
+        if same {
+            // The swapped-out self is dropped (its count of swapped sequences with it); the
+            // fresh blocks are offered to the prefix cache again by `register_blocks`.
+            *self = into;
+        }
+        same
     }
 
     /// Give all blocks back and forget the KV: the sequence's tokens are to be prefilled again
