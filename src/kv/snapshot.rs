@@ -266,8 +266,11 @@ impl DiskStore {
     ) -> Result<(SnapshotMeta, Vec<u32>), String> {
         let mut f = File::open(path).map_err(|e| e.to_string())?;
         let size = f.metadata().map_err(|e| e.to_string())?.len() as usize;
-        self.read_impl(&mut f, size, Some(kv))
-            .map(|(meta, tokens, _)| (meta, tokens))
+        let res = match Mapped::new(&f, size) {
+            Some(m) => self.read_impl(&mut m.bytes(), size, Some(kv), Some(m.bytes())),
+            None => self.read_impl(&mut f, size, Some(kv), None),
+        };
+        res.map(|(meta, tokens, _)| (meta, tokens))
     }
 
     /// [`read`](Self::read) from any reader of `size` bytes (the fuzz target's way in).
@@ -276,14 +279,17 @@ impl DiskStore {
         f: &mut R,
         size: usize,
     ) -> Result<(SnapshotMeta, Vec<u32>, Vec<u8>), String> {
-        self.read_impl(f, size, None)
+        self.read_impl(f, size, None, None)
     }
 
+    /// `mapped`: the whole file in memory, `f` reading it from the start: the KV is then
+    /// checksummed and copied into `into` straight from it.
     fn read_impl<R: Read>(
         &self,
         f: &mut R,
         size: usize,
         into: Option<&mut KvSeq>,
+        mapped: Option<&[u8]>,
     ) -> Result<(SnapshotMeta, Vec<u32>, Vec<u8>), String> {
         let mut sum = Checksum::new();
         let mut take = |f: &mut R, buf: &mut [u8], what: &str| -> Result<(), String> {
@@ -348,15 +354,30 @@ impl DiskStore {
         // Pieces in flight between the reading thread and the copying one.
         const RING: usize = 4;
         let mut data = Vec::new();
-        match into {
-            Some(kv) => {
-                if kv.len() != meta.kv_len || kv.layout() != self.layout {
-                    return Err(format!(
-                        "the snapshot holds {} tokens of KV where its index says {}",
-                        meta.kv_len,
-                        kv.len()
-                    ));
-                }
+        let mut stored = [0u8; 8];
+        if let Some(kv) = &into {
+            if kv.len() != meta.kv_len || kv.layout() != self.layout {
+                return Err(format!(
+                    "the snapshot holds {} tokens of KV where its index says {}",
+                    meta.kv_len,
+                    kv.len()
+                ));
+            }
+        }
+        let in_place = into.is_some() && mapped.is_some();
+        match (into, mapped) {
+            (Some(kv), Some(file)) => {
+                // The file's pages themselves, on two threads at once: this one checksums the
+                // KV, a second copies it into the pool's blocks (no read copy, no pipeline).
+                let at = size - 8 - meta.data_bytes;
+                let bytes = &file[at..size - 8];
+                std::thread::scope(|scope| {
+                    scope.spawn(|| kv.fill(0, bytes));
+                    sum.update(bytes);
+                });
+                stored.copy_from_slice(&file[size - 8..]);
+            }
+            (Some(kv), None) => {
                 // Through a few small buffers that stay in cache, on two threads: this one
                 // reads each piece from the file, a second checksums it and copies it into the
                 // pool's blocks, in order.
@@ -390,16 +411,17 @@ impl DiskStore {
                     Ok::<(), String>(())
                 })?;
             }
-            None => {
+            (None, _) => {
                 data = vec![0u8; meta.data_bytes];
                 for piece in data.chunks_mut(PIECE) {
                     take(f, piece, "KV")?;
                 }
             }
         }
-        let mut stored = [0u8; 8];
-        f.read_exact(&mut stored)
-            .map_err(|_| "truncated (no checksum)".to_string())?;
+        if !in_place {
+            f.read_exact(&mut stored)
+                .map_err(|_| "truncated (no checksum)".to_string())?;
+        }
         if sum.finish() != u64::from_le_bytes(stored) {
             return Err("checksum mismatch (the file is corrupt)".into());
         }
@@ -458,6 +480,70 @@ impl DiskStore {
         if std::fs::rename(self.path(id), &gone).is_ok() {
             self.discard(gone);
         }
+    }
+}
+
+/// A snapshot file's bytes mapped read-only: the page cache itself, no read copy (a snapshot
+/// read into the pool is checksummed and copied from here). aios never changes a snapshot in
+/// place (it writes a new file and renames it), and a file deleted meanwhile stays mapped.
+/// `None` where mapping fails or is not available: the caller reads the file instead.
+struct Mapped {
+    #[cfg(unix)]
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Mapped {
+    fn new(f: &File, len: usize) -> Option<Mapped> {
+        #[cfg(unix)]
+        {
+            use std::os::fd::AsRawFd;
+            if len == 0 {
+                return None;
+            }
+            // Pages mapped now, in one pass, rather than faulted in one by one by the two
+            // threads that read them.
+            #[cfg(target_os = "linux")]
+            let populate = libc::MAP_POPULATE;
+            #[cfg(not(target_os = "linux"))]
+            let populate = 0;
+            // SAFETY: a new private read-only mapping of `len` bytes of an open file (its
+            // size); nothing else refers to it.
+            let ptr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ,
+                    libc::MAP_PRIVATE | populate,
+                    f.as_raw_fd(),
+                    0,
+                )
+            };
+            (ptr != libc::MAP_FAILED).then_some(Mapped { ptr, len })
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = (f, len);
+            None
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        #[cfg(unix)]
+        // SAFETY: `len` readable bytes at `ptr` while the mapping lives (until drop).
+        unsafe {
+            std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.len)
+        }
+        #[cfg(not(unix))]
+        unreachable!("never made")
+    }
+}
+
+#[cfg(unix)]
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once; no slice of it outlives `self`.
+        unsafe { libc::munmap(self.ptr, self.len) };
     }
 }
 
