@@ -10,11 +10,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-model.sh
 target=aarch64-unknown-linux-gnu
-rustup target list --installed | grep -qx "$target" || rustup target add "$target"
+# Exit status 3: the tools could not be installed here (no test ran); any other failure is a
+# build or test failure.
+cannot() {
+    echo "test-aarch64: cannot run here: $1" >&2
+    exit 3
+}
+rustup target list --installed | grep -qx "$target" || rustup target add "$target" \
+    || cannot "rustup could not install the $target standard library"
 if ! command -v aarch64-linux-gnu-gcc >/dev/null || ! command -v qemu-aarch64 >/dev/null; then
     pkgs="gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user"
     apt-get install -y -qq $pkgs >/dev/null 2>&1 \
-        || { apt-get update -qq && apt-get install -y -qq $pkgs >/dev/null; }
+        || { apt-get update -qq && apt-get install -y -qq $pkgs >/dev/null; } \
+        || cannot "apt-get could not install $pkgs"
 fi
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu"
