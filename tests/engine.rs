@@ -342,6 +342,21 @@ fn preemption_by_recomputation_gives_identical_tokens_too() {
     preempted_sequences_resume_unchanged(Preemption::Recompute);
 }
 
+/// The three prompts of the preemption tests.
+const PREEMPTED: [&str; 3] = [
+    "Once upon a time",
+    "The capital of France is",
+    "def fibonacci(n):",
+];
+
+/// Each of [`PREEMPTED`]'s 40 greedy tokens, run one at a time.
+fn alone_outputs(e: &EngineHandle) -> Vec<Vec<u32>> {
+    PREEMPTED
+        .iter()
+        .map(|t| collect(submit(e, request(e, t, 40))))
+        .collect()
+}
+
 fn preempted_sequences_resume_unchanged(preemption: Preemption) {
     // Eight blocks (128 tokens); three sequences of ~8 + 40 tokens need nine between them
     // once they grow, so the lowest-ranked are swapped out to host memory and back.
@@ -350,21 +365,13 @@ fn preempted_sequences_resume_unchanged(preemption: Preemption) {
         e.model.context_length, 128,
         "a sequence must fit the pool alone"
     );
-    let texts = [
-        "Once upon a time",
-        "The capital of France is",
-        "def fibonacci(n):",
-    ];
-    let alone: Vec<Vec<u32>> = texts
-        .iter()
-        .map(|t| collect(submit(&e, request(&e, t, 40))))
-        .collect();
+    let alone = alone_outputs(&e);
     assert_eq!(
         e.kv_usage().swap_outs + e.kv_usage().recomputes,
         0,
         "one at a time fits"
     );
-    let rxs: Vec<Rx> = texts
+    let rxs: Vec<Rx> = PREEMPTED
         .iter()
         .map(|t| submit(&e, request(&e, t, 40)))
         .collect();
@@ -387,19 +394,11 @@ fn clients_leaving_while_their_kv_is_copied_out_or_back_leak_nothing() {
     // alone, and every block and host copy comes back.
     use rand::{Rng, SeedableRng};
     let e = small_pool(8, PolicyKind::RoundRobin);
-    let texts = [
-        "Once upon a time",
-        "The capital of France is",
-        "def fibonacci(n):",
-    ];
-    let alone: Vec<Vec<u32>> = texts
-        .iter()
-        .map(|t| collect(submit(&e, request(&e, t, 40))))
-        .collect();
+    let alone = alone_outputs(&e);
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     let watchers: Vec<_> = (0..12)
         .map(|i| {
-            let mut rx = submit(&e, request(&e, texts[i % 3], 40));
+            let mut rx = submit(&e, request(&e, PREEMPTED[i % 3], 40));
             let leave_after = rng.random_bool(1.0 / 3.0).then(|| rng.random_range(1..30));
             let want = alone[i % 3].clone();
             std::thread::spawn(move || {
