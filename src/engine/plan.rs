@@ -28,12 +28,12 @@ impl Engine {
         }
         let mut left = self.cfg.max_batched_tokens.max(1);
         let mut plan = vec![0; self.running.len()];
-        let moving: Vec<bool> = self
-            .running
+        // Sequences whose KV is on its way out or back wait for it.
+        let chosen: Vec<usize> = chosen
             .iter()
-            .map(|s| self.is_moving(s.id()))
+            .copied()
+            .filter(|&i| !self.is_moving(self.running[i].id()))
             .collect();
-        let chosen: Vec<usize> = chosen.iter().copied().filter(|&i| !moving[i]).collect();
         let chosen = &chosen[..];
         for &i in chosen {
             if self.running[i].pending() == 1 && left > 0 {
