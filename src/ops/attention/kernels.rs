@@ -152,6 +152,85 @@ pub fn accumulate(w: &[f32], nq: usize, d: usize, v: Rows, cnt: usize, acc: &mut
     }
 }
 
+/// The weighted-sum driver of a vector module, shared by every instruction set: queries three
+/// at a time; the head's columns in runs of `$wide` vectors of `$lanes` values (one
+/// `add_rows::<Q, $wide, T>` pass each), then single vectors. Expanded inside the module, after
+/// its attributes (the target features), with its load trait `$Load` and its `add_rows`.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+macro_rules! accumulate_driver {
+    ($(#[$attr:meta])* $Load:ident, $lanes:literal, $wide:literal) => {
+        $(#[$attr])*
+        pub unsafe fn accumulate<T: $Load>(
+            w: &[f32],
+            nq: usize,
+            d: usize,
+            v: &[T],
+            cnt: usize,
+            acc: &mut [f32],
+        ) {
+            assert!(cnt <= CHUNK && w.len() >= (nq - 1) * CHUNK + cnt);
+            assert!(v.len() >= cnt * d && acc.len() >= nq * d);
+            let (wp, vp, ap) = (w.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
+            let mut j = 0;
+            while j < nq {
+                let qs = (nq - j).min(3);
+                let (wj, aj) = (wp.add(j * CHUNK), ap.add(j * d));
+                let mut c = 0;
+                while c < d {
+                    let wide = d - c >= $lanes * $wide;
+                    match (qs, wide) {
+                        (3, true) => add_rows::<3, $wide, T>(wj, vp, aj, d, cnt, c),
+                        (2, true) => add_rows::<2, $wide, T>(wj, vp, aj, d, cnt, c),
+                        (_, true) => add_rows::<1, $wide, T>(wj, vp, aj, d, cnt, c),
+                        (3, false) => add_rows::<3, 1, T>(wj, vp, aj, d, cnt, c),
+                        (2, false) => add_rows::<2, 1, T>(wj, vp, aj, d, cnt, c),
+                        (_, false) => add_rows::<1, 1, T>(wj, vp, aj, d, cnt, c),
+                    }
+                    c += if wide { $lanes * $wide } else { $lanes };
+                }
+                j += qs;
+            }
+        }
+    };
+}
+
+/// The scores driver of a vector module whose `dots::<Q, T>` takes four rows for up to three
+/// queries: queries three at a time, rows four at a time (`k` holds a whole block), each
+/// query's four sums stored by the module's `store_rows`.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+macro_rules! scores_by_four {
+    ($(#[$attr:meta])* $Load:ident) => {
+        $(#[$attr])*
+        pub unsafe fn scores<T: $Load>(
+            q: &[f32],
+            nq: usize,
+            d: usize,
+            k: &[T],
+            cnt: usize,
+            w: &mut [f32],
+        ) {
+            assert!(cnt <= CHUNK && k.len() >= cnt.next_multiple_of(4) * d);
+            assert!(q.len() >= nq * d && w.len() >= (nq - 1) * CHUNK + cnt.next_multiple_of(4));
+            let (qp, kp, wp) = (q.as_ptr(), k.as_ptr(), w.as_mut_ptr());
+            let mut j = 0;
+            while j < nq {
+                let qs = (nq - j).min(3);
+                let qj = qp.add(j * d);
+                for r in (0..cnt).step_by(4) {
+                    let out = wp.add(j * CHUNK + r);
+                    let kr = kp.add(r * d);
+                    match qs {
+                        3 => store_rows(out, dots::<3, T>(qj, kr, d)),
+                        2 => store_rows(out, dots::<2, T>(qj, kr, d)),
+                        _ => store_rows(out, dots::<1, T>(qj, kr, d)),
+                    }
+                }
+                j += qs;
+            }
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::CHUNK;
@@ -297,39 +376,13 @@ mod avx2 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn accumulate<T: Load8>(
-        w: &[f32],
-        nq: usize,
-        d: usize,
-        v: &[T],
-        cnt: usize,
-        acc: &mut [f32],
-    ) {
-        assert!(cnt <= CHUNK && w.len() >= (nq - 1) * CHUNK + cnt);
-        assert!(v.len() >= cnt * d && acc.len() >= nq * d);
-        let (wp, vp, ap) = (w.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
-        let mut j = 0;
-        while j < nq {
-            let qs = (nq - j).min(3);
-            let (wj, aj) = (wp.add(j * CHUNK), ap.add(j * d));
-            let mut c = 0;
-            while c < d {
-                // Q * V accumulators, V row vectors and Q weights: 11 registers at most.
-                let wide = d - c >= 16;
-                match (qs, wide) {
-                    (3, true) => add_rows::<3, 2, T>(wj, vp, aj, d, cnt, c),
-                    (2, true) => add_rows::<2, 2, T>(wj, vp, aj, d, cnt, c),
-                    (_, true) => add_rows::<1, 2, T>(wj, vp, aj, d, cnt, c),
-                    (3, false) => add_rows::<3, 1, T>(wj, vp, aj, d, cnt, c),
-                    (2, false) => add_rows::<2, 1, T>(wj, vp, aj, d, cnt, c),
-                    (_, false) => add_rows::<1, 1, T>(wj, vp, aj, d, cnt, c),
-                }
-                c += if wide { 16 } else { 8 };
-            }
-            j += qs;
-        }
-    }
+    // Q·V accumulators, V row vectors and Q weights: 11 registers at most.
+    accumulate_driver!(
+        #[target_feature(enable = "avx2,fma,f16c")]
+        Load8,
+        8,
+        2
+    );
 }
 
 /// The same loops on 512-bit registers (AVX-512F): 16 values per instruction, and with 32
@@ -406,42 +459,18 @@ mod avx512 {
         a
     }
 
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    pub unsafe fn scores<T: Load16>(
-        q: &[f32],
-        nq: usize,
-        d: usize,
-        k: &[T],
-        cnt: usize,
-        w: &mut [f32],
-    ) {
-        // Rows are read four at a time: `k` holds a whole block.
-        assert!(cnt <= CHUNK && k.len() >= cnt.next_multiple_of(4) * d);
-        assert!(q.len() >= nq * d && w.len() >= (nq - 1) * CHUNK + cnt.next_multiple_of(4));
-        let (qp, kp, wp) = (q.as_ptr(), k.as_ptr(), w.as_mut_ptr());
-        let mut j = 0;
-        while j < nq {
-            let qs = (nq - j).min(3);
-            let qj = qp.add(j * d);
-            for r in (0..cnt).step_by(4) {
-                let out = wp.add(j * CHUNK + r);
-                let kr = kp.add(r * d);
-                macro_rules! go {
-                    ($Q:literal) => {
-                        for (i, a) in dots::<$Q, T>(qj, kr, d).iter().enumerate() {
-                            _mm_storeu_ps(out.add(i * CHUNK), sum4(a[0], a[1], a[2], a[3]));
-                        }
-                    };
-                }
-                match qs {
-                    3 => go!(3),
-                    2 => go!(2),
-                    _ => go!(1),
-                }
-            }
-            j += qs;
+    /// Each query's four sums, at `out + i * CHUNK` for query `i`.
+    #[inline(always)]
+    unsafe fn store_rows<const Q: usize>(out: *mut f32, a: [[__m512; 4]; Q]) {
+        for (i, a) in a.iter().enumerate() {
+            _mm_storeu_ps(out.add(i * CHUNK), sum4(a[0], a[1], a[2], a[3]));
         }
     }
+
+    scores_by_four!(
+        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+        Load16
+    );
 
     /// Add the weighted rows to columns `c..c + 16 * V` of `Q` queries' accumulators.
     #[inline(always)]
@@ -476,45 +505,13 @@ mod avx512 {
         }
     }
 
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    pub unsafe fn accumulate<T: Load16>(
-        w: &[f32],
-        nq: usize,
-        d: usize,
-        v: &[T],
-        cnt: usize,
-        acc: &mut [f32],
-    ) {
-        assert!(cnt <= CHUNK && w.len() >= (nq - 1) * CHUNK + cnt);
-        assert!(v.len() >= cnt * d && acc.len() >= nq * d);
-        let (wp, vp, ap) = (w.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
-        let mut j = 0;
-        while j < nq {
-            let qs = (nq - j).min(3);
-            let (wj, aj) = (wp.add(j * CHUNK), ap.add(j * d));
-            let mut c = 0;
-            while c < d {
-                // Q * V accumulators, V row vectors and Q weights: 19 registers at most.
-                let wide = d - c >= 64;
-                macro_rules! go {
-                    ($Q:literal) => {
-                        if wide {
-                            add_rows::<$Q, 4, T>(wj, vp, aj, d, cnt, c)
-                        } else {
-                            add_rows::<$Q, 1, T>(wj, vp, aj, d, cnt, c)
-                        }
-                    };
-                }
-                match qs {
-                    3 => go!(3),
-                    2 => go!(2),
-                    _ => go!(1),
-                }
-                c += if wide { 64 } else { 16 };
-            }
-            j += qs;
-        }
-    }
+    // Q·V accumulators, V row vectors and Q weights: 19 registers at most.
+    accumulate_driver!(
+        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+        Load16,
+        16,
+        4
+    );
 }
 
 /// The same loops on NEON (aarch64): eight values per step as two 128-bit vectors, and with
@@ -587,43 +584,15 @@ mod neon {
         a
     }
 
-    /// # Safety
-    /// `d` must be a multiple of 8.
-    pub unsafe fn scores<T: Load8>(
-        q: &[f32],
-        nq: usize,
-        d: usize,
-        k: &[T],
-        cnt: usize,
-        w: &mut [f32],
-    ) {
-        // Rows are read four at a time: `k` holds a whole block.
-        assert!(cnt <= CHUNK && k.len() >= cnt.next_multiple_of(4) * d);
-        assert!(q.len() >= nq * d && w.len() >= (nq - 1) * CHUNK + cnt.next_multiple_of(4));
-        let (qp, kp, wp) = (q.as_ptr(), k.as_ptr(), w.as_mut_ptr());
-        let mut j = 0;
-        while j < nq {
-            let qs = (nq - j).min(3);
-            let qj = qp.add(j * d);
-            for r in (0..cnt).step_by(4) {
-                let out = wp.add(j * CHUNK + r);
-                let kr = kp.add(r * d);
-                macro_rules! go {
-                    ($Q:literal) => {
-                        for (i, a) in dots::<$Q, T>(qj, kr, d).iter().enumerate() {
-                            vst1q_f32(out.add(i * CHUNK), sum4(a[0], a[1], a[2], a[3]));
-                        }
-                    };
-                }
-                match qs {
-                    3 => go!(3),
-                    2 => go!(2),
-                    _ => go!(1),
-                }
-            }
-            j += qs;
+    /// Each query's four sums, at `out + i * CHUNK` for query `i`.
+    #[inline(always)]
+    unsafe fn store_rows<const Q: usize>(out: *mut f32, a: [[float32x4_t; 4]; Q]) {
+        for (i, a) in a.iter().enumerate() {
+            vst1q_f32(out.add(i * CHUNK), sum4(a[0], a[1], a[2], a[3]));
         }
     }
+
+    scores_by_four!(Load8);
 
     /// Add the weighted rows to columns `c..c + 8 * V` of `Q` queries' accumulators.
     #[inline(always)]
@@ -662,44 +631,6 @@ mod neon {
         }
     }
 
-    /// # Safety
-    /// `d` must be a multiple of 8.
-    pub unsafe fn accumulate<T: Load8>(
-        w: &[f32],
-        nq: usize,
-        d: usize,
-        v: &[T],
-        cnt: usize,
-        acc: &mut [f32],
-    ) {
-        assert!(cnt <= CHUNK && w.len() >= (nq - 1) * CHUNK + cnt);
-        assert!(v.len() >= cnt * d && acc.len() >= nq * d);
-        let (wp, vp, ap) = (w.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
-        let mut j = 0;
-        while j < nq {
-            let qs = (nq - j).min(3);
-            let (wj, aj) = (wp.add(j * CHUNK), ap.add(j * d));
-            let mut c = 0;
-            while c < d {
-                // 2QV accumulators, 2V row vectors and Q weights: 19 registers at most.
-                let wide = d - c >= 16;
-                macro_rules! go {
-                    ($Q:literal) => {
-                        if wide {
-                            add_rows::<$Q, 2, T>(wj, vp, aj, d, cnt, c)
-                        } else {
-                            add_rows::<$Q, 1, T>(wj, vp, aj, d, cnt, c)
-                        }
-                    };
-                }
-                match qs {
-                    3 => go!(3),
-                    2 => go!(2),
-                    _ => go!(1),
-                }
-                c += if wide { 16 } else { 8 };
-            }
-            j += qs;
-        }
-    }
+    // 2·Q·V accumulators, 2·V row vectors and Q weights: 19 registers at most.
+    accumulate_driver!(Load8, 8, 2);
 }
