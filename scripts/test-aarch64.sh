@@ -16,12 +16,12 @@ cannot() {
     echo "test-aarch64: cannot run here: $1" >&2
     exit 3
 }
-rustup target list --installed | grep -qx "$target" || rustup target add "$target" \
+rustup target list --installed | grep -qx "$target" || timeout 600 rustup target add "$target" \
     || cannot "rustup could not install the $target standard library"
 if ! command -v aarch64-linux-gnu-gcc >/dev/null || ! command -v qemu-aarch64 >/dev/null; then
     pkgs="gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user"
-    apt-get install -y -qq $pkgs >/dev/null 2>&1 \
-        || { apt-get update -qq && apt-get install -y -qq $pkgs >/dev/null; } \
+    timeout 600 apt-get install -y -qq $pkgs >/dev/null 2>&1 \
+        || { timeout 600 apt-get update -qq && timeout 600 apt-get install -y -qq $pkgs >/dev/null; } \
         || cannot "apt-get could not install $pkgs"
 fi
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
