@@ -194,9 +194,9 @@ macro_rules! accumulate_driver {
     };
 }
 
-/// The scores driver of a vector module whose `dots::<Q, T>` takes four rows for up to three
-/// queries: queries three at a time, rows four at a time (`k` holds a whole block), each
-/// query's four sums stored by the module's `store_rows`.
+/// The scores driver of every vector module: queries three at a time, rows four at a time (`k`
+/// holds a whole block), each group's sums computed and stored by the module's
+/// `four_rows::<Q, T>(out, q, k, d)`.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 macro_rules! scores_by_four {
     ($(#[$attr:meta])* $Load:ident) => {
@@ -220,9 +220,9 @@ macro_rules! scores_by_four {
                     let out = wp.add(j * CHUNK + r);
                     let kr = kp.add(r * d);
                     match qs {
-                        3 => store_rows(out, dots::<3, T>(qj, kr, d)),
-                        2 => store_rows(out, dots::<2, T>(qj, kr, d)),
-                        _ => store_rows(out, dots::<1, T>(qj, kr, d)),
+                        3 => four_rows::<3, T>(out, qj, kr, d),
+                        2 => four_rows::<2, T>(out, qj, kr, d),
+                        _ => four_rows::<1, T>(out, qj, kr, d),
                     }
                 }
                 j += qs;
@@ -296,51 +296,37 @@ mod avx2 {
         a
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn scores<T: Load8>(
-        q: &[f32],
-        nq: usize,
+    /// The scores of `Q` queries against four rows, at `out + i * CHUNK` for query `i`. Three
+    /// queries take the rows two at a time ([q0 r0, q0 r1, q1 r0, q1 r1] and [q2 r0, q2 r1,
+    /// ..]): 12 accumulators would not leave registers for the loads.
+    #[inline(always)]
+    unsafe fn four_rows<const Q: usize, T: Load8>(
+        out: *mut f32,
+        q: *const f32,
+        k: *const T,
         d: usize,
-        k: &[T],
-        cnt: usize,
-        w: &mut [f32],
     ) {
-        // Rows are read four at a time: `k` holds a whole block.
-        assert!(cnt <= CHUNK && k.len() >= cnt.next_multiple_of(4) * d);
-        assert!(q.len() >= nq * d && w.len() >= (nq - 1) * CHUNK + cnt.next_multiple_of(4));
-        let (qp, kp, wp) = (q.as_ptr(), k.as_ptr(), w.as_mut_ptr());
-        let mut j = 0;
-        while j < nq {
-            let qs = (nq - j).min(3);
-            let qj = qp.add(j * d);
-            if qs == 3 {
-                // Two rows at a time: [q0 r0, q0 r1, q1 r0, q1 r1] and [q2 r0, q2 r1, ..].
-                for r in (0..cnt).step_by(2) {
-                    let [a0, a1, a2] = dots::<3, 2, T>(qj, kp.add(r * d), d);
-                    let out = wp.add(j * CHUNK + r).cast::<f64>();
-                    let v01 = _mm_castps_pd(sum4(a0[0], a0[1], a1[0], a1[1]));
-                    let v2 = _mm_castps_pd(sum4(a2[0], a2[1], a2[0], a2[1]));
-                    _mm_storel_pd(out, v01);
-                    _mm_storeh_pd(out.add(CHUNK / 2), v01);
-                    _mm_storel_pd(out.add(CHUNK), v2);
-                }
-            } else {
-                for r in (0..cnt).step_by(4) {
-                    let out = wp.add(j * CHUNK + r);
-                    let kr = kp.add(r * d);
-                    if qs == 2 {
-                        for (i, a) in dots::<2, 4, T>(qj, kr, d).iter().enumerate() {
-                            _mm_storeu_ps(out.add(i * CHUNK), sum4(a[0], a[1], a[2], a[3]));
-                        }
-                    } else {
-                        let [a] = dots::<1, 4, T>(qj, kr, d);
-                        _mm_storeu_ps(out, sum4(a[0], a[1], a[2], a[3]));
-                    }
-                }
+        if Q == 3 {
+            for r in [0, 2] {
+                let [a0, a1, a2] = dots::<3, 2, T>(q, k.add(r * d), d);
+                let out = out.add(r).cast::<f64>();
+                let v01 = _mm_castps_pd(sum4(a0[0], a0[1], a1[0], a1[1]));
+                let v2 = _mm_castps_pd(sum4(a2[0], a2[1], a2[0], a2[1]));
+                _mm_storel_pd(out, v01);
+                _mm_storeh_pd(out.add(CHUNK / 2), v01);
+                _mm_storel_pd(out.add(CHUNK), v2);
             }
-            j += qs;
+        } else {
+            for (i, a) in dots::<Q, 4, T>(q, k, d).iter().enumerate() {
+                _mm_storeu_ps(out.add(i * CHUNK), sum4(a[0], a[1], a[2], a[3]));
+            }
         }
     }
+
+    scores_by_four!(
+        #[target_feature(enable = "avx2,fma,f16c")]
+        Load8
+    );
 
     /// Add the weighted rows to columns `c..c + 8 * V` of `Q` queries' accumulators.
     #[inline(always)]
@@ -459,10 +445,15 @@ mod avx512 {
         a
     }
 
-    /// Each query's four sums, at `out + i * CHUNK` for query `i`.
+    /// The scores of `Q` queries against four rows, at `out + i * CHUNK` for query `i`.
     #[inline(always)]
-    unsafe fn store_rows<const Q: usize>(out: *mut f32, a: [[__m512; 4]; Q]) {
-        for (i, a) in a.iter().enumerate() {
+    unsafe fn four_rows<const Q: usize, T: Load16>(
+        out: *mut f32,
+        q: *const f32,
+        k: *const T,
+        d: usize,
+    ) {
+        for (i, a) in dots::<Q, T>(q, k, d).iter().enumerate() {
             _mm_storeu_ps(out.add(i * CHUNK), sum4(a[0], a[1], a[2], a[3]));
         }
     }
@@ -584,10 +575,15 @@ mod neon {
         a
     }
 
-    /// Each query's four sums, at `out + i * CHUNK` for query `i`.
+    /// The scores of `Q` queries against four rows, at `out + i * CHUNK` for query `i`.
     #[inline(always)]
-    unsafe fn store_rows<const Q: usize>(out: *mut f32, a: [[float32x4_t; 4]; Q]) {
-        for (i, a) in a.iter().enumerate() {
+    unsafe fn four_rows<const Q: usize, T: Load8>(
+        out: *mut f32,
+        q: *const f32,
+        k: *const T,
+        d: usize,
+    ) {
+        for (i, a) in dots::<Q, T>(q, k, d).iter().enumerate() {
             vst1q_f32(out.add(i * CHUNK), sum4(a[0], a[1], a[2], a[3]));
         }
     }
