@@ -5,6 +5,10 @@
 //!     cargo bench --bench kernels                 # 2 threads
 //!     AIOS_BENCH_THREADS=1 cargo bench --bench kernels
 //!     AIOS_CPU_KERNELS=portable cargo bench --bench kernels
+//!     AIOS_BENCH_ONLY=matmul AIOS_BENCH_FORMATS=Q6K,Q4K cargo bench --bench kernels
+//!
+//! `AIOS_BENCH_ONLY` is `attention` or `matmul` (both by default); `AIOS_BENCH_FORMATS` lists the
+//! weight formats to time (all five by default).
 //!
 //! The weight matrices (65,536 × 1,024) are larger than the last-level cache, so decode figures
 //! are DRAM figures.
@@ -67,7 +71,7 @@ fn main() {
         isa().name()
     );
     println!(
-        "{:<6} {:>9} {:>9} {:>7} {:>8} | {:>11} {:>11} {:>8} | {:>11} {:>8}",
+        "{:<6} {:>9} {:>9} {:>7} {:>8} | {:>11} {:>11} {:>8} | {:>11} {:>8} {:>8}",
         "format",
         "MB",
         "M=1 GB/s",
@@ -77,12 +81,17 @@ fn main() {
         "M=64 GFLOP",
         "vs cndl",
         "candle M=1",
-        "cndl M=16"
+        "cndl M=16",
+        "cndl M=64"
     );
-    attention_bench(bw);
-    if std::env::var("AIOS_BENCH_ONLY").as_deref() == Ok("attention") {
+    let only = std::env::var("AIOS_BENCH_ONLY").ok();
+    if only.as_deref() != Some("matmul") {
+        attention_bench(bw);
+    }
+    if only.as_deref() == Some("attention") {
         return;
     }
+    let formats = std::env::var("AIOS_BENCH_FORMATS").ok();
     let dev = Device::Cpu;
     let mut rng = 0x9E37_79B9_7F4A_7C15u64;
     let mut next = move || {
@@ -100,6 +109,12 @@ fn main() {
         GgmlDType::Q4K,
         GgmlDType::Q6K,
     ] {
+        if formats
+            .as_deref()
+            .is_some_and(|f| !f.split(',').any(|f| f.trim() == format!("{kind:?}")))
+        {
+            continue;
+        }
         let q = QTensor::quantize(&w, kind).unwrap();
         let ours = QWeight::from_qtensor(&q).unwrap();
         let theirs = QMatMul::from_qtensor(q).unwrap();
@@ -119,10 +134,10 @@ fn main() {
                 std::hint::black_box(theirs.forward(&x).unwrap());
             })
         };
-        let (t1, t16) = (theirs_at(1, 10), theirs_at(16, 2));
+        let (t1, t16, t64) = (theirs_at(1, 10), theirs_at(16, 2), theirs_at(64, 2));
         let gbs = ours.bytes() as f64 / o1 / 1e9;
         println!(
-            "{:<6} {:>9.1} {:>9.1} {:>6.0}% {:>7.2}x | {:>11.1} {:>11.1} {:>7.2}x | {:>11.1} {:>8.1}",
+            "{:<6} {:>9.1} {:>9.1} {:>6.0}% {:>7.2}x | {:>11.1} {:>11.1} {:>7.2}x | {:>11.1} {:>8.1} {:>8.1}",
             format!("{kind:?}"),
             mb,
             gbs,
@@ -133,6 +148,7 @@ fn main() {
             t16 / o16,
             ours.bytes() as f64 / t1 / 1e9,
             gflop(16, t16),
+            gflop(64, t64),
         );
     }
 }

@@ -4,6 +4,11 @@
 //!     cargo bench --bench model                 # 2 threads
 //!     AIOS_BENCH_THREADS=1 cargo bench --bench model
 //!     AIOS_BENCH_KV=q8 cargo bench --bench model  # KV stored as 8-bit rows
+//!     AIOS_BENCH_WEIGHTS=Q8_0,Q6K cargo bench --bench model
+//!
+//! `AIOS_BENCH_WEIGHTS=MAIN,DOWN` times the default model re-quantised: every matrix to
+//! `MAIN` but `ffn_down` to `DOWN` (GGUF type names as candle spells them: Q4_0, Q8_0, Q4K,
+//! Q6K, ...), written once to `target/bench-models/`.
 //!
 //! Reports prefill (pp512, and 2,000 tokens), decode (tg128 after a short prompt, and 64
 //! tokens after 2,000 tokens of context) and batched decode at B = 1..32, in tokens/s, then
@@ -13,7 +18,22 @@ use std::time::Instant;
 
 use aios::kv::KvSeq;
 use aios::model::{load_model, LoadOptions, SeqInput};
+use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
+
+#[path = "../tests/common/requant.rs"]
+mod requant;
+
+/// A GGUF type by candle's name for it (`Q6K`, `Q8_0`, ...).
+fn ggml_type(name: &str) -> GgmlDType {
+    use GgmlDType::*;
+    [
+        F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2K, Q3K, Q4K, Q5K, Q6K, Q8K,
+    ]
+    .into_iter()
+    .find(|t| format!("{t:?}") == name.trim())
+    .unwrap_or_else(|| panic!("unknown GGUF type {name}"))
+}
 
 fn tokens(n: usize, tok: &aios::model::Tokenizer) -> Vec<u32> {
     let text = "The quick brown fox jumps over the lazy dog while the scheduler batches every agent's request into one step. ";
@@ -27,8 +47,19 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(2);
     aios::init_threads(threads);
-    let path =
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(aios::config::DEFAULT_MODEL_PATH);
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut path = root.join(aios::config::DEFAULT_MODEL_PATH);
+    if let Ok(spec) = std::env::var("AIOS_BENCH_WEIGHTS") {
+        let (main, down) = spec.split_once(',').unwrap_or((&spec, &spec));
+        let out = root.join(format!("target/bench-models/smollm2-{main}-{down}.gguf"));
+        if !out.exists() {
+            std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+            let tmp = out.with_extension("part");
+            requant::requantize(&path, &tmp, ggml_type(main), ggml_type(down));
+            std::fs::rename(&tmp, &out).unwrap();
+        }
+        path = out;
+    }
     let m = load_model(&path, &LoadOptions::default()).expect("run scripts/fetch-model.sh first");
     let dtype = match std::env::var("AIOS_BENCH_KV").as_deref() {
         Ok("q8") => aios::kv::KvDtype::Q8,

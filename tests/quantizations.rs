@@ -3,40 +3,13 @@
 //! and written as a new GGUF file, which must still know that Paris is the capital of France.
 
 mod common;
+#[path = "common/requant.rs"]
+mod requant;
 
 use aios::engine::sampler::argmax;
 use aios::kv::KvSeq;
 use aios::model::{load_model, LoadOptions, SeqInput};
-use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-use candle_core::Device;
-
-fn requantize(out: &std::path::Path, main: GgmlDType, ffn_down: GgmlDType) {
-    let mut f = std::fs::File::open(common::default_model_path()).unwrap();
-    let ct = gguf_file::Content::read(&mut f).unwrap();
-    let mut names: Vec<&String> = ct.tensor_infos.keys().collect();
-    names.sort();
-    let tensors: Vec<(String, QTensor)> = names
-        .into_iter()
-        .map(|name| {
-            let q = ct.tensor(&mut f, name, &Device::Cpu).unwrap();
-            if q.shape().rank() < 2 {
-                return (name.clone(), q);
-            }
-            let target = if name.contains("ffn_down") {
-                ffn_down
-            } else {
-                main
-            };
-            let dense = q.dequantize(&Device::Cpu).unwrap();
-            (name.clone(), QTensor::quantize(&dense, target).unwrap())
-        })
-        .collect();
-    let metadata: Vec<(&str, &gguf_file::Value)> =
-        ct.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let mut w = std::io::BufWriter::new(std::fs::File::create(out).unwrap());
-    gguf_file::write(&mut w, &metadata, &refs).unwrap();
-}
+use candle_core::quantized::GgmlDType;
 
 #[test]
 fn requantised_models_load_and_know_paris() {
@@ -51,7 +24,7 @@ fn requantised_models_load_and_know_paris() {
     ];
     for (main, down, name) in cases {
         let path = dir.join(format!("smollm2-{name}.gguf"));
-        requantize(&path, main, down);
+        requant::requantize(&common::default_model_path(), &path, main, down);
         let m = load_model(&path, &LoadOptions::default()).unwrap();
         assert!(m.format.contains(&format!("{main:?}")), "{}", m.format);
         assert!(m.format.contains(&format!("{down:?}")), "{}", m.format);

@@ -116,7 +116,7 @@ mod x86 {
 
     use super::rows::{q4_0, q4_1, q4k, q6k, q8_0};
     use super::*;
-    use crate::ops::quant::{ActBlock, QKind, QK};
+    use crate::ops::quant::{q6k_slot, ActBlock, QKind, QK};
 
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn tile(
@@ -175,6 +175,23 @@ mod x86 {
     ) {
         let nb = w.cols / w.kind.block_len();
         let grp = w.group(g).as_ptr();
+        if w.kind == QKind::Q6K && isa == Isa::Avx512 {
+            macro_rules! wide {
+                ($A:literal) => {{
+                    let ap: [*const ActBlock; $A] =
+                        std::array::from_fn(|k| acts.row(j + k).as_ptr());
+                    res[..$A].copy_from_slice(&q6k_on_avx512::<$A>(grp, ap, nb));
+                }};
+            }
+            match a {
+                1 => wide!(1),
+                2 => wide!(2),
+                3 => wide!(3),
+                4 => wide!(4),
+                _ => unreachable!("{a} activation rows"),
+            }
+            return;
+        }
         macro_rules! go {
             ($kern:ty, $A:literal) => {{
                 let ap: [*const ActBlock; $A] = std::array::from_fn(|k| acts.row(j + k).as_ptr());
@@ -209,6 +226,8 @@ mod x86 {
     /// How a kernel sums the products of unsigned weight bytes and signed activation bytes,
     /// four to each 32-bit lane.
     trait IntDot {
+        /// Whether the weight bytes may take the whole range 0..=255 (no 16-bit saturation).
+        const FULL_RANGE: bool;
         /// `s` plus the products of `w` and `x`, in this method's running-sum form.
         unsafe fn add(s: __m256i, w: __m256i, x: __m256i) -> __m256i;
         /// A running sum as eight i32 lanes.
@@ -222,6 +241,7 @@ mod x86 {
     struct Avx2Dot;
 
     impl IntDot for Avx2Dot {
+        const FULL_RANGE: bool = false;
         #[inline(always)]
         unsafe fn add(s: __m256i, w: __m256i, x: __m256i) -> __m256i {
             _mm256_add_epi16(s, _mm256_maddubs_epi16(w, x))
@@ -243,6 +263,7 @@ mod x86 {
             struct $name;
 
             impl IntDot for $name {
+                const FULL_RANGE: bool = true;
                 #[inline(always)]
                 unsafe fn add(s: __m256i, w: __m256i, x: __m256i) -> __m256i {
                     $dp(s, w, x)
@@ -289,7 +310,8 @@ mod x86 {
     x8!(Q41, |g, a, n| q4_x8::<A, true, D>(g, a, n));
     x8!(Q80, |g, a, n| q8_0_x8::<A, D>(g, a, n));
     x8!(Q4K, |g, a, n| q4k_x8::<A, D>(g, a, n));
-    // Q6_K's sums are scaled per 16 values in 16-bit lanes: AVX2's way either way.
+    // Q6_K's sums are scaled per 16 values in 16-bit lanes: AVX2's way either way (with
+    // AVX-512, `q6k_on_avx512` runs instead).
     x8!(Q6K, |g, a, n| q6k_x8::<A>(g, a, n));
 
     /// An entry point compiled for one instruction set, where a kernel body and its summing
@@ -313,6 +335,16 @@ mod x86 {
         "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
         Avx512Dot
     );
+
+    /// Q6_K's 512-bit kernel, compiled for AVX-512F and VNNI.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    unsafe fn q6k_on_avx512<const A: usize>(
+        grp: *const u8,
+        ap: [*const ActBlock; A],
+        nb: usize,
+    ) -> [[f32; 8]; A] {
+        q6k_x8_wide::<A>(grp, ap, nb)
+    }
 
     /// The eight lanes of each accumulator (one per interleaved row).
     #[inline]
@@ -460,8 +492,9 @@ mod x86 {
     unsafe fn q6k_run(p: *const u8, n: usize, h: usize, t: usize) -> (__m256i, __m256i) {
         let m4 = _mm256_set1_epi8(0x0F);
         let m2 = _mm256_set1_epi8(0x03);
-        let ql = _mm256_loadu_si256(p.add(144 + 32 * (8 * (2 * n + h) + t)) as *const __m256i);
-        let qh = _mm256_loadu_si256(p.add(1168 + 32 * (8 * n + t)) as *const __m256i);
+        let u = q6k_slot(t);
+        let ql = _mm256_loadu_si256(p.add(144 + 32 * (8 * (2 * n + h) + u)) as *const __m256i);
+        let qh = _mm256_loadu_si256(p.add(1168 + 32 * (8 * n + u)) as *const __m256i);
         let qh = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * h as i32));
         let q0 = _mm256_or_si256(
             _mm256_and_si256(ql, m4),
@@ -551,7 +584,110 @@ mod x86 {
         lanes(acc)
     }
 
+    /// Eight interleaved Q6_K rows on 512-bit registers (AVX-512F and VNNI). A register holds
+    /// two runs side by side ([`q6k_slot`]): run `u` of a chunk in lanes 0-7 and run `u + 4`
+    /// in lanes 8-15 (row `i` in lanes `i` and `i + 8`), so one 64-byte load of the low bits
+    /// and one of the high bits give a chunk's values for eight rows, eight values each:
+    /// `(low & 0x0F) | (high & 0x30)` after a shift of each into place (one `vpternlogd` for the
+    /// merge). The 6-bit values (0..63) are unsigned bytes, so one `vpdpbusd` multiplies them
+    /// into the activations, whose register repeats values `4u..4u + 4` in the low half and
+    /// `4u + 16..4u + 20` in the high one (one `vpermd`; a copy of the activations laid out
+    /// so, made once per step, was slower: more bytes to read per product).
+    ///
+    /// Over the chunk's four pairs of runs, the low half of the 32-bit sums is the first
+    /// sub-block (16 values), the high half the second. They start from `-32 Σ x` over their
+    /// sub-block (the values' offset of 32), are converted once per chunk and scaled by
+    /// `d · scale` (f32, per row and sub-block) and the activation's scale. The two halves of
+    /// the accumulators are added at the end.
+    #[inline(always)]
+    unsafe fn q6k_x8_wide<const A: usize>(
+        grp: *const u8,
+        ap: [*const ActBlock; A],
+        nb: usize,
+    ) -> [[f32; 8]; A] {
+        let mut acc = [_mm512_setzero_ps(); A];
+        for b in 0..nb {
+            let p = grp.add(b * 1680);
+            // The eight rows' scales, repeated in both halves.
+            let d = _mm512_cvtph_ps(_mm256_broadcastsi128_si256(_mm_loadu_si128(
+                p as *const __m128i,
+            )));
+            for n in 0..2 {
+                let at = |c: usize| ap.map(|a| a.add(b * 8 + 4 * n + c));
+                q6k_chunk_wide::<0, A>(p, n, d, at(0), &mut acc);
+                q6k_chunk_wide::<1, A>(p, n, d, at(1), &mut acc);
+                q6k_chunk_wide::<2, A>(p, n, d, at(2), &mut acc);
+                q6k_chunk_wide::<3, A>(p, n, d, at(3), &mut acc);
+            }
+        }
+        let mut out = [[0f32; 8]; A];
+        for k in 0..A {
+            let lo = _mm512_castps512_ps256(acc[k]);
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc[k])));
+            _mm256_storeu_ps(out[k].as_mut_ptr(), _mm256_add_ps(lo, hi));
+        }
+        out
+    }
+
+    /// Chunk `4n + C` (32 values: low bits in the low (`C` < 2) or high nibbles of the low-bit
+    /// runs `h = C % 2`, high bits at `2C` in the high-bit runs) of one Q6_K super-block of
+    /// eight rows against activation blocks `ab`, added into `acc` (see `q6k_x8_wide`).
+    #[inline(always)]
+    unsafe fn q6k_chunk_wide<const C: usize, const A: usize>(
+        p: *const u8,
+        n: usize,
+        d: __m512,
+        ab: [*const ActBlock; A],
+        acc: &mut [__m512; A],
+    ) {
+        let m4 = _mm512_set1_epi8(0x0F);
+        let m30 = _mm512_set1_epi8(0x30);
+        let shift = |x: usize| _mm_cvtsi32_si128(x as i32);
+        let x: [__m512i; A] = std::array::from_fn(|k| {
+            _mm512_castsi256_si512(_mm256_loadu_si256((*ab[k]).qs.as_ptr() as *const __m256i))
+        });
+        let mut isum: [__m512i; A] = std::array::from_fn(|k| {
+            let hs = (*ab[k]).half_sums;
+            _mm512_mask_blend_epi32(
+                0xFF00,
+                _mm512_set1_epi32(-32 * hs[0] as i32),
+                _mm512_set1_epi32(-32 * hs[1] as i32),
+            )
+        });
+        let ql = p.add(144 + 256 * (2 * n + C % 2));
+        let qh = p.add(1168 + 256 * n);
+        for u in 0..4 {
+            let lo = _mm512_loadu_si512(ql.add(64 * u) as *const _);
+            let hi = _mm512_loadu_si512(qh.add(64 * u) as *const _);
+            let lo = _mm512_srl_epi32(lo, shift(4 * (C / 2)));
+            let hi = _mm512_sll_epi32(_mm512_srl_epi32(hi, shift(2 * C)), shift(4));
+            // (lo & 0x0F) | (hi & 0x30)
+            let v = _mm512_ternarylogic_epi32::<0xEA>(lo, m4, _mm512_and_si512(hi, m30));
+            let pick = _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(_mm256_set1_epi32(u as i32)),
+                _mm256_set1_epi32(u as i32 + 4),
+            );
+            for k in 0..A {
+                let xs = _mm512_permutexvar_epi32(pick, x[k]);
+                isum[k] = _mm512_dpbusd_epi32(isum[k], v, xs);
+            }
+        }
+        // Sub-blocks 2c and 2c + 1: adjacent planes.
+        let sub = _mm_loadu_si128(p.add(16 + 16 * (4 * n + C)) as *const __m128i);
+        let sc = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sub)), d);
+        for k in 0..A {
+            let f = _mm512_mul_ps(sc, _mm512_set1_ps((*ab[k]).d));
+            acc[k] = _mm512_fmadd_ps(f, _mm512_cvtepi32_ps(isum[k]), acc[k]);
+        }
+    }
+
     /// Eight interleaved Q8_0 rows: eight runs of 32 bytes, four values per row each.
+    ///
+    /// With VNNI the signed weights are made unsigned by flipping their top bit (`q + 128`),
+    /// and the sums start from `-128 Σ x`: one instruction per run and activation row. AVX2's
+    /// `maddubs` would saturate on that range, so there each activation takes the weight's
+    /// sign and the weight its magnitude (two instructions per run and row). Both give the
+    /// exact integer sums.
     #[inline(always)]
     unsafe fn q8_0_x8<const A: usize, D: IntDot>(
         grp: *const u8,
@@ -562,14 +698,27 @@ mod x86 {
         for b in 0..nb {
             let p = grp.add(b * 272);
             let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
-            let mut isum = [_mm256_setzero_si256(); A];
+            let mut isum: [__m256i; A] = std::array::from_fn(|k| {
+                let hs = (*ap[k].add(b)).half_sums;
+                if D::FULL_RANGE {
+                    _mm256_set1_epi32(-128 * (hs[0] as i32 + hs[1] as i32))
+                } else {
+                    _mm256_setzero_si256()
+                }
+            });
             for s in 0..8 {
                 let q = _mm256_loadu_si256(p.add(16 + 32 * s) as *const __m256i);
-                let qa = _mm256_sign_epi8(q, q);
-                for k in 0..A {
-                    let ab = &*ap[k].add(b);
-                    let x = _mm256_sign_epi8(bcast4(ab, 4 * s), q);
-                    isum[k] = D::add32(isum[k], qa, x);
+                if D::FULL_RANGE {
+                    let qu = _mm256_xor_si256(q, _mm256_set1_epi8(-128));
+                    for k in 0..A {
+                        isum[k] = D::add32(isum[k], qu, bcast4(&*ap[k].add(b), 4 * s));
+                    }
+                } else {
+                    let qa = _mm256_sign_epi8(q, q);
+                    for k in 0..A {
+                        let x = _mm256_sign_epi8(bcast4(&*ap[k].add(b), 4 * s), q);
+                        isum[k] = D::add32(isum[k], qa, x);
+                    }
                 }
             }
             for k in 0..A {

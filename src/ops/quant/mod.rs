@@ -164,10 +164,12 @@ impl QKind {
         }
     }
 
-    /// Whether the model should use our kernels for this format rather than candle's: Q6_K's
-    /// interleaved kernel is tested but still slower than candle's (benches/kernels.rs).
+    /// Whether the model should use our kernels for this format rather than candle's. Q6_K's
+    /// only with AVX-512: its 512-bit kernel streams faster than candle's for one activation
+    /// row (decode); on 256-bit registers and NEON, six-bit unpacking leaves ours slower than
+    /// candle's (benches/kernels.rs).
     pub fn beats_candle(self) -> bool {
-        self != QKind::Q6K
+        self != QKind::Q6K || isa() == Isa::Avx512
     }
 
     /// Whether this format has the interleaved eight-row kernels (the fastest path).
@@ -306,6 +308,13 @@ fn scale_bytes(kind: QKind) -> usize {
     }
 }
 
+/// The place of Q6_K's run `t` (values `4t..4t + 4` of a chunk of 32) among its chunk's eight
+/// runs in the interleaved layout: runs `t` and `t + 4`, the same place in the chunk's two
+/// sub-blocks, side by side (order 0, 4, 1, 5, 2, 6, 3, 7), so one 64-byte load holds both.
+pub(crate) const fn q6k_slot(t: usize) -> usize {
+    2 * (t % 4) + t / 4
+}
+
 /// Where the bytes of row slot `i`'s GGUF block go in an interleaved group block:
 /// `(offset in the GGUF block, offset in the group block, length)`.
 ///
@@ -315,8 +324,8 @@ fn scale_bytes(kind: QKind) -> usize {
 ///   (`32 + 8k + i`), then for each 32-byte quarter `p` of the values, runs of four at
 ///   `128 + 256p + 32t + 4i` (low nibbles: sub-block `2p`, high: `2p + 1`).
 /// - Q6_K: scale at `2i`, the 16 sub-scales as planes (`16 + 8s + i`), the low-bit bytes in
-///   runs of four at `144 + 32(8(2n + h) + t) + 4i`, the high-bit bytes at
-///   `1168 + 32(8n + t) + 4i`.
+///   runs of four at `144 + 32(8(2n + h) + u) + 4i`, the high-bit bytes at
+///   `1168 + 32(8n + u) + 4i`, where `u` is run `t`'s place ([`q6k_slot`]).
 fn slot_map(kind: QKind, i: usize) -> Vec<(usize, usize, usize)> {
     let mut m = Vec::new();
     match kind {
@@ -350,12 +359,13 @@ fn slot_map(kind: QKind, i: usize) -> Vec<(usize, usize, usize)> {
             for n in 0..2 {
                 for h in 0..2 {
                     for t in 0..8 {
-                        let at = 144 + 32 * (8 * (2 * n + h) + t) + 4 * i;
+                        let at = 144 + 32 * (8 * (2 * n + h) + q6k_slot(t)) + 4 * i;
                         m.push((64 * n + 32 * h + 4 * t, at, 4));
                     }
                 }
                 for t in 0..8 {
-                    m.push((128 + 32 * n + 4 * t, 1168 + 32 * (8 * n + t) + 4 * i, 4));
+                    let at = 1168 + 32 * (8 * n + q6k_slot(t)) + 4 * i;
+                    m.push((128 + 32 * n + 4 * t, at, 4));
                 }
             }
         }
