@@ -7,8 +7,12 @@
 //!     AIOS_CPU_KERNELS=portable cargo bench --bench kernels
 //!     AIOS_BENCH_ONLY=matmul AIOS_BENCH_FORMATS=Q6K,Q4K cargo bench --bench kernels
 //!
+//!     AIOS_BENCH_VS=avxvnni cargo bench --bench kernels
+//!
 //! `AIOS_BENCH_ONLY` is `attention` or `matmul` (both by default); `AIOS_BENCH_FORMATS` lists the
-//! weight formats to time (all five by default).
+//! weight formats to time (all five by default). `AIOS_BENCH_VS=NAME` times our kernels on the
+//! kernel set in use and on `NAME` alternately, fifteen times each in the same process (a fair
+//! comparison on a machine whose speed drifts), instead of the table.
 //!
 //! The weight matrices (65,536 × 1,024) are larger than the last-level cache, so decode figures
 //! are DRAM figures.
@@ -117,6 +121,36 @@ fn main() {
         }
         let q = QTensor::quantize(&w, kind).unwrap();
         let ours = QWeight::from_qtensor(&q).unwrap();
+        if let Some(other) = std::env::var("AIOS_BENCH_VS").ok().as_deref().map(|n| {
+            aios::ops::quant::Isa::parse(n)
+                .filter(|i| aios::ops::quant::Isa::available().contains(i))
+                .unwrap_or_else(|| panic!("AIOS_BENCH_VS={n}: not a kernel set this CPU runs"))
+        }) {
+            for m in [1, 16, 64] {
+                let x: Vec<f32> = (0..m * COLS).map(|_| next()).collect();
+                let acts = QActs::quantize(&x, m, COLS);
+                let mut times = [Vec::new(), Vec::new()];
+                for _ in 0..15 {
+                    for (t, set) in times.iter_mut().zip([isa(), other]) {
+                        let start = Instant::now();
+                        std::hint::black_box(ours.matmul_with(set, &acts));
+                        t.push(start.elapsed().as_secs_f64());
+                    }
+                }
+                let median = |t: &mut Vec<f64>| {
+                    t.sort_by(f64::total_cmp);
+                    2.0 * (ROWS * COLS * m) as f64 / t[t.len() / 2] / 1e9
+                };
+                let (a, b) = (median(&mut times[0]), median(&mut times[1]));
+                println!(
+                    "{kind:?} M={m:<2}: {} {a:.1}, {} {b:.1} GFLOP/s (medians), {:.2}x",
+                    isa().name(),
+                    other.name(),
+                    a / b
+                );
+            }
+            continue;
+        }
         let theirs = QMatMul::from_qtensor(q).unwrap();
         let mb = ours.bytes() as f64 / 1e6;
         let gflop = |m: usize, secs: f64| 2.0 * (ROWS * COLS * m) as f64 / secs / 1e9;

@@ -104,6 +104,55 @@ fn every_kernel_matches_the_dequantised_reference_on_every_path() {
 }
 
 #[test]
+fn a_rows_result_does_not_depend_on_its_tile() {
+    // With AVX-512, pairs of interleaved groups run on 512-bit registers and a group left over
+    // on 256-bit ones, and up to four activation rows share a tile. A row's result must be the
+    // same bits whichever (the model's batch invariance rests on it). Rows 16..24 of a 24-row
+    // matrix are a lone group; as rows 8..16 of its last 16 rows, half of a pair.
+    let cols = 512;
+    for kind in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
+    ] {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let w = Tensor::from_vec(random(24 * cols, &mut rng), (24, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, kind).unwrap();
+        let kind = QKind::from_ggml(kind).unwrap();
+        let data = q.data().unwrap().into_owned();
+        let row_bytes = data.len() / 24;
+        let all = QWeight::from_bytes(kind, 24, cols, data.clone())
+            .unwrap()
+            .interleaved();
+        let last = QWeight::from_bytes(kind, 16, cols, data[8 * row_bytes..].to_vec())
+            .unwrap()
+            .interleaved();
+        let x = random(5 * cols, &mut rng);
+        let five = QActs::quantize(&x, 5, cols);
+        let one = QActs::quantize(&x[..cols], 1, cols);
+        for isa in Isa::available() {
+            let y_all = all.matmul_with(isa, &five);
+            let y_last = last.matmul_with(isa, &five);
+            let y_one = all.matmul_with(isa, &one);
+            for j in 0..5 {
+                for r in 8..24 {
+                    assert_eq!(
+                        y_all[j * 24 + r].to_bits(),
+                        y_last[j * 16 + r - 8].to_bits(),
+                        "{kind:?} {isa:?} activation row {j}, weight row {r}"
+                    );
+                }
+            }
+            for r in 0..24 {
+                assert_eq!(y_all[r].to_bits(), y_one[r].to_bits(), "{kind:?} {isa:?}");
+            }
+        }
+    }
+}
+
+#[test]
 fn paths_agree_on_the_default_models_shapes() {
     // The Q/K/V, output, FFN and vocabulary projections of SmolLM2-135M (vocabulary cut to
     // keep the test quick), one decode row and a small batch.

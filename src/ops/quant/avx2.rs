@@ -7,7 +7,7 @@
 //! weight nibbles × signed 8-bit activations), then the integer sums are scaled and
 //! accumulated in f32 lanes.
 
-use super::{Isa, QActs, QWeight};
+use super::{Isa, QActs, QKind, QWeight};
 
 /// AVX-512 (F, and VNNI on 256-bit registers with VL) besides AVX2: `vpdpbusd` for the
 /// interleaved kernels' integer sums, 512-bit attention.
@@ -107,8 +107,34 @@ pub fn tile_x8(
     }
 }
 
+/// Whether `kind` has the AVX-512 kernels that take two interleaved groups at once
+/// ([`tile_x16`]).
+pub fn pairs_groups(kind: QKind) -> bool {
+    matches!(kind, QKind::Q4_0 | QKind::Q4_1 | QKind::Q8_0 | QKind::Q4K)
+}
+
+/// Fill `res[k]` with the dot products of the sixteen rows of interleaved groups `g` and
+/// `g + 1` and activation row `j + k` (`k < a`, `a` 1..=4), on 512-bit registers.
+pub fn tile_x16(w: &QWeight, g: usize, acts: &QActs, j: usize, a: usize, res: &mut [[f32; 16]; 4]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(avx512_supported() && pairs_groups(w.kind));
+        // SAFETY: the CPU has AVX-512F, VL and VNNI besides AVX2 (checked above); both groups
+        // hold `nb` interleaved blocks.
+        unsafe { x86::tile_x16(w, g, acts, j, a, res) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (w, g, acts, j, a, res);
+        unreachable!("AVX-512 kernels on a non-x86 CPU")
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod rows;
+
+#[cfg(target_arch = "x86_64")]
+mod wide;
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -161,6 +187,32 @@ mod x86 {
             QKind::Q8_0 => shapes!(q8_0),
             QKind::Q4K => shapes!(q4k),
             QKind::Q6K => shapes!(q6k),
+        }
+    }
+
+    pub unsafe fn tile_x16(
+        w: &QWeight,
+        g: usize,
+        acts: &QActs,
+        j: usize,
+        a: usize,
+        res: &mut [[f32; 16]; 4],
+    ) {
+        let nb = w.cols / w.kind.block_len();
+        let g0 = w.group(g).as_ptr();
+        let g1 = w.group(g + 1).as_ptr();
+        macro_rules! go {
+            ($A:literal) => {{
+                let ap: [*const ActBlock; $A] = std::array::from_fn(|k| acts.row(j + k).as_ptr());
+                res[..$A].copy_from_slice(&super::wide::x16::<$A>(w.kind, g0, g1, ap, nb));
+            }};
+        }
+        match a {
+            1 => go!(1),
+            2 => go!(2),
+            3 => go!(3),
+            4 => go!(4),
+            _ => unreachable!("{a} activation rows"),
         }
     }
 
@@ -414,6 +466,23 @@ mod x86 {
         (p.add(8 * k) as *const u64).read_unaligned()
     }
 
+    /// Sub-scale and sub-min `j` (0..8) of eight interleaved Q4_K rows, a byte each, from the
+    /// planes of their packed 6-bit scales at `pl` (as GGUF packs them).
+    #[inline(always)]
+    pub(super) unsafe fn q4k_scale_min(pl: *const u8, j: usize) -> (u64, u64) {
+        const LO6: u64 = 0x3F3F_3F3F_3F3F_3F3F;
+        const LO4: u64 = 0x0F0F_0F0F_0F0F_0F0F;
+        const LO2: u64 = 0x0303_0303_0303_0303;
+        if j < 4 {
+            (plane(pl, j) & LO6, plane(pl, j + 4) & LO6)
+        } else {
+            (
+                (plane(pl, j + 4) & LO4) | (((plane(pl, j - 4) >> 6) & LO2) << 4),
+                ((plane(pl, j + 4) >> 4) & LO4) | (((plane(pl, j) >> 6) & LO2) << 4),
+            )
+        }
+    }
+
     /// Eight rows' bytes (a `u64` plane) as eight f32 lanes.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -431,27 +500,13 @@ mod x86 {
         ap: [*const ActBlock; A],
         nb: usize,
     ) -> [[f32; 8]; A] {
-        const LO6: u64 = 0x3F3F_3F3F_3F3F_3F3F;
-        const LO4: u64 = 0x0F0F_0F0F_0F0F_0F0F;
-        const LO2: u64 = 0x0303_0303_0303_0303;
         let mask = _mm256_set1_epi8(0x0F);
         let mut acc = [_mm256_setzero_ps(); A];
         for b in 0..nb {
             let p = grp.add(b * 1152);
             let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
             let dmin = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i));
-            let pl = p.add(32);
-            // Sub-scale and sub-min `j` of all eight rows (as GGUF's 6-bit packing).
-            let scale_min = |j: usize| -> (u64, u64) {
-                if j < 4 {
-                    (plane(pl, j) & LO6, plane(pl, j + 4) & LO6)
-                } else {
-                    (
-                        (plane(pl, j + 4) & LO4) | (((plane(pl, j - 4) >> 6) & LO2) << 4),
-                        ((plane(pl, j + 4) >> 4) & LO4) | (((plane(pl, j) >> 6) & LO2) << 4),
-                    )
-                }
-            };
+            let scale_min = |j: usize| q4k_scale_min(p.add(32), j);
             for pair in 0..4 {
                 let mut lo_sum = [_mm256_setzero_si256(); A];
                 let mut hi_sum = [_mm256_setzero_si256(); A];

@@ -555,8 +555,9 @@ fn matmul_many_with(isa: Isa, outs: &mut [(&QWeight, &mut [f32])], acts: &QActs)
     let threads = pool_threads();
     let mut tasks = Vec::new();
     let total_rows: usize = outs.iter().map(|(w, _)| w.rows).sum();
-    // Aim for a few tasks per thread; rows in whole interleaved groups.
-    let per_task = (total_rows / (threads * 4)).clamp(GROUP, 128) / GROUP * GROUP;
+    // Aim for a few tasks per thread; rows in whole pairs of interleaved groups (the AVX-512
+    // kernels take two at once).
+    let per_task = (total_rows / (threads * 4)).clamp(2 * GROUP, 128) / (2 * GROUP) * (2 * GROUP);
     let act_chunk = if acts.rows > ACT_ROWS_PER_TASK && total_rows / per_task < threads * 4 {
         ACT_ROWS_PER_TASK
     } else {
@@ -609,7 +610,21 @@ unsafe fn tile(isa: Isa, w: &QWeight, t: &Task, acts: &QActs, out: *mut f32) {
     while j < t.j1 {
         let a = (t.j1 - j).min(4);
         if isa.interleaves() {
-            for g in t.r0 / GROUP..mid / GROUP {
+            let mut g = t.r0 / GROUP;
+            if isa == Isa::Avx512 && avx2::pairs_groups(w.kind) {
+                // Two groups at a time, one per half of a 512-bit register; the same sums,
+                // in the same order, as one group at a time.
+                while g + 2 <= mid / GROUP {
+                    let mut res = [[0f32; 2 * GROUP]; 4];
+                    avx2::tile_x16(w, g, acts, j, a, &mut res);
+                    for (k, row) in res.iter().enumerate().take(a) {
+                        let dst = out.add((j + k) * w.rows + g * GROUP);
+                        std::ptr::copy_nonoverlapping(row.as_ptr(), dst, 2 * GROUP);
+                    }
+                    g += 2;
+                }
+            }
+            for g in g..mid / GROUP {
                 let mut res = [[0f32; GROUP]; 4];
                 if isa.is_neon() {
                     neon::tile_x8(w, g, acts, j, a, isa, &mut res);
