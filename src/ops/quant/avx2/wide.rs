@@ -1,9 +1,10 @@
-//! AVX-512 kernels that take two interleaved groups (sixteen rows) at once: group `g` in the
-//! low half of each 512-bit register, group `g + 1` in the high half. Row `i` of either group
+//! AVX-512 kernels on 512-bit registers. Q4_0, Q4_1, Q8_0 and Q4_K take two interleaved groups
+//! (sixteen rows) at once: group `g` in the low half of each register, group `g + 1` in the
+//! high half. Row `i` of either group
 //! keeps its 32-bit lane, so a lane's arithmetic is that of the eight-row VNNI kernels (the
 //! same integer sums, the same f32 steps in the same order: a row's result does not depend on
 //! which kernel computed it), while one activation broadcast and one unpacking serve sixteen
-//! rows instead of eight.
+//! rows instead of eight. Q6_K takes one group, two runs of it to a register.
 
 use std::arch::x86_64::*;
 
@@ -189,4 +190,104 @@ unsafe fn q4k_x16<const A: usize>(
         }
     }
     lanes(acc)
+}
+
+/// Eight interleaved Q6_K rows against `A` activation rows. A register holds two runs side
+/// by side ([`crate::ops::quant::q6k_slot`]): run `u` of a chunk in lanes 0-7 and run `u + 4`
+/// in lanes 8-15 (row `i` in lanes `i` and `i + 8`), so one 64-byte load of the low bits and
+/// one of the high bits give a chunk's values for eight rows, eight values each:
+/// `(low & 0x0F) | (high & 0x30)` after a shift of each into place (one `vpternlogd` for the
+/// merge). The 6-bit values (0..63) are unsigned bytes, so one `vpdpbusd` multiplies them
+/// into the activations, whose register repeats values `4u..4u + 4` in the low half and
+/// `4u + 16..4u + 20` in the high one (one `vpermd`; a copy of the activations laid out so,
+/// made once per step, was slower: more bytes to read per product).
+///
+/// Over the chunk's four pairs of runs, the low half of the 32-bit sums is the first
+/// sub-block (16 values), the high half the second. They start from `-32 Σ x` over their
+/// sub-block (the values' offset of 32), are converted once per chunk and scaled by
+/// `d · scale` (f32, per row and sub-block) and the activation's scale. The two halves of
+/// the accumulators are added at the end.
+///
+/// # Safety
+/// As [`x16`], for one group.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+pub unsafe fn q6k_x8<const A: usize>(
+    grp: *const u8,
+    ap: [*const ActBlock; A],
+    nb: usize,
+) -> [[f32; 8]; A] {
+    let mut acc = [_mm512_setzero_ps(); A];
+    for b in 0..nb {
+        let p = grp.add(b * 1680);
+        // The eight rows' scales, repeated in both halves.
+        let d = _mm512_cvtph_ps(_mm256_broadcastsi128_si256(_mm_loadu_si128(
+            p as *const __m128i,
+        )));
+        for n in 0..2 {
+            let at = |c: usize| ap.map(|a| a.add(b * 8 + 4 * n + c));
+            q6k_chunk_wide::<0, A>(p, n, d, at(0), &mut acc);
+            q6k_chunk_wide::<1, A>(p, n, d, at(1), &mut acc);
+            q6k_chunk_wide::<2, A>(p, n, d, at(2), &mut acc);
+            q6k_chunk_wide::<3, A>(p, n, d, at(3), &mut acc);
+        }
+    }
+    let mut out = [[0f32; 8]; A];
+    for k in 0..A {
+        let lo = _mm512_castps512_ps256(acc[k]);
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc[k])));
+        _mm256_storeu_ps(out[k].as_mut_ptr(), _mm256_add_ps(lo, hi));
+    }
+    out
+}
+
+/// Chunk `4n + C` (32 values: low bits in the low (`C` < 2) or high nibbles of the low-bit
+/// runs `h = C % 2`, high bits at `2C` in the high-bit runs) of one Q6_K super-block of
+/// eight rows against activation blocks `ab`, added into `acc` (see [`q6k_x8`]).
+#[inline(always)]
+unsafe fn q6k_chunk_wide<const C: usize, const A: usize>(
+    p: *const u8,
+    n: usize,
+    d: __m512,
+    ab: [*const ActBlock; A],
+    acc: &mut [__m512; A],
+) {
+    let m4 = _mm512_set1_epi8(0x0F);
+    let m30 = _mm512_set1_epi8(0x30);
+    let shift = |x: usize| _mm_cvtsi32_si128(x as i32);
+    let x: [__m512i; A] = std::array::from_fn(|k| {
+        _mm512_castsi256_si512(_mm256_loadu_si256((*ab[k]).qs.as_ptr() as *const __m256i))
+    });
+    let mut isum: [__m512i; A] = std::array::from_fn(|k| {
+        let hs = (*ab[k]).half_sums;
+        _mm512_mask_blend_epi32(
+            0xFF00,
+            _mm512_set1_epi32(-32 * hs[0] as i32),
+            _mm512_set1_epi32(-32 * hs[1] as i32),
+        )
+    });
+    let ql = p.add(144 + 256 * (2 * n + C % 2));
+    let qh = p.add(1168 + 256 * n);
+    for u in 0..4 {
+        let lo = _mm512_loadu_si512(ql.add(64 * u) as *const _);
+        let hi = _mm512_loadu_si512(qh.add(64 * u) as *const _);
+        let lo = _mm512_srl_epi32(lo, shift(4 * (C / 2)));
+        let hi = _mm512_sll_epi32(_mm512_srl_epi32(hi, shift(2 * C)), shift(4));
+        // (lo & 0x0F) | (hi & 0x30)
+        let v = _mm512_ternarylogic_epi32::<0xEA>(lo, m4, _mm512_and_si512(hi, m30));
+        let pick = _mm512_inserti64x4::<1>(
+            _mm512_castsi256_si512(_mm256_set1_epi32(u as i32)),
+            _mm256_set1_epi32(u as i32 + 4),
+        );
+        for k in 0..A {
+            let xs = _mm512_permutexvar_epi32(pick, x[k]);
+            isum[k] = _mm512_dpbusd_epi32(isum[k], v, xs);
+        }
+    }
+    // Sub-blocks 2c and 2c + 1: adjacent planes.
+    let sub = _mm_loadu_si128(p.add(16 + 16 * (4 * n + C)) as *const __m128i);
+    let sc = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sub)), d);
+    for k in 0..A {
+        let f = _mm512_mul_ps(sc, _mm512_set1_ps((*ab[k]).d));
+        acc[k] = _mm512_fmadd_ps(f, _mm512_cvtepi32_ps(isum[k]), acc[k]);
+    }
 }
