@@ -144,6 +144,19 @@ mod x86 {
     use super::*;
     use crate::ops::quant::{q6k_slot, ActBlock, QKind, QK};
 
+    /// `$go!($($arg,)* A)` for the `$a` (1..=4) activation rows of a tile, `A` a literal.
+    macro_rules! by_rows {
+        ($a:expr, $go:ident $(, $arg:tt)*) => {
+            match $a {
+                1 => $go!($($arg,)* 1),
+                2 => $go!($($arg,)* 2),
+                3 => $go!($($arg,)* 3),
+                4 => $go!($($arg,)* 4),
+                a => unreachable!("{a} activation rows"),
+            }
+        };
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn tile(
         w: &QWeight,
@@ -207,13 +220,7 @@ mod x86 {
                 res[..$A].copy_from_slice(&super::wide::x16::<$A>(w.kind, g0, g1, ap, nb));
             }};
         }
-        match a {
-            1 => go!(1),
-            2 => go!(2),
-            3 => go!(3),
-            4 => go!(4),
-            _ => unreachable!("{a} activation rows"),
-        }
+        by_rows!(a, go);
     }
 
     pub unsafe fn tile_x8(
@@ -235,13 +242,7 @@ mod x86 {
                     res[..$A].copy_from_slice(&super::wide::q6k_x8::<$A>(grp, ap, nb));
                 }};
             }
-            match a {
-                1 => wide!(1),
-                2 => wide!(2),
-                3 => wide!(3),
-                4 => wide!(4),
-                _ => unreachable!("{a} activation rows"),
-            }
+            by_rows!(a, wide);
             return;
         }
         macro_rules! go {
@@ -257,13 +258,7 @@ mod x86 {
         }
         macro_rules! acts {
             ($kern:ty) => {
-                match a {
-                    1 => go!($kern, 1),
-                    2 => go!($kern, 2),
-                    3 => go!($kern, 3),
-                    4 => go!($kern, 4),
-                    _ => unreachable!("{a} activation rows"),
-                }
+                by_rows!(a, go, $kern)
             };
         }
         match w.kind {
