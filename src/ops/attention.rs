@@ -159,23 +159,29 @@ impl Partial {
     }
 }
 
-/// K/V rows handled together (two blocks): the running softmax is updated once per chunk.
-/// Chunks start at fixed positions, so a query's result does not depend on the other queries
-/// in its batch.
+/// K/V rows whose scores sit together (two blocks): a query's weights over a chunk are summed
+/// as one vector of this many lanes, zeros past what it sees, so the summation order is the
+/// same whichever queries share the chunk.
 const CHUNK: usize = 2 * BLOCK_TOKENS;
 const _: () = assert!(SPLIT_ROWS.is_multiple_of(CHUNK) && CHUNK.is_multiple_of(BLOCK_TOKENS));
+
+/// Blocks ahead of the one being read whose rows are prefetched.
+const AHEAD: usize = 2;
 
 /// Attention for `n` consecutive tokens (first at position `first`) and the `group` query heads
 /// that share KV head `g`, against K/V rows `lo..hi` only. `qs` is `[n][group][d]`.
 ///
-/// One pass over the rows, a block at a time: the scores of every query are computed several
-/// queries and rows at a time straight from the stored rows, the running softmax updated
-/// (rescaling when a query's maximum rises) and the weighted V rows added. Nothing proportional
-/// to the context is written, and each K/V byte is read from memory once per task.
+/// Two passes over the range's blocks: every query's scores against all K rows, then, with the
+/// softmax over the range's scores known, the weighted sum of the V rows. Each pass reads one
+/// stream of rows (a head's blocks are adjacent in the pool when they were taken in order),
+/// prefetched [`AHEAD`] blocks ahead, where one pass alternating K and V blocks would switch
+/// streams every few kilobytes; in a model's step the rows come from memory, not from cache
+/// (the weights stream through it between two layers), so the streams matter. The scores
+/// (at most `SPLIT_ROWS` a query) stay in cache between the passes.
 ///
-/// 8-bit rows are used as integers (exact in f32) and their scales applied to the chunk's
-/// scores and weights, in the same order whether a chunk is widened once (many queries) or
-/// read in place (a decode step): both give the same bits.
+/// A decode step reads the rows as stored; a prefill chunk's many queries widen each block once.
+/// 8-bit rows are used as integers (exact in f32) and their scales applied to the scores and
+/// weights, in the same order either way: both give the same bits.
 #[allow(clippy::too_many_arguments)]
 fn attend_range(
     qs: &[f32],
@@ -195,118 +201,99 @@ fn attend_range(
     let q: Vec<f32> = qs.iter().map(|x| x * scale).collect();
     // The end (exclusive, absolute) of the rows query j sees.
     let visible = |j: usize| (first + j / group + 1).min(hi);
+    // The range's blocks: `segs[i]` holds rows `lo + i * BLOCK_TOKENS..`.
+    let segs: Vec<Seg> = kv.block_segments(layer, g, lo, hi).collect();
+    let rows_in = |i: usize| BLOCK_TOKENS.min(hi - lo - i * BLOCK_TOKENS);
+    let quantised = segs
+        .first()
+        .is_some_and(|s| matches!(s.0, KvRows::Q8 { .. }));
+    // Scores, then weights: `[chunk][query][CHUNK]`; block `i`'s rows start at `at(i)`.
+    let n_chunks = (hi - lo).div_ceil(CHUNK);
+    let mut w = vec![0f32; n_chunks * nq * CHUNK];
+    let at = |i: usize| {
+        let r = i * BLOCK_TOKENS;
+        r / CHUNK * nq * CHUNK + r % CHUNK
+    };
+    // Rows widened once for many queries (a prefill chunk); a decode step reads them in place.
+    let widen_once = nq > 3;
+    let mut buf = if widen_once {
+        vec![0f32; BLOCK_TOKENS * d]
+    } else {
+        Vec::new()
+    };
     let mut p = Partial {
         max: vec![f32::NEG_INFINITY; nq],
         sum: vec![0.0; nq],
         acc: vec![0.0; nq * d],
     };
-    // The range's blocks: `segs[i]` is block `lo / BLOCK_TOKENS + i`.
-    let segs: Vec<Seg> = kv.block_segments(layer, g, lo, hi).collect();
-    let first_block = lo / BLOCK_TOKENS;
-    let mut w = vec![0f32; nq * CHUNK];
-    // Rows widened once for many queries (a prefill chunk); a decode step reads them in place.
-    let (mut kbuf, mut vbuf) = if nq > 3 {
-        (vec![0f32; CHUNK * d], vec![0f32; CHUNK * d])
-    } else {
-        (Vec::new(), Vec::new())
-    };
-    let quantised = segs
-        .first()
-        .is_some_and(|s| matches!(s.0, KvRows::Q8 { .. }));
-    let (mut kscale, mut vscale) = ([0f32; CHUNK], [0f32; CHUNK]);
-    let mut r0 = lo;
-    while r0 < hi {
-        let cnt = CHUNK.min(hi - r0);
-        // The chunk's blocks (a slice of the range's: no allocation per chunk), and how many
-        // of its rows block `i` holds.
-        let b0 = r0 / BLOCK_TOKENS - first_block;
-        let parts = &segs[b0..b0 + cnt.div_ceil(BLOCK_TOKENS)];
-        let rows_in = |i: usize| BLOCK_TOKENS.min(cnt - i * BLOCK_TOKENS);
-        // The next chunk's blocks, where they do not simply follow this chunk's in memory (the
-        // hardware prefetcher follows those by itself).
-        let next = b0 + parts.len();
-        if let (Some(&(lk, lv)), Some(&(nk, nv))) = (parts.last(), segs.get(next)) {
-            // 8-bit rows are prefetched even when they follow on: measured 5% faster at 2,000
-            // rows (benches/kernels.rs), where doing the same for f16 rows was 15% slower.
-            if quantised
-                || lk.byte_range().end != nk.byte_range().start
-                || lv.byte_range().end != nv.byte_range().start
-            {
-                for &(nk, nv) in segs.iter().skip(next).take(CHUNK / BLOCK_TOKENS) {
-                    prefetch(nk);
+    // Pass 1: the scores. The last blocks prefetch the first V blocks.
+    for (i, &(k, _)) in segs.iter().enumerate() {
+        match segs.get(i + AHEAD) {
+            Some(&(nk, _)) => prefetch(nk),
+            None => {
+                if let Some(&(_, nv)) = segs.get(i + AHEAD - segs.len()) {
                     prefetch(nv);
                 }
             }
         }
-        if quantised {
-            for (i, &(k, v)) in parts.iter().enumerate() {
-                let at = i * BLOCK_TOKENS..(i + 1) * BLOCK_TOKENS;
-                kscale[at.clone()].copy_from_slice(k.scales());
-                vscale[at].copy_from_slice(v.scales());
-            }
-        }
-        if nq > 3 {
-            // Many queries (a prefill chunk): widen the chunk once for all of them.
-            for (i, &(k, v)) in parts.iter().enumerate() {
-                let at = i * BLOCK_TOKENS * d;
-                k.widen_unscaled(BLOCK_TOKENS * d, &mut kbuf[at..]);
-                v.widen_unscaled(rows_in(i) * d, &mut vbuf[at..]);
-            }
-            kernels::scores(&q, nq, d, Rows::F32(&kbuf), cnt, &mut w);
+        let cnt = rows_in(i);
+        let out = &mut w[at(i)..];
+        if widen_once {
+            k.widen_unscaled(cnt * d, &mut buf);
+            kernels::scores(&q, nq, d, Rows::F32(&buf), cnt, out);
         } else {
-            // A decode step: rows widened as they are read, a block at a time.
-            for (i, &(k, _)) in parts.iter().enumerate() {
-                let off = i * BLOCK_TOKENS;
-                kernels::scores(&q, nq, d, Rows::stored(k), rows_in(i), &mut w[off..]);
-            }
+            kernels::scores(&q, nq, d, Rows::stored(k), cnt, out);
         }
         if quantised {
-            for row in w.chunks_exact_mut(CHUNK) {
-                for (x, s) in row[..cnt].iter_mut().zip(&kscale) {
+            for j in 0..nq {
+                for (x, s) in out[j * CHUNK..][..cnt].iter_mut().zip(k.scales()) {
                     *x *= s;
                 }
             }
         }
-        for j in 0..nq {
-            let seen = visible(j).saturating_sub(r0).min(cnt);
-            let row = &mut w[j * CHUNK..][..CHUNK];
-            if seen == 0 {
-                row.fill(0.0);
-                continue;
-            }
-            let cm = max(&row[..seen]);
-            if cm > p.max[j] {
-                if p.max[j] != f32::NEG_INFINITY {
-                    let a = exp_nonpositive(p.max[j] - cm);
-                    p.sum[j] *= a;
-                    p.acc[j * d..][..d].iter_mut().for_each(|x| *x *= a);
-                }
-                p.max[j] = cm;
-            }
-            let m = p.max[j];
-            for x in row[..seen].iter_mut() {
+    }
+    // The softmax over the range: its maximum, then the weights and their sum, a chunk at a
+    // time (zeros past what the query sees).
+    for j in 0..nq {
+        let seen_all = visible(j).saturating_sub(lo);
+        let seen = |c: usize| seen_all.saturating_sub(c * CHUNK).min(CHUNK);
+        let row = |c: usize| c * nq * CHUNK + j * CHUNK;
+        let m = (0..n_chunks)
+            .filter(|&c| seen(c) > 0)
+            .map(|c| max(&w[row(c)..][..seen(c)]))
+            .fold(f32::NEG_INFINITY, f32::max);
+        p.max[j] = m;
+        for c in 0..n_chunks {
+            let chunk = &mut w[row(c)..][..CHUNK];
+            let seen = seen(c);
+            for x in chunk[..seen].iter_mut() {
                 *x = exp_nonpositive(*x - m);
             }
-            row[seen..].fill(0.0);
-            // Over the whole chunk (zeros past `seen`), so the summation order is the same
-            // whichever queries share the chunk.
-            p.sum[j] += sum(row);
-            if quantised {
-                // The weights times the V rows' scales: the rows are then used as integers.
-                for (x, s) in row[..seen].iter_mut().zip(&vscale) {
+            chunk[seen..].fill(0.0);
+            p.sum[j] += sum(chunk);
+        }
+    }
+    // Pass 2: the weighted V rows (8-bit rows' weights times their scales, the rows then used
+    // as integers).
+    for (i, &(_, v)) in segs.iter().enumerate() {
+        if let Some(&(_, nv)) = segs.get(i + AHEAD) {
+            prefetch(nv);
+        }
+        let cnt = rows_in(i);
+        let wi = &mut w[at(i)..];
+        if quantised {
+            for j in 0..nq {
+                for (x, s) in wi[j * CHUNK..][..cnt].iter_mut().zip(v.scales()) {
                     *x *= s;
                 }
             }
         }
-        if nq > 3 {
-            kernels::accumulate(&w, nq, d, Rows::F32(&vbuf), cnt, &mut p.acc);
+        if widen_once {
+            v.widen_unscaled(cnt * d, &mut buf);
+            kernels::accumulate(wi, nq, d, Rows::F32(&buf), cnt, &mut p.acc);
         } else {
-            for (i, &(_, v)) in parts.iter().enumerate() {
-                let off = i * BLOCK_TOKENS;
-                kernels::accumulate(&w[off..], nq, d, Rows::stored(v), rows_in(i), &mut p.acc);
-            }
+            kernels::accumulate(wi, nq, d, Rows::stored(v), cnt, &mut p.acc);
         }
-        r0 += cnt;
     }
     p
 }
@@ -328,8 +315,8 @@ fn max(x: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
 }
 
-/// Ask the CPU to start loading the next block's rows: a sequence's blocks need not be
-/// adjacent in the pool, which the hardware prefetcher cannot guess.
+/// Ask the CPU to start loading a block's rows: a sequence's blocks need not be adjacent in
+/// the pool, and where they are, the hardware prefetcher still starts each 4 KB page late.
 fn prefetch(rows: KvRows) {
     #[cfg(target_arch = "x86_64")]
     {
