@@ -15,7 +15,9 @@
 //! comparison on a machine whose speed drifts), instead of the table.
 //!
 //! The weight matrices (65,536 × 1,024) are larger than the last-level cache, so decode figures
-//! are DRAM figures.
+//! are DRAM figures. Attention is timed twice: repeated over the same KV (in cache), and "cold",
+//! after writing 512 MB to flush the caches, as in a model's step, where the weights stream
+//! through them between two reads of a layer's KV.
 
 use std::time::Instant;
 
