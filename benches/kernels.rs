@@ -10,7 +10,7 @@
 //!     AIOS_BENCH_VS=avxvnni cargo bench --bench kernels
 //!
 //! `AIOS_BENCH_ONLY` is `attention` or `matmul` (both by default); `AIOS_BENCH_FORMATS` lists the
-//! weight formats to time (all five by default). `AIOS_BENCH_VS=NAME` times our kernels on the
+//! weight formats to time (all seven by default). `AIOS_BENCH_VS=NAME` times our kernels on the
 //! kernel set in use and on `NAME` alternately, fifteen times each in the same process (a fair
 //! comparison on a machine whose speed drifts), instead of the table.
 //!
@@ -137,6 +137,8 @@ fn main() {
     for kind in [
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
         GgmlDType::Q8_0,
         GgmlDType::Q4K,
         GgmlDType::Q6K,

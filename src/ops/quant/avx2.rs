@@ -110,7 +110,10 @@ pub fn tile_x8(
 /// Whether `kind` has the AVX-512 kernels that take two interleaved groups at once
 /// ([`tile_x16`]).
 pub fn pairs_groups(kind: QKind) -> bool {
-    matches!(kind, QKind::Q4_0 | QKind::Q4_1 | QKind::Q8_0 | QKind::Q4K)
+    matches!(
+        kind,
+        QKind::Q4_0 | QKind::Q4_1 | QKind::Q5_0 | QKind::Q5_1 | QKind::Q8_0 | QKind::Q4K
+    )
 }
 
 /// Fill `res[k]` with the dot products of the sixteen rows of interleaved groups `g` and
@@ -197,6 +200,7 @@ mod x86 {
         match w.kind {
             QKind::Q4_0 => shapes!(q4_0),
             QKind::Q4_1 => shapes!(q4_1),
+            QKind::Q5_0 | QKind::Q5_1 => unreachable!("Q5 rows in GGUF layout run portably"),
             QKind::Q8_0 => shapes!(q8_0),
             QKind::Q4K => shapes!(q4k),
             QKind::Q6K => shapes!(q6k),
@@ -264,6 +268,8 @@ mod x86 {
         match w.kind {
             QKind::Q4_0 => acts!(Q40),
             QKind::Q4_1 => acts!(Q41),
+            QKind::Q5_0 => acts!(Q50),
+            QKind::Q5_1 => acts!(Q51),
             QKind::Q8_0 => acts!(Q80),
             QKind::Q4K => acts!(Q4K),
             QKind::Q6K => acts!(Q6K),
@@ -355,6 +361,8 @@ mod x86 {
     }
     x8!(Q40, |g, a, n| q4_x8::<A, false, D>(g, a, n));
     x8!(Q41, |g, a, n| q4_x8::<A, true, D>(g, a, n));
+    x8!(Q50, |g, a, n| q5_x8::<A, false, D>(g, a, n));
+    x8!(Q51, |g, a, n| q5_x8::<A, true, D>(g, a, n));
     x8!(Q80, |g, a, n| q8_0_x8::<A, D>(g, a, n));
     x8!(Q4K, |g, a, n| q4k_x8::<A, D>(g, a, n));
     // Q6_K's sums are scaled per 16 values in 16-bit lanes: AVX2's way either way (with
@@ -437,6 +445,61 @@ mod x86 {
             for k in 0..A {
                 let ab = &*ap[k].add(b);
                 let dot = _mm256_cvtepi32_ps(D::finish(isum[k]));
+                acc[k] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(ab.d)), dot, acc[k]);
+                acc[k] = _mm256_fmadd_ps(m, _mm256_set1_ps(ab.s), acc[k]);
+            }
+        }
+        lanes(acc)
+    }
+
+    /// Eight interleaved rows of 5-bit values against `A` activation rows: the runs of
+    /// [`q4_x8`], each byte's fifth bit (bit 4) taken from the rows' reordered high bits
+    /// ([`crate::ops::quant::q5_spread`]): for run `r`, that word shifted left by `4 − r` (or
+    /// right by `r − 4`) and masked to bit 4 of each byte. Products are summed in 16-bit lanes
+    /// over two runs at a time (2 · 2 · 2 · 31 · 127 = 31,496, no overflow).
+    #[inline(always)]
+    unsafe fn q5_x8<const A: usize, const HAS_MIN: bool, D: IntDot>(
+        grp: *const u8,
+        ap: [*const ActBlock; A],
+        nb: usize,
+    ) -> [[f32; 8]; A] {
+        let hdr = if HAS_MIN { 64 } else { 48 };
+        let bytes = hdr + 128;
+        let mask = _mm256_set1_epi8(0x0F);
+        let bit4 = _mm256_set1_epi8(0x10);
+        let count = |n: usize| _mm_cvtsi32_si128(n as i32);
+        let mut acc = [_mm256_setzero_ps(); A];
+        for b in 0..nb {
+            let p = grp.add(b * bytes);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+            let m = if HAS_MIN {
+                _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i))
+            } else {
+                _mm256_mul_ps(d, _mm256_set1_ps(-16.0))
+            };
+            let qh = _mm256_loadu_si256(p.add(hdr - 32) as *const __m256i);
+            let mut isum = [_mm256_setzero_si256(); A];
+            for half in 0..2 {
+                let mut part = [_mm256_setzero_si256(); A];
+                for s in 2 * half..2 * half + 2 {
+                    let q = _mm256_loadu_si256(p.add(hdr + 32 * s) as *const __m256i);
+                    let hl = _mm256_and_si256(_mm256_sll_epi32(qh, count(4 - s)), bit4);
+                    let hh = _mm256_and_si256(_mm256_srl_epi32(qh, count(s)), bit4);
+                    let lo = _mm256_or_si256(_mm256_and_si256(q, mask), hl);
+                    let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), mask), hh);
+                    for k in 0..A {
+                        let ab = &*ap[k].add(b);
+                        part[k] = D::add(part[k], lo, bcast4(ab, 4 * s));
+                        part[k] = D::add(part[k], hi, bcast4(ab, 16 + 4 * s));
+                    }
+                }
+                for k in 0..A {
+                    isum[k] = _mm256_add_epi32(isum[k], D::finish(part[k]));
+                }
+            }
+            for k in 0..A {
+                let ab = &*ap[k].add(b);
+                let dot = _mm256_cvtepi32_ps(isum[k]);
                 acc[k] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(ab.d)), dot, acc[k]);
                 acc[k] = _mm256_fmadd_ps(m, _mm256_set1_ps(ab.s), acc[k]);
             }

@@ -1,5 +1,5 @@
-//! Quantised matrix multiplication on the CPU: GGUF weight blocks (Q4_0, Q4_1, Q8_0, Q4_K,
-//! Q6_K) times activations quantised once per step to 8-bit blocks of 32.
+//! Quantised matrix multiplication on the CPU: GGUF weight blocks (Q4_0, Q4_1, Q5_0, Q5_1,
+//! Q8_0, Q4_K, Q6_K) times activations quantised once per step to 8-bit blocks of 32.
 //!
 //! The weights stay in the GGUF file's block layout (no repacking, no extra memory). The
 //! activations of a step are quantised once ([`QActs`]) and read by every weight matrix that
@@ -98,6 +98,8 @@ fn quantize_block(x: &[f32]) -> ActBlock {
 pub enum QKind {
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
     Q4K,
     Q6K,
@@ -108,6 +110,8 @@ impl QKind {
         Some(match t {
             GgmlDType::Q4_0 => QKind::Q4_0,
             GgmlDType::Q4_1 => QKind::Q4_1,
+            GgmlDType::Q5_0 => QKind::Q5_0,
+            GgmlDType::Q5_1 => QKind::Q5_1,
             GgmlDType::Q8_0 => QKind::Q8_0,
             GgmlDType::Q4K => QKind::Q4K,
             GgmlDType::Q6K => QKind::Q6K,
@@ -118,7 +122,7 @@ impl QKind {
     /// Values per block.
     pub fn block_len(self) -> usize {
         match self {
-            QKind::Q4_0 | QKind::Q4_1 | QKind::Q8_0 => QK,
+            QKind::Q4_0 | QKind::Q4_1 | QKind::Q5_0 | QKind::Q5_1 | QKind::Q8_0 => QK,
             QKind::Q4K | QKind::Q6K => QK_K,
         }
     }
@@ -128,6 +132,8 @@ impl QKind {
         match self {
             QKind::Q4_0 => 18,
             QKind::Q4_1 => 20,
+            QKind::Q5_0 => 22,
+            QKind::Q5_1 => 24,
             QKind::Q8_0 => 34,
             QKind::Q4K => 144,
             QKind::Q6K => 210,
@@ -137,11 +143,12 @@ impl QKind {
 
 /// A weight matrix `[rows, cols]` (output features × input features) in GGUF blocks.
 ///
-/// For the AVX2 kernels, the Q4_0, Q4_1 and Q8_0 rows are stored interleaved in groups of
+/// For the SIMD kernels, the rows are stored interleaved in groups of
 /// eight ([`GROUP`]): per block, the eight rows' scales side by side, then their values four
 /// at a time, row after row. One 32-byte load then feeds eight rows at once, each 32-bit lane
 /// one row, and the block's dot products come out as one vector with no horizontal sums. Rows
-/// past the last full group stay in the file's layout. Same bytes, another order.
+/// past the last full group stay in the file's layout. Same bytes, another order (and Q5's
+/// 32 high bits of a block reordered within their word, [`q5_spread`]).
 pub struct QWeight {
     pub kind: QKind,
     pub rows: usize,
@@ -155,11 +162,13 @@ pub struct QWeight {
 pub const GROUP: usize = 8;
 
 impl QKind {
-    /// Bytes of the eight rows' scales (and mins) at the head of an interleaved block of the
-    /// 32-value formats.
+    /// Bytes of the eight rows' scales (and mins, and Q5's high bits) at the head of an
+    /// interleaved block of the 32-value formats: where the runs of values start.
     fn group_header(self) -> usize {
         match self {
             QKind::Q4_1 => 32,
+            QKind::Q5_0 => 48,
+            QKind::Q5_1 => 64,
             _ => 16,
         }
     }
@@ -176,7 +185,13 @@ impl QKind {
     pub fn interleaves(self) -> bool {
         matches!(
             self,
-            QKind::Q4_0 | QKind::Q4_1 | QKind::Q8_0 | QKind::Q4K | QKind::Q6K
+            QKind::Q4_0
+                | QKind::Q4_1
+                | QKind::Q5_0
+                | QKind::Q5_1
+                | QKind::Q8_0
+                | QKind::Q4K
+                | QKind::Q6K
         )
     }
 }
@@ -303,9 +318,34 @@ impl QWeight {
 /// Bytes of the values of one block (after its scales) in GGUF layout.
 fn scale_bytes(kind: QKind) -> usize {
     match kind {
-        QKind::Q4_1 => 4,
+        QKind::Q4_1 | QKind::Q5_1 => 4,
         _ => 2,
     }
+}
+
+/// Q5's high bits (bit `j` of a block's 32-bit `qh`: value `j`'s fifth bit), reordered for
+/// the interleaved layout: bit `r` of byte `k` is value `4r + k`'s, so that one shift and mask
+/// of a row's 32-bit lane put run `r`'s four high bits at bit 4 of its four bytes (runs 0-3
+/// are the low nibbles of the value runs, 4-7 the high nibbles).
+pub(crate) fn q5_spread(qh: u32) -> u32 {
+    let mut out = 0;
+    for r in 0..8 {
+        for k in 0..4 {
+            out |= ((qh >> (4 * r + k)) & 1) << (8 * k + r);
+        }
+    }
+    out
+}
+
+/// The inverse of [`q5_spread`].
+fn q5_gather(spread: u32) -> u32 {
+    let mut out = 0;
+    for r in 0..8 {
+        for k in 0..4 {
+            out |= ((spread >> (8 * k + r)) & 1) << (4 * r + k);
+        }
+    }
+    out
 }
 
 /// The place of Q6_K's run `t` (values `4t..4t + 4` of a chunk of 32) among its chunk's eight
@@ -320,6 +360,8 @@ pub(crate) const fn q6k_slot(t: usize) -> usize {
 ///
 /// - Q4_0, Q4_1, Q8_0: scales at `2i` (Q4_1's mins at `16 + 2i`), then the values in runs of
 ///   four bytes at `hdr + 32s + 4i`.
+/// - Q5_0, Q5_1: the same, with the row's 32 high bits (reordered by [`q5_spread`] when
+///   interleaved) at `hdr - 32 + 4i`.
 /// - Q4_K: scales at `2i`, mins at `16 + 2i`, the 12 packed scale bytes as planes
 ///   (`32 + 8k + i`), then for each 32-byte quarter `p` of the values, runs of four at
 ///   `128 + 256p + 32t + 4i` (low nibbles: sub-block `2p`, high: `2p + 1`).
@@ -329,12 +371,17 @@ pub(crate) const fn q6k_slot(t: usize) -> usize {
 fn slot_map(kind: QKind, i: usize) -> Vec<(usize, usize, usize)> {
     let mut m = Vec::new();
     match kind {
-        QKind::Q4_0 | QKind::Q4_1 | QKind::Q8_0 => {
+        QKind::Q4_0 | QKind::Q4_1 | QKind::Q5_0 | QKind::Q5_1 | QKind::Q8_0 => {
             m.push((0, 2 * i, 2));
-            if kind == QKind::Q4_1 {
+            let mut sb = scale_bytes(kind);
+            if sb == 4 {
                 m.push((2, 16 + 2 * i, 2));
             }
-            let (sb, hdr) = (scale_bytes(kind), kind.group_header());
+            let hdr = kind.group_header();
+            if matches!(kind, QKind::Q5_0 | QKind::Q5_1) {
+                m.push((sb, hdr - 32 + 4 * i, 4));
+                sb += 4;
+            }
             for s in 0..(kind.block_bytes() - sb) / 4 {
                 m.push((sb + 4 * s, hdr + 32 * s + 4 * i, 4));
             }
@@ -373,10 +420,24 @@ fn slot_map(kind: QKind, i: usize) -> Vec<(usize, usize, usize)> {
     m
 }
 
+/// Where Q5's high bits sit in a group block for slot `i`.
+fn q5_bits_at(kind: QKind, i: usize) -> Option<usize> {
+    matches!(kind, QKind::Q5_0 | QKind::Q5_1).then(|| kind.group_header() - 32 + 4 * i)
+}
+
+/// The 32-bit word at `at`, rewritten by `f`.
+fn map_u32(bytes: &mut [u8], at: usize, f: fn(u32) -> u32) {
+    let w = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("four bytes"));
+    bytes[at..at + 4].copy_from_slice(&f(w).to_le_bytes());
+}
+
 /// Copy GGUF block `src` into slot `i` of an interleaved group block.
 fn interleave_block(kind: QKind, src: &[u8], i: usize, dst: &mut [u8]) {
     for (from, to, len) in slot_map(kind, i) {
         dst[to..to + len].copy_from_slice(&src[from..from + len]);
+    }
+    if let Some(at) = q5_bits_at(kind, i) {
+        map_u32(dst, at, q5_spread);
     }
 }
 
@@ -384,6 +445,9 @@ fn interleave_block(kind: QKind, src: &[u8], i: usize, dst: &mut [u8]) {
 fn deinterleave_block(kind: QKind, src: &[u8], i: usize, dst: &mut [u8]) {
     for (from, to, len) in slot_map(kind, i) {
         dst[from..from + len].copy_from_slice(&src[to..to + len]);
+    }
+    if q5_bits_at(kind, i).is_some() {
+        map_u32(dst, scale_bytes(kind), q5_gather);
     }
 }
 
@@ -650,11 +714,13 @@ unsafe fn tile(isa: Isa, w: &QWeight, t: &Task, acts: &QActs, out: *mut f32) {
             let rr = if rr == 3 { 2 } else { rr };
             let mut res = [[0f32; 4]; 4];
             match isa {
-                Isa::Avx2 | Isa::AvxVnni | Isa::Avx512 => {
+                Isa::Avx2 | Isa::AvxVnni | Isa::Avx512
+                    if !matches!(w.kind, QKind::Q5_0 | QKind::Q5_1) =>
+                {
                     avx2::tile(w, r, rr, acts, j, a, &mut res)
                 }
                 // Rows past the last group of eight: few, in the file's layout.
-                Isa::Portable | Isa::Neon | Isa::NeonDot => {
+                _ => {
                     for (i, row) in res.iter_mut().enumerate().take(rr) {
                         for (k, cell) in row.iter_mut().enumerate().take(a) {
                             *cell = portable::dot(w.kind, w.row(r + i), acts.row(j + k));

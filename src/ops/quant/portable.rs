@@ -8,6 +8,8 @@ pub fn dot(kind: QKind, w: &[u8], a: &[ActBlock]) -> f32 {
     match kind {
         QKind::Q4_0 => q4_0(w, a),
         QKind::Q4_1 => q4_1(w, a),
+        QKind::Q5_0 => q5::<false>(w, a),
+        QKind::Q5_1 => q5::<true>(w, a),
         QKind::Q8_0 => q8_0(w, a),
         QKind::Q4K => q4k(w, a),
         QKind::Q6K => q6k(w, a),
@@ -38,6 +40,28 @@ fn q4_1(w: &[u8], a: &[ActBlock]) -> f32 {
     for (b, ab) in w.chunks_exact(20).zip(a) {
         let (d, m) = (f16_at(b, 0), f16_at(b, 2));
         acc += d * ab.d * nibble_dot(&b[4..20], &ab.qs) as f32 + m * ab.s;
+    }
+    acc
+}
+
+/// Q5_0 (`d·(q − 16)`) and Q5_1 (`HAS_MIN`: `d·q + m`): four low bits as in Q4, the fifth
+/// bit of value `j` bit `j` of the 32-bit `qh` after the scales.
+fn q5<const HAS_MIN: bool>(w: &[u8], a: &[ActBlock]) -> f32 {
+    let (bytes, sb) = if HAS_MIN { (24, 4) } else { (22, 2) };
+    let mut acc = 0f32;
+    for (b, ab) in w.chunks_exact(bytes).zip(a) {
+        let d = f16_at(b, 0);
+        let qh = u32::from_le_bytes(b[sb..sb + 4].try_into().expect("four bytes"));
+        let mut high = 0i32;
+        for (j, &x) in ab.qs.iter().enumerate() {
+            high += ((qh >> j) & 1) as i32 * 16 * x as i32;
+        }
+        let s = nibble_dot(&b[sb + 4..bytes], &ab.qs) + high;
+        acc += if HAS_MIN {
+            d * ab.d * s as f32 + f16_at(b, 2) * ab.s
+        } else {
+            d * (ab.d * s as f32 - 16.0 * ab.s)
+        };
     }
     acc
 }

@@ -1,6 +1,6 @@
-//! AVX-512 kernels on 512-bit registers. Q4_0, Q4_1, Q8_0 and Q4_K take two interleaved groups
-//! (sixteen rows) at once: group `g` in the low half of each register, group `g + 1` in the
-//! high half. Row `i` of either group
+//! AVX-512 kernels on 512-bit registers. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q4_K take two
+//! interleaved groups (sixteen rows) at once: group `g` in the low half of each register,
+//! group `g + 1` in the high half. Row `i` of either group
 //! keeps its 32-bit lane, so a lane's arithmetic is that of the eight-row VNNI kernels (the
 //! same integer sums, the same f32 steps in the same order: a row's result does not depend on
 //! which kernel computed it), while one activation broadcast and one unpacking serve sixteen
@@ -27,6 +27,8 @@ pub unsafe fn x16<const A: usize>(
     match kind {
         QKind::Q4_0 => q4_x16::<A, false>(g0, g1, ap, nb),
         QKind::Q4_1 => q4_x16::<A, true>(g0, g1, ap, nb),
+        QKind::Q5_0 => q5_x16::<A, false>(g0, g1, ap, nb),
+        QKind::Q5_1 => q5_x16::<A, true>(g0, g1, ap, nb),
         QKind::Q8_0 => q8_0_x16::<A>(g0, g1, ap, nb),
         QKind::Q4K => q4k_x16::<A>(g0, g1, ap, nb),
         _ => unreachable!("no sixteen-row kernel for {kind:?}"),
@@ -91,6 +93,54 @@ unsafe fn q4_x16<const A: usize, const HAS_MIN: bool>(
             let q = both(p0, p1, hdr + 32 * s);
             let lo = _mm512_and_si512(q, mask);
             let hi = _mm512_and_si512(_mm512_srli_epi32::<4>(q), mask);
+            for k in 0..A {
+                let ab = &*ap[k].add(b);
+                isum[k] = _mm512_dpbusd_epi32(isum[k], lo, bcast4(ab, 4 * s));
+                isum[k] = _mm512_dpbusd_epi32(isum[k], hi, bcast4(ab, 16 + 4 * s));
+            }
+        }
+        for k in 0..A {
+            let ab = &*ap[k].add(b);
+            let dot = _mm512_cvtepi32_ps(isum[k]);
+            acc[k] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(ab.d)), dot, acc[k]);
+            acc[k] = _mm512_fmadd_ps(m, _mm512_set1_ps(ab.s), acc[k]);
+        }
+    }
+    lanes(acc)
+}
+
+/// Q5_0 and Q5_1 (`HAS_MIN`), as the eight-row `q5_x8` with VNNI: the fifth bits shifted
+/// into place from the reordered high-bit words and merged by one `vpternlogd` per run.
+#[inline(always)]
+unsafe fn q5_x16<const A: usize, const HAS_MIN: bool>(
+    g0: *const u8,
+    g1: *const u8,
+    ap: [*const ActBlock; A],
+    nb: usize,
+) -> [[f32; 16]; A] {
+    let hdr = if HAS_MIN { 64 } else { 48 };
+    let bytes = hdr + 128;
+    let mask = _mm512_set1_epi8(0x0F);
+    let bit4 = _mm512_set1_epi8(0x10);
+    let count = |n: usize| _mm_cvtsi32_si128(n as i32);
+    let mut acc = [_mm512_setzero_ps(); A];
+    for b in 0..nb {
+        let (p0, p1) = (g0.add(b * bytes), g1.add(b * bytes));
+        let d = both_f16(p0, p1, 0);
+        let m = if HAS_MIN {
+            both_f16(p0, p1, 16)
+        } else {
+            _mm512_mul_ps(d, _mm512_set1_ps(-16.0))
+        };
+        let qh = both(p0, p1, hdr - 32);
+        let mut isum = [_mm512_setzero_si512(); A];
+        for s in 0..4 {
+            let q = both(p0, p1, hdr + 32 * s);
+            let hl = _mm512_and_si512(_mm512_sll_epi32(qh, count(4 - s)), bit4);
+            let hh = _mm512_and_si512(_mm512_srl_epi32(qh, count(s)), bit4);
+            // (q & 0x0F) | high
+            let lo = _mm512_ternarylogic_epi32::<0xEA>(q, mask, hl);
+            let hi = _mm512_ternarylogic_epi32::<0xEA>(_mm512_srli_epi32::<4>(q), mask, hh);
             for k in 0..A {
                 let ab = &*ap[k].add(b);
                 isum[k] = _mm512_dpbusd_epi32(isum[k], lo, bcast4(ab, 4 * s));
