@@ -10,7 +10,7 @@
 //!     AIOS_BENCH_VS=avxvnni cargo bench --bench kernels
 //!
 //! `AIOS_BENCH_ONLY` is `attention` or `matmul` (both by default); `AIOS_BENCH_FORMATS` lists the
-//! weight formats to time (all seven by default). `AIOS_BENCH_VS=NAME` times our kernels on the
+//! weight formats to time (all eight by default). `AIOS_BENCH_VS=NAME` times our kernels on the
 //! kernel set in use and on `NAME` alternately, fifteen times each in the same process (a fair
 //! comparison on a machine whose speed drifts), instead of the table.
 //!
@@ -141,6 +141,7 @@ fn main() {
         GgmlDType::Q5_1,
         GgmlDType::Q8_0,
         GgmlDType::Q4K,
+        GgmlDType::Q5K,
         GgmlDType::Q6K,
     ] {
         if formats

@@ -76,7 +76,7 @@ fn every_kernel_matches_the_dequantised_reference_on_every_path() {
         GgmlDType::Q5_1,
         GgmlDType::Q8_0,
     ];
-    let k = [GgmlDType::Q4K, GgmlDType::Q6K];
+    let k = [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K];
     for (isa, interleave) in Isa::available()
         .into_iter()
         .flat_map(|i| [(i, false), (i, true)])
@@ -123,6 +123,7 @@ fn a_rows_result_does_not_depend_on_its_tile() {
         GgmlDType::Q5_1,
         GgmlDType::Q8_0,
         GgmlDType::Q4K,
+        GgmlDType::Q5K,
         GgmlDType::Q6K,
     ] {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
@@ -199,10 +200,10 @@ fn unsupported_shapes_and_kinds_are_left_to_candle() {
     let w = Tensor::zeros((4, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
     let q4 = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
     assert!(QWeight::from_qtensor(&q4).is_some());
-    // Q5_K has no kernel here; K formats need widths in multiples of 256.
+    // Q3_K has no kernel here; K formats need widths in multiples of 256.
     let w256 = Tensor::zeros((4, 256), candle_core::DType::F32, &Device::Cpu).unwrap();
-    let q5k = QTensor::quantize(&w256, GgmlDType::Q5K).unwrap();
-    assert!(QWeight::from_qtensor(&q5k).is_none());
+    let q3k = QTensor::quantize(&w256, GgmlDType::Q3K).unwrap();
+    assert!(QWeight::from_qtensor(&q3k).is_none());
     let q5 = QTensor::quantize(&w, GgmlDType::Q5_0).unwrap();
     assert!(QWeight::from_qtensor(&q5).is_some());
     assert!(QWeight::from_bytes(QKind::Q4_1, 4, 64, vec![0; 10]).is_none());

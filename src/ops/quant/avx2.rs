@@ -112,7 +112,13 @@ pub fn tile_x8(
 pub fn pairs_groups(kind: QKind) -> bool {
     matches!(
         kind,
-        QKind::Q4_0 | QKind::Q4_1 | QKind::Q5_0 | QKind::Q5_1 | QKind::Q8_0 | QKind::Q4K
+        QKind::Q4_0
+            | QKind::Q4_1
+            | QKind::Q5_0
+            | QKind::Q5_1
+            | QKind::Q8_0
+            | QKind::Q4K
+            | QKind::Q5K
     )
 }
 
@@ -200,7 +206,9 @@ mod x86 {
         match w.kind {
             QKind::Q4_0 => shapes!(q4_0),
             QKind::Q4_1 => shapes!(q4_1),
-            QKind::Q5_0 | QKind::Q5_1 => unreachable!("Q5 rows in GGUF layout run portably"),
+            QKind::Q5_0 | QKind::Q5_1 | QKind::Q5K => {
+                unreachable!("Q5 rows in GGUF layout run portably")
+            }
             QKind::Q8_0 => shapes!(q8_0),
             QKind::Q4K => shapes!(q4k),
             QKind::Q6K => shapes!(q6k),
@@ -272,6 +280,7 @@ mod x86 {
             QKind::Q5_1 => acts!(Q51),
             QKind::Q8_0 => acts!(Q80),
             QKind::Q4K => acts!(Q4K),
+            QKind::Q5K => acts!(Q5K),
             QKind::Q6K => acts!(Q6K),
         }
     }
@@ -365,6 +374,7 @@ mod x86 {
     x8!(Q51, |g, a, n| q5_x8::<A, true, D>(g, a, n));
     x8!(Q80, |g, a, n| q8_0_x8::<A, D>(g, a, n));
     x8!(Q4K, |g, a, n| q4k_x8::<A, D>(g, a, n));
+    x8!(Q5K, |g, a, n| q5k_x8::<A, D>(g, a, n));
     // Q6_K's sums are scaled per 16 values in 16-bit lanes: AVX2's way either way (with
     // AVX-512, `wide::q6k_x8` runs instead).
     x8!(Q6K, |g, a, n| q6k_x8::<A>(g, a, n));
@@ -582,6 +592,75 @@ mod x86 {
                         acc[k] = _mm256_fmadd_ps(f, dot, acc[k]);
                         acc[k] = _mm256_fnmadd_ps(min, _mm256_set1_ps(ab.s), acc[k]);
                     }
+                }
+            }
+        }
+        lanes(acc)
+    }
+
+    /// The fifth bits `bit` (0..8) of eight rows' high-bit run `h`, moved to bit 4 of each byte.
+    #[inline(always)]
+    unsafe fn q5k_high(h: __m256i, bit: usize) -> __m256i {
+        let moved = if bit <= 4 {
+            _mm256_sll_epi32(h, _mm_cvtsi32_si128(4 - bit as i32))
+        } else {
+            _mm256_srl_epi32(h, _mm_cvtsi32_si128(bit as i32 - 4))
+        };
+        _mm256_and_si256(moved, _mm256_set1_epi8(0x10))
+    }
+
+    /// Eight interleaved Q5_K rows: [`q4k_x8`] with each value's fifth bit from the rows'
+    /// high-bit runs (bit `j` for sub-block `j`: quarter `p`'s low nibbles are sub-block `2p`,
+    /// its high nibbles `2p + 1`). The 16-bit sums take four runs at a time
+    /// (4 · 2 · 31 · 127 = 31,496).
+    #[inline(always)]
+    unsafe fn q5k_x8<const A: usize, D: IntDot>(
+        grp: *const u8,
+        ap: [*const ActBlock; A],
+        nb: usize,
+    ) -> [[f32; 8]; A] {
+        let mask = _mm256_set1_epi8(0x0F);
+        let mut acc = [_mm256_setzero_ps(); A];
+        for b in 0..nb {
+            let p = grp.add(b * 1408);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+            let dmin = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i));
+            let scale_min = |j: usize| q4k_scale_min(p.add(32), j);
+            // One sub-block at a time (low nibbles of quarter `p`, then its high nibbles), so
+            // that the 16-bit and 32-bit sums of four activation rows fit AVX2's 16 registers.
+            for sub in 0..8 {
+                let (pair, high) = (sub / 2, sub % 2);
+                let q0 = p.add(384 + 256 * pair);
+                let mut sums = [_mm256_setzero_si256(); A];
+                for t0 in [0, 4] {
+                    let mut part = [_mm256_setzero_si256(); A];
+                    for t in t0..t0 + 4 {
+                        let q = _mm256_loadu_si256(q0.add(32 * t) as *const __m256i);
+                        let h = _mm256_loadu_si256(p.add(128 + 32 * t) as *const __m256i);
+                        let q = if high == 1 {
+                            _mm256_srli_epi16(q, 4)
+                        } else {
+                            q
+                        };
+                        let v = _mm256_or_si256(_mm256_and_si256(q, mask), q5k_high(h, sub));
+                        for k in 0..A {
+                            let ab = &*ap[k].add(b * 8 + sub);
+                            part[k] = D::add(part[k], v, bcast4(ab, 4 * t));
+                        }
+                    }
+                    for k in 0..A {
+                        sums[k] = _mm256_add_epi32(sums[k], D::finish(part[k]));
+                    }
+                }
+                let (sc, mn) = scale_min(sub);
+                let scale = _mm256_mul_ps(d, plane_f32(sc));
+                let min = _mm256_mul_ps(dmin, plane_f32(mn));
+                for k in 0..A {
+                    let ab = &*ap[k].add(b * 8 + sub);
+                    let dot = _mm256_cvtepi32_ps(sums[k]);
+                    let f = _mm256_mul_ps(scale, _mm256_set1_ps(ab.d));
+                    acc[k] = _mm256_fmadd_ps(f, dot, acc[k]);
+                    acc[k] = _mm256_fnmadd_ps(min, _mm256_set1_ps(ab.s), acc[k]);
                 }
             }
         }

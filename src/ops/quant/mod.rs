@@ -1,5 +1,5 @@
 //! Quantised matrix multiplication on the CPU: GGUF weight blocks (Q4_0, Q4_1, Q5_0, Q5_1,
-//! Q8_0, Q4_K, Q6_K) times activations quantised once per step to 8-bit blocks of 32.
+//! Q8_0, Q4_K, Q5_K, Q6_K) times activations quantised once per step to 8-bit blocks of 32.
 //!
 //! The weights stay in the GGUF file's block layout (no repacking, no extra memory). The
 //! activations of a step are quantised once ([`QActs`]) and read by every weight matrix that
@@ -102,6 +102,7 @@ pub enum QKind {
     Q5_1,
     Q8_0,
     Q4K,
+    Q5K,
     Q6K,
 }
 
@@ -114,6 +115,7 @@ impl QKind {
             GgmlDType::Q5_1 => QKind::Q5_1,
             GgmlDType::Q8_0 => QKind::Q8_0,
             GgmlDType::Q4K => QKind::Q4K,
+            GgmlDType::Q5K => QKind::Q5K,
             GgmlDType::Q6K => QKind::Q6K,
             _ => return None,
         })
@@ -123,7 +125,7 @@ impl QKind {
     pub fn block_len(self) -> usize {
         match self {
             QKind::Q4_0 | QKind::Q4_1 | QKind::Q5_0 | QKind::Q5_1 | QKind::Q8_0 => QK,
-            QKind::Q4K | QKind::Q6K => QK_K,
+            QKind::Q4K | QKind::Q5K | QKind::Q6K => QK_K,
         }
     }
 
@@ -136,6 +138,7 @@ impl QKind {
             QKind::Q5_1 => 24,
             QKind::Q8_0 => 34,
             QKind::Q4K => 144,
+            QKind::Q5K => 176,
             QKind::Q6K => 210,
         }
     }
@@ -191,6 +194,7 @@ impl QKind {
                 | QKind::Q5_1
                 | QKind::Q8_0
                 | QKind::Q4K
+                | QKind::Q5K
                 | QKind::Q6K
         )
     }
@@ -365,6 +369,9 @@ pub(crate) const fn q6k_slot(t: usize) -> usize {
 /// - Q4_K: scales at `2i`, mins at `16 + 2i`, the 12 packed scale bytes as planes
 ///   (`32 + 8k + i`), then for each 32-byte quarter `p` of the values, runs of four at
 ///   `128 + 256p + 32t + 4i` (low nibbles: sub-block `2p`, high: `2p + 1`).
+/// - Q5_K: as Q4_K, with the high-bit bytes in runs of four at `128 + 32t + 4i` (bit `2p`
+///   of a byte is the fifth bit of its low nibble in quarter `p`, bit `2p + 1` of its high
+///   nibble) and the quarters of values moved up to `384 + 256p + 32t + 4i`.
 /// - Q6_K: scale at `2i`, the 16 sub-scales as planes (`16 + 8s + i`), the low-bit bytes in
 ///   runs of four at `144 + 32(8(2n + h) + u) + 4i`, the high-bit bytes at
 ///   `1168 + 32(8n + u) + 4i`, where `u` is run `t`'s place ([`q6k_slot`]).
@@ -386,15 +393,24 @@ fn slot_map(kind: QKind, i: usize) -> Vec<(usize, usize, usize)> {
                 m.push((sb + 4 * s, hdr + 32 * s + 4 * i, 4));
             }
         }
-        QKind::Q4K => {
+        QKind::Q4K | QKind::Q5K => {
             m.push((0, 2 * i, 2));
             m.push((2, 16 + 2 * i, 2));
             for k in 0..12 {
                 m.push((4 + k, 32 + 8 * k + i, 1));
             }
+            // Q5_K: the 32 high-bit bytes after the scales, the values after them.
+            let (qs, at) = if kind == QKind::Q5K {
+                for t in 0..8 {
+                    m.push((16 + 4 * t, 128 + 32 * t + 4 * i, 4));
+                }
+                (48, 384)
+            } else {
+                (16, 128)
+            };
             for p in 0..4 {
                 for t in 0..8 {
-                    m.push((16 + 32 * p + 4 * t, 128 + 256 * p + 32 * t + 4 * i, 4));
+                    m.push((qs + 32 * p + 4 * t, at + 256 * p + 32 * t + 4 * i, 4));
                 }
             }
         }
@@ -715,7 +731,7 @@ unsafe fn tile(isa: Isa, w: &QWeight, t: &Task, acts: &QActs, out: *mut f32) {
             let mut res = [[0f32; 4]; 4];
             match isa {
                 Isa::Avx2 | Isa::AvxVnni | Isa::Avx512
-                    if !matches!(w.kind, QKind::Q5_0 | QKind::Q5_1) =>
+                    if !matches!(w.kind, QKind::Q5_0 | QKind::Q5_1 | QKind::Q5K) =>
                 {
                     avx2::tile(w, r, rr, acts, j, a, &mut res)
                 }

@@ -136,6 +136,7 @@ mod arm {
             QKind::Q5_1 => acts!(Q51),
             QKind::Q8_0 => acts!(Q80),
             QKind::Q4K => acts!(Q4K),
+            QKind::Q5K => acts!(Q5K),
             QKind::Q6K => acts!(Q6K),
         }
     }
@@ -236,7 +237,8 @@ mod arm {
     x8!(Q50, |g, a, n| q5_x8::<A, false, D>(g, a, n));
     x8!(Q51, |g, a, n| q5_x8::<A, true, D>(g, a, n));
     x8!(Q80, |g, a, n| q8_0_x8::<A, D>(g, a, n));
-    x8!(Q4K, |g, a, n| q4k_x8::<A, D>(g, a, n));
+    x8!(Q4K, |g, a, n| q4k_x8::<A, false, D>(g, a, n));
+    x8!(Q5K, |g, a, n| q4k_x8::<A, true, D>(g, a, n));
     x8!(Q6K, |g, a, n| q6k_x8::<A, D>(g, a, n));
 
     /// The kernels compiled with the dot-product extension, where `sdot` is inlined.
@@ -442,7 +444,7 @@ mod arm {
     /// rows (decoded eight bytes to a `u64`), then sub-blocks `2p` (low nibbles) and `2p + 1`
     /// (high nibbles) in runs of four per row, summed in 16 bits over a sub-block on plain NEON.
     #[inline(always)]
-    unsafe fn q4k_x8<const A: usize, D: IntDot>(
+    unsafe fn q4k_x8<const A: usize, const FIVE: bool, D: IntDot>(
         grp: *const u8,
         ap: [*const ActBlock; A],
         nb: usize,
@@ -453,7 +455,7 @@ mod arm {
         let mask = vdupq_n_u8(0x0F);
         let mut acc = [[vdupq_n_f32(0.0); 2]; A];
         for b in 0..nb {
-            let p = grp.add(b * 1152);
+            let p = grp.add(b * if FIVE { 1408 } else { 1152 });
             let d = f16x8(p);
             let dmin = f16x8(p.add(16));
             let pl = p.add(32);
@@ -470,17 +472,39 @@ mod arm {
             for pair in 0..4 {
                 let mut lo_sum = [[vdupq_n_s32(0); 2]; A];
                 let mut hi_sum = [[vdupq_n_s32(0); 2]; A];
-                let q0 = p.add(128 + 256 * pair);
-                for t in 0..8 {
-                    for h in 0..2 {
-                        let q = run16(q0.add(32 * t), h);
-                        let lo = vreinterpretq_s8_u8(vandq_u8(q, mask));
-                        let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(q));
-                        for k in 0..A {
-                            let a0 = &*ap[k].add(b * 8 + 2 * pair);
-                            let a1 = &*ap[k].add(b * 8 + 2 * pair + 1);
-                            lo_sum[k][h] = D::add(lo_sum[k][h], lo, bcast4(a0, 4 * t));
-                            hi_sum[k][h] = D::add(hi_sum[k][h], hi, bcast4(a1, 4 * t));
+                let q0 = p.add(if FIVE { 384 } else { 128 } + 256 * pair);
+                // Q5_K's values reach 31: four runs at a time in 16 bits (4 · 2 · 31 · 127).
+                let runs = if FIVE { 4 } else { 8 };
+                for t0 in (0..8).step_by(runs) {
+                    let mut lo_part = [[vdupq_n_s32(0); 2]; A];
+                    let mut hi_part = [[vdupq_n_s32(0); 2]; A];
+                    for t in t0..t0 + runs {
+                        for h in 0..2 {
+                            let q = run16(q0.add(32 * t), h);
+                            let (mut lo, mut hi) = (vandq_u8(q, mask), vshrq_n_u8::<4>(q));
+                            if FIVE {
+                                // Bits 2p and 2p + 1 of the high-bit bytes, moved to bit 4.
+                                let hb = vreinterpretq_u32_u8(run16(p.add(128 + 32 * t), h));
+                                let at = |bit: usize| {
+                                    let x = vshlq_u32(hb, vdupq_n_s32(4 - bit as i32));
+                                    vandq_u8(vreinterpretq_u8_u32(x), vdupq_n_u8(0x10))
+                                };
+                                lo = vorrq_u8(lo, at(2 * pair));
+                                hi = vorrq_u8(hi, at(2 * pair + 1));
+                            }
+                            let (lo, hi) = (vreinterpretq_s8_u8(lo), vreinterpretq_s8_u8(hi));
+                            for k in 0..A {
+                                let a0 = &*ap[k].add(b * 8 + 2 * pair);
+                                let a1 = &*ap[k].add(b * 8 + 2 * pair + 1);
+                                lo_part[k][h] = D::add(lo_part[k][h], lo, bcast4(a0, 4 * t));
+                                hi_part[k][h] = D::add(hi_part[k][h], hi, bcast4(a1, 4 * t));
+                            }
+                        }
+                    }
+                    for k in 0..A {
+                        for h in 0..2 {
+                            lo_sum[k][h] = vaddq_s32(lo_sum[k][h], D::finish(lo_part[k][h]));
+                            hi_sum[k][h] = vaddq_s32(hi_sum[k][h], D::finish(hi_part[k][h]));
                         }
                     }
                 }
@@ -493,7 +517,7 @@ mod arm {
                         for h in 0..2 {
                             let scale = vmulq_f32(d[h], sc[h]);
                             let min = vmulq_f32(dmin[h], mn[h]);
-                            let dot = vcvtq_f32_s32(D::finish(sums[k][h]));
+                            let dot = vcvtq_f32_s32(sums[k][h]);
                             let f = vmulq_n_f32(scale, ab.d);
                             acc[k][h] = vfmaq_f32(acc[k][h], f, dot);
                             acc[k][h] = vfmsq_f32(acc[k][h], min, vdupq_n_f32(ab.s));

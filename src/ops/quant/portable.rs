@@ -12,6 +12,7 @@ pub fn dot(kind: QKind, w: &[u8], a: &[ActBlock]) -> f32 {
         QKind::Q5_1 => q5::<true>(w, a),
         QKind::Q8_0 => q8_0(w, a),
         QKind::Q4K => q4k(w, a),
+        QKind::Q5K => q5k(w, a),
         QKind::Q6K => q6k(w, a),
     }
 }
@@ -95,6 +96,34 @@ fn q4k(w: &[u8], a: &[ActBlock]) -> f32 {
                 .iter()
                 .zip(&ab.qs)
                 .map(|(&q, &x)| ((q >> shift) & 0xF) as i32 * x as i32)
+                .sum();
+            acc += d * sc as f32 * ab.d * s as f32 - dmin * m as f32 * ab.s;
+        }
+    }
+    acc
+}
+
+/// Q5_K: Q4_K's sub-blocks with a fifth bit per value, bit `j` of high-bit byte `l` for
+/// value `l` of sub-block `j`.
+fn q5k(w: &[u8], a: &[ActBlock]) -> f32 {
+    let mut acc = 0f32;
+    for (b, ab) in w.chunks_exact(176).zip(a.chunks_exact(8)) {
+        let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+        let scales = &b[4..16];
+        let qh = &b[16..48];
+        let qs = &b[48..176];
+        for (j, ab) in ab.iter().enumerate() {
+            let (sc, m) = q4k_scale_min(j, scales);
+            let q = &qs[32 * (j / 2)..][..32];
+            let shift = 4 * (j % 2);
+            let s: i32 = q
+                .iter()
+                .zip(qh)
+                .zip(&ab.qs)
+                .map(|((&q, &h), &x)| {
+                    let v = ((q >> shift) & 0xF) | (((h >> j) & 1) << 4);
+                    v as i32 * x as i32
+                })
                 .sum();
             acc += d * sc as f32 * ab.d * s as f32 - dmin * m as f32 * ab.s;
         }

@@ -1,4 +1,4 @@
-//! AVX-512 kernels on 512-bit registers. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q4_K take two
+//! AVX-512 kernels on 512-bit registers. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q5_K take two
 //! interleaved groups (sixteen rows) at once: group `g` in the low half of each register,
 //! group `g + 1` in the high half. Row `i` of either group
 //! keeps its 32-bit lane, so a lane's arithmetic is that of the eight-row VNNI kernels (the
@@ -30,7 +30,8 @@ pub unsafe fn x16<const A: usize>(
         QKind::Q5_0 => q5_x16::<A, false>(g0, g1, ap, nb),
         QKind::Q5_1 => q5_x16::<A, true>(g0, g1, ap, nb),
         QKind::Q8_0 => q8_0_x16::<A>(g0, g1, ap, nb),
-        QKind::Q4K => q4k_x16::<A>(g0, g1, ap, nb),
+        QKind::Q4K => q4k_x16::<A, false>(g0, g1, ap, nb),
+        QKind::Q5K => q4k_x16::<A, true>(g0, g1, ap, nb),
         _ => unreachable!("no sixteen-row kernel for {kind:?}"),
     }
 }
@@ -195,9 +196,21 @@ unsafe fn planes_f32(lo: u64, hi: u64) -> __m512 {
     _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_set_epi64x(hi as i64, lo as i64)))
 }
 
-/// Q4_K, as the eight-row `q4k_x8` with VNNI.
+/// The fifth bits `bit` (0..8) of sixteen rows' high-bit runs, moved to bit 4 of each byte.
 #[inline(always)]
-unsafe fn q4k_x16<const A: usize>(
+unsafe fn q5k_high(h: __m512i, bit: usize) -> __m512i {
+    let moved = if bit <= 4 {
+        _mm512_sll_epi32(h, _mm_cvtsi32_si128(4 - bit as i32))
+    } else {
+        _mm512_srl_epi32(h, _mm_cvtsi32_si128(bit as i32 - 4))
+    };
+    _mm512_and_si512(moved, _mm512_set1_epi8(0x10))
+}
+
+/// Q4_K, as the eight-row `q4k_x8` with VNNI; Q5_K (`FIVE`) as `q5k_x8`, the fifth bits
+/// merged into the nibbles by one `vpternlogd` per run.
+#[inline(always)]
+unsafe fn q4k_x16<const A: usize, const FIVE: bool>(
     g0: *const u8,
     g1: *const u8,
     ap: [*const ActBlock; A],
@@ -205,17 +218,33 @@ unsafe fn q4k_x16<const A: usize>(
 ) -> [[f32; 16]; A] {
     let mask = _mm512_set1_epi8(0x0F);
     let mut acc = [_mm512_setzero_ps(); A];
+    let (bytes, values) = if FIVE { (1408, 384) } else { (1152, 128) };
     for b in 0..nb {
-        let (p0, p1) = (g0.add(b * 1152), g1.add(b * 1152));
+        let (p0, p1) = (g0.add(b * bytes), g1.add(b * bytes));
         let d = both_f16(p0, p1, 0);
         let dmin = both_f16(p0, p1, 16);
         for pair in 0..4 {
             let mut lo_sum = [_mm512_setzero_si512(); A];
             let mut hi_sum = [_mm512_setzero_si512(); A];
             for t in 0..8 {
-                let q = both(p0, p1, 128 + 256 * pair + 32 * t);
-                let lo = _mm512_and_si512(q, mask);
-                let hi = _mm512_and_si512(_mm512_srli_epi32::<4>(q), mask);
+                let q = both(p0, p1, values + 256 * pair + 32 * t);
+                let (lo, hi) = if FIVE {
+                    let h = both(p0, p1, 128 + 32 * t);
+                    // (q & 0x0F) | high
+                    (
+                        _mm512_ternarylogic_epi32::<0xEA>(q, mask, q5k_high(h, 2 * pair)),
+                        _mm512_ternarylogic_epi32::<0xEA>(
+                            _mm512_srli_epi32::<4>(q),
+                            mask,
+                            q5k_high(h, 2 * pair + 1),
+                        ),
+                    )
+                } else {
+                    (
+                        _mm512_and_si512(q, mask),
+                        _mm512_and_si512(_mm512_srli_epi32::<4>(q), mask),
+                    )
+                };
                 for k in 0..A {
                     let a0 = &*ap[k].add(b * 8 + 2 * pair);
                     let a1 = &*ap[k].add(b * 8 + 2 * pair + 1);
