@@ -110,16 +110,7 @@ pub fn tile_x8(
 /// Whether `kind` has the AVX-512 kernels that take two interleaved groups at once
 /// ([`tile_x16`]).
 pub fn pairs_groups(kind: QKind) -> bool {
-    matches!(
-        kind,
-        QKind::Q4_0
-            | QKind::Q4_1
-            | QKind::Q5_0
-            | QKind::Q5_1
-            | QKind::Q8_0
-            | QKind::Q4K
-            | QKind::Q5K
-    )
+    kind.interleaves() && kind != QKind::Q6K
 }
 
 /// Fill `res[k]` with the dot products of the sixteen rows of interleaved groups `g` and
@@ -368,10 +359,10 @@ mod x86 {
             }
         };
     }
-    x8!(Q40, |g, a, n| q4_x8::<A, false, D>(g, a, n));
-    x8!(Q41, |g, a, n| q4_x8::<A, true, D>(g, a, n));
-    x8!(Q50, |g, a, n| q5_x8::<A, false, D>(g, a, n));
-    x8!(Q51, |g, a, n| q5_x8::<A, true, D>(g, a, n));
+    x8!(Q40, |g, a, n| q4_x8::<A, false, false, D>(g, a, n));
+    x8!(Q41, |g, a, n| q4_x8::<A, true, false, D>(g, a, n));
+    x8!(Q50, |g, a, n| q4_x8::<A, false, true, D>(g, a, n));
+    x8!(Q51, |g, a, n| q4_x8::<A, true, true, D>(g, a, n));
     x8!(Q80, |g, a, n| q8_0_x8::<A, D>(g, a, n));
     x8!(Q4K, |g, a, n| q4k_x8::<A, D>(g, a, n));
     x8!(Q5K, |g, a, n| q5k_x8::<A, D>(g, a, n));
@@ -423,61 +414,23 @@ mod x86 {
     /// holds, per row (32-bit lane), four bytes: low nibbles are values `4s..4s + 4`, high
     /// nibbles `16 + 4s..`. Products are summed in 16-bit lanes over the whole block (at most
     /// 8 · 2 · 15 · 127 = 30,480, no overflow), then once in 32 bits.
+    ///
+    /// With `FIVE` (Q5_0, Q5_1), each byte's fifth bit (bit 4) comes from the rows' reordered
+    /// high bits ([`crate::ops::quant::q5_spread`]): for run `r`, that word shifted left by
+    /// `4 − r` (or right by `r − 4`) and masked to bit 4 of each byte. The 16-bit sums then
+    /// take two runs at a time (2 · 2 · 2 · 31 · 127 = 31,496).
     #[inline(always)]
-    unsafe fn q4_x8<const A: usize, const HAS_MIN: bool, D: IntDot>(
+    unsafe fn q4_x8<const A: usize, const HAS_MIN: bool, const FIVE: bool, D: IntDot>(
         grp: *const u8,
         ap: [*const ActBlock; A],
         nb: usize,
     ) -> [[f32; 8]; A] {
-        let hdr = if HAS_MIN { 32 } else { 16 };
-        let bytes = hdr + 128;
-        let mask = _mm256_set1_epi8(0x0F);
-        let mut acc = [_mm256_setzero_ps(); A];
-        for b in 0..nb {
-            let p = grp.add(b * bytes);
-            let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
-            let m = if HAS_MIN {
-                _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i))
-            } else {
-                _mm256_mul_ps(d, _mm256_set1_ps(-8.0))
-            };
-            let mut isum = [_mm256_setzero_si256(); A];
-            for s in 0..4 {
-                let q = _mm256_loadu_si256(p.add(hdr + 32 * s) as *const __m256i);
-                let lo = _mm256_and_si256(q, mask);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask);
-                for k in 0..A {
-                    let ab = &*ap[k].add(b);
-                    isum[k] = D::add(isum[k], lo, bcast4(ab, 4 * s));
-                    isum[k] = D::add(isum[k], hi, bcast4(ab, 16 + 4 * s));
-                }
-            }
-            for k in 0..A {
-                let ab = &*ap[k].add(b);
-                let dot = _mm256_cvtepi32_ps(D::finish(isum[k]));
-                acc[k] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(ab.d)), dot, acc[k]);
-                acc[k] = _mm256_fmadd_ps(m, _mm256_set1_ps(ab.s), acc[k]);
-            }
-        }
-        lanes(acc)
-    }
-
-    /// Eight interleaved rows of 5-bit values against `A` activation rows: the runs of
-    /// [`q4_x8`], each byte's fifth bit (bit 4) taken from the rows' reordered high bits
-    /// ([`crate::ops::quant::q5_spread`]): for run `r`, that word shifted left by `4 − r` (or
-    /// right by `r − 4`) and masked to bit 4 of each byte. Products are summed in 16-bit lanes
-    /// over two runs at a time (2 · 2 · 2 · 31 · 127 = 31,496, no overflow).
-    #[inline(always)]
-    unsafe fn q5_x8<const A: usize, const HAS_MIN: bool, D: IntDot>(
-        grp: *const u8,
-        ap: [*const ActBlock; A],
-        nb: usize,
-    ) -> [[f32; 8]; A] {
-        let hdr = if HAS_MIN { 64 } else { 48 };
+        let hdr = if HAS_MIN { 32 } else { 16 } + if FIVE { 32 } else { 0 };
         let bytes = hdr + 128;
         let mask = _mm256_set1_epi8(0x0F);
         let bit4 = _mm256_set1_epi8(0x10);
         let count = |n: usize| _mm_cvtsi32_si128(n as i32);
+        let runs = if FIVE { 2 } else { 4 };
         let mut acc = [_mm256_setzero_ps(); A];
         for b in 0..nb {
             let p = grp.add(b * bytes);
@@ -485,18 +438,26 @@ mod x86 {
             let m = if HAS_MIN {
                 _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i))
             } else {
-                _mm256_mul_ps(d, _mm256_set1_ps(-16.0))
+                _mm256_mul_ps(d, _mm256_set1_ps(if FIVE { -16.0 } else { -8.0 }))
             };
-            let qh = _mm256_loadu_si256(p.add(hdr - 32) as *const __m256i);
+            let qh = if FIVE {
+                _mm256_loadu_si256(p.add(hdr - 32) as *const __m256i)
+            } else {
+                _mm256_setzero_si256()
+            };
             let mut isum = [_mm256_setzero_si256(); A];
-            for half in 0..2 {
+            for s0 in (0..4).step_by(runs) {
                 let mut part = [_mm256_setzero_si256(); A];
-                for s in 2 * half..2 * half + 2 {
+                for s in s0..s0 + runs {
                     let q = _mm256_loadu_si256(p.add(hdr + 32 * s) as *const __m256i);
-                    let hl = _mm256_and_si256(_mm256_sll_epi32(qh, count(4 - s)), bit4);
-                    let hh = _mm256_and_si256(_mm256_srl_epi32(qh, count(s)), bit4);
-                    let lo = _mm256_or_si256(_mm256_and_si256(q, mask), hl);
-                    let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), mask), hh);
+                    let mut lo = _mm256_and_si256(q, mask);
+                    let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask);
+                    if FIVE {
+                        let hl = _mm256_sll_epi32(qh, count(4 - s));
+                        let hh = _mm256_srl_epi32(qh, count(s));
+                        lo = _mm256_or_si256(lo, _mm256_and_si256(hl, bit4));
+                        hi = _mm256_or_si256(hi, _mm256_and_si256(hh, bit4));
+                    }
                     for k in 0..A {
                         let ab = &*ap[k].add(b);
                         part[k] = D::add(part[k], lo, bcast4(ab, 4 * s));

@@ -232,10 +232,10 @@ mod arm {
             }
         };
     }
-    x8!(Q40, |g, a, n| q4_x8::<A, false, D>(g, a, n));
-    x8!(Q41, |g, a, n| q4_x8::<A, true, D>(g, a, n));
-    x8!(Q50, |g, a, n| q5_x8::<A, false, D>(g, a, n));
-    x8!(Q51, |g, a, n| q5_x8::<A, true, D>(g, a, n));
+    x8!(Q40, |g, a, n| q4_x8::<A, false, false, D>(g, a, n));
+    x8!(Q41, |g, a, n| q4_x8::<A, true, false, D>(g, a, n));
+    x8!(Q50, |g, a, n| q4_x8::<A, false, true, D>(g, a, n));
+    x8!(Q51, |g, a, n| q4_x8::<A, true, true, D>(g, a, n));
     x8!(Q80, |g, a, n| q8_0_x8::<A, D>(g, a, n));
     x8!(Q4K, |g, a, n| q4k_x8::<A, false, D>(g, a, n));
     x8!(Q5K, |g, a, n| q4k_x8::<A, true, D>(g, a, n));
@@ -305,64 +305,22 @@ mod arm {
     /// Eight interleaved rows of 4-bit values: per run `s`, low nibbles are values `4s..4s + 4`,
     /// high nibbles `16 + 4s..`. Sums stay in 16 bits over a block on plain NEON (at most
     /// 8 · 2 · 15 · 127 = 30,480).
+    ///
+    /// With `FIVE` (Q5_0, Q5_1), each byte's fifth bit comes from the rows' reordered high bits
+    /// ([`crate::ops::quant::q5_spread`]): for run `r` that word shifted by `4 − r` (left, or
+    /// right where negative) and masked to bit 4 of each byte. The 16-bit sums then take two
+    /// runs at a time (2 · 2 · 2 · 31 · 127 = 31,496).
     #[inline(always)]
-    unsafe fn q4_x8<const A: usize, const HAS_MIN: bool, D: IntDot>(
+    unsafe fn q4_x8<const A: usize, const HAS_MIN: bool, const FIVE: bool, D: IntDot>(
         grp: *const u8,
         ap: [*const ActBlock; A],
         nb: usize,
     ) -> [[f32; 8]; A] {
-        let hdr = if HAS_MIN { 32 } else { 16 };
-        let bytes = hdr + 128;
-        let mask = vdupq_n_u8(0x0F);
-        let mut acc = [[vdupq_n_f32(0.0); 2]; A];
-        for b in 0..nb {
-            let p = grp.add(b * bytes);
-            let d = f16x8(p);
-            let m = if HAS_MIN {
-                f16x8(p.add(16))
-            } else {
-                [vmulq_n_f32(d[0], -8.0), vmulq_n_f32(d[1], -8.0)]
-            };
-            let mut isum = [[vdupq_n_s32(0); 2]; A];
-            for s in 0..4 {
-                for h in 0..2 {
-                    let q = run16(p.add(hdr + 32 * s), h);
-                    let lo = vreinterpretq_s8_u8(vandq_u8(q, mask));
-                    let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(q));
-                    for k in 0..A {
-                        let ab = &*ap[k].add(b);
-                        isum[k][h] = D::add(isum[k][h], lo, bcast4(ab, 4 * s));
-                        isum[k][h] = D::add(isum[k][h], hi, bcast4(ab, 16 + 4 * s));
-                    }
-                }
-            }
-            for k in 0..A {
-                let ab = &*ap[k].add(b);
-                for h in 0..2 {
-                    let dot = vcvtq_f32_s32(D::finish(isum[k][h]));
-                    acc[k][h] = vfmaq_f32(acc[k][h], vmulq_n_f32(d[h], ab.d), dot);
-                    acc[k][h] = vfmaq_n_f32(acc[k][h], m[h], ab.s);
-                }
-            }
-        }
-        lanes(acc)
-    }
-
-    /// Eight interleaved rows of 5-bit values: the runs of [`q4_x8`], each byte's fifth bit
-    /// from the rows' reordered high bits ([`crate::ops::quant::q5_spread`]): for run `r` that
-    /// word shifted by `4 − r` (left, or right where negative) and masked to bit 4 of each
-    /// byte. Sums stay in 16 bits over two runs at a time on plain NEON (2 · 2 · 2 · 31 · 127 =
-    /// 31,496).
-    #[inline(always)]
-    unsafe fn q5_x8<const A: usize, const HAS_MIN: bool, D: IntDot>(
-        grp: *const u8,
-        ap: [*const ActBlock; A],
-        nb: usize,
-    ) -> [[f32; 8]; A] {
-        let hdr = if HAS_MIN { 64 } else { 48 };
+        let hdr = if HAS_MIN { 32 } else { 16 } + if FIVE { 32 } else { 0 };
         let bytes = hdr + 128;
         let mask = vdupq_n_u8(0x0F);
         let bit4 = vdupq_n_u8(0x10);
+        let runs = if FIVE { 2 } else { 4 };
         let mut acc = [[vdupq_n_f32(0.0); 2]; A];
         for b in 0..nb {
             let p = grp.add(b * bytes);
@@ -370,21 +328,30 @@ mod arm {
             let m = if HAS_MIN {
                 f16x8(p.add(16))
             } else {
-                [vmulq_n_f32(d[0], -16.0), vmulq_n_f32(d[1], -16.0)]
+                let f = if FIVE { -16.0 } else { -8.0 };
+                [vmulq_n_f32(d[0], f), vmulq_n_f32(d[1], f)]
             };
             let mut isum = [[vdupq_n_s32(0); 2]; A];
             for h in 0..2 {
-                let qh = vreinterpretq_u32_u8(run16(p.add(hdr - 32), h));
+                let qh = if FIVE {
+                    vreinterpretq_u32_u8(run16(p.add(hdr - 32), h))
+                } else {
+                    vdupq_n_u32(0)
+                };
                 let high = |r: usize| {
                     let x = vshlq_u32(qh, vdupq_n_s32(4 - r as i32));
                     vandq_u8(vreinterpretq_u8_u32(x), bit4)
                 };
-                for half in 0..2 {
+                for s0 in (0..4).step_by(runs) {
                     let mut part = [vdupq_n_s32(0); A];
-                    for s in 2 * half..2 * half + 2 {
+                    for s in s0..s0 + runs {
                         let q = run16(p.add(hdr + 32 * s), h);
-                        let lo = vreinterpretq_s8_u8(vorrq_u8(vandq_u8(q, mask), high(s)));
-                        let hi = vreinterpretq_s8_u8(vorrq_u8(vshrq_n_u8::<4>(q), high(s + 4)));
+                        let (mut lo, mut hi) = (vandq_u8(q, mask), vshrq_n_u8::<4>(q));
+                        if FIVE {
+                            lo = vorrq_u8(lo, high(s));
+                            hi = vorrq_u8(hi, high(s + 4));
+                        }
+                        let (lo, hi) = (vreinterpretq_s8_u8(lo), vreinterpretq_s8_u8(hi));
                         for k in 0..A {
                             let ab = &*ap[k].add(b);
                             part[k] = D::add(part[k], lo, bcast4(ab, 4 * s));

@@ -11,8 +11,8 @@ pub fn dot(kind: QKind, w: &[u8], a: &[ActBlock]) -> f32 {
         QKind::Q5_0 => q5::<false>(w, a),
         QKind::Q5_1 => q5::<true>(w, a),
         QKind::Q8_0 => q8_0(w, a),
-        QKind::Q4K => q4k(w, a),
-        QKind::Q5K => q5k(w, a),
+        QKind::Q4K => q4k::<false>(w, a),
+        QKind::Q5K => q4k::<true>(w, a),
         QKind::Q6K => q6k(w, a),
     }
 }
@@ -81,39 +81,19 @@ fn q8_0(w: &[u8], a: &[ActBlock]) -> f32 {
     acc
 }
 
-fn q4k(w: &[u8], a: &[ActBlock]) -> f32 {
+/// Q4_K, and Q5_K (`FIVE`): the same sub-blocks with a fifth bit per value, bit `j` of
+/// high-bit byte `l` for value `l` of sub-block `j`.
+fn q4k<const FIVE: bool>(w: &[u8], a: &[ActBlock]) -> f32 {
+    let (bytes, qs_at) = if FIVE { (176, 48) } else { (144, 16) };
     let mut acc = 0f32;
-    for (b, ab) in w.chunks_exact(144).zip(a.chunks_exact(8)) {
+    for (b, ab) in w.chunks_exact(bytes).zip(a.chunks_exact(8)) {
         let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
         let scales = &b[4..16];
-        let qs = &b[16..144];
+        let qh = if FIVE { &b[16..48] } else { &[0u8; 32][..] };
+        let qs = &b[qs_at..bytes];
         for (j, ab) in ab.iter().enumerate() {
             let (sc, m) = q4k_scale_min(j, scales);
             // Sub-blocks 2i and 2i+1 share 32 bytes: low nibbles, then high nibbles.
-            let q = &qs[32 * (j / 2)..][..32];
-            let shift = 4 * (j % 2);
-            let s: i32 = q
-                .iter()
-                .zip(&ab.qs)
-                .map(|(&q, &x)| ((q >> shift) & 0xF) as i32 * x as i32)
-                .sum();
-            acc += d * sc as f32 * ab.d * s as f32 - dmin * m as f32 * ab.s;
-        }
-    }
-    acc
-}
-
-/// Q5_K: Q4_K's sub-blocks with a fifth bit per value, bit `j` of high-bit byte `l` for
-/// value `l` of sub-block `j`.
-fn q5k(w: &[u8], a: &[ActBlock]) -> f32 {
-    let mut acc = 0f32;
-    for (b, ab) in w.chunks_exact(176).zip(a.chunks_exact(8)) {
-        let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-        let scales = &b[4..16];
-        let qh = &b[16..48];
-        let qs = &b[48..176];
-        for (j, ab) in ab.iter().enumerate() {
-            let (sc, m) = q4k_scale_min(j, scales);
             let q = &qs[32 * (j / 2)..][..32];
             let shift = 4 * (j % 2);
             let s: i32 = q

@@ -25,10 +25,10 @@ pub unsafe fn x16<const A: usize>(
     nb: usize,
 ) -> [[f32; 16]; A] {
     match kind {
-        QKind::Q4_0 => q4_x16::<A, false>(g0, g1, ap, nb),
-        QKind::Q4_1 => q4_x16::<A, true>(g0, g1, ap, nb),
-        QKind::Q5_0 => q5_x16::<A, false>(g0, g1, ap, nb),
-        QKind::Q5_1 => q5_x16::<A, true>(g0, g1, ap, nb),
+        QKind::Q4_0 => q4_x16::<A, false, false>(g0, g1, ap, nb),
+        QKind::Q4_1 => q4_x16::<A, true, false>(g0, g1, ap, nb),
+        QKind::Q5_0 => q4_x16::<A, false, true>(g0, g1, ap, nb),
+        QKind::Q5_1 => q4_x16::<A, true, true>(g0, g1, ap, nb),
         QKind::Q8_0 => q8_0_x16::<A>(g0, g1, ap, nb),
         QKind::Q4K => q4k_x16::<A, false>(g0, g1, ap, nb),
         QKind::Q5K => q4k_x16::<A, true>(g0, g1, ap, nb),
@@ -69,57 +69,17 @@ unsafe fn lanes<const A: usize>(acc: [__m512; A]) -> [[f32; 16]; A] {
     out
 }
 
-/// Q4_0 and Q4_1 (`HAS_MIN`), as the eight-row `q4_x8` with VNNI.
+/// Q4_0 and Q4_1 (`HAS_MIN`), as the eight-row `q4_x8` with VNNI; Q5_0 and Q5_1 (`FIVE`) as
+/// `q5_x8`, the fifth bits shifted into place from the reordered high-bit words and merged by
+/// one `vpternlogd` per run.
 #[inline(always)]
-unsafe fn q4_x16<const A: usize, const HAS_MIN: bool>(
+unsafe fn q4_x16<const A: usize, const HAS_MIN: bool, const FIVE: bool>(
     g0: *const u8,
     g1: *const u8,
     ap: [*const ActBlock; A],
     nb: usize,
 ) -> [[f32; 16]; A] {
-    let hdr = if HAS_MIN { 32 } else { 16 };
-    let bytes = hdr + 128;
-    let mask = _mm512_set1_epi8(0x0F);
-    let mut acc = [_mm512_setzero_ps(); A];
-    for b in 0..nb {
-        let (p0, p1) = (g0.add(b * bytes), g1.add(b * bytes));
-        let d = both_f16(p0, p1, 0);
-        let m = if HAS_MIN {
-            both_f16(p0, p1, 16)
-        } else {
-            _mm512_mul_ps(d, _mm512_set1_ps(-8.0))
-        };
-        let mut isum = [_mm512_setzero_si512(); A];
-        for s in 0..4 {
-            let q = both(p0, p1, hdr + 32 * s);
-            let lo = _mm512_and_si512(q, mask);
-            let hi = _mm512_and_si512(_mm512_srli_epi32::<4>(q), mask);
-            for k in 0..A {
-                let ab = &*ap[k].add(b);
-                isum[k] = _mm512_dpbusd_epi32(isum[k], lo, bcast4(ab, 4 * s));
-                isum[k] = _mm512_dpbusd_epi32(isum[k], hi, bcast4(ab, 16 + 4 * s));
-            }
-        }
-        for k in 0..A {
-            let ab = &*ap[k].add(b);
-            let dot = _mm512_cvtepi32_ps(isum[k]);
-            acc[k] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(ab.d)), dot, acc[k]);
-            acc[k] = _mm512_fmadd_ps(m, _mm512_set1_ps(ab.s), acc[k]);
-        }
-    }
-    lanes(acc)
-}
-
-/// Q5_0 and Q5_1 (`HAS_MIN`), as the eight-row `q5_x8` with VNNI: the fifth bits shifted
-/// into place from the reordered high-bit words and merged by one `vpternlogd` per run.
-#[inline(always)]
-unsafe fn q5_x16<const A: usize, const HAS_MIN: bool>(
-    g0: *const u8,
-    g1: *const u8,
-    ap: [*const ActBlock; A],
-    nb: usize,
-) -> [[f32; 16]; A] {
-    let hdr = if HAS_MIN { 64 } else { 48 };
+    let hdr = if HAS_MIN { 32 } else { 16 } + if FIVE { 32 } else { 0 };
     let bytes = hdr + 128;
     let mask = _mm512_set1_epi8(0x0F);
     let bit4 = _mm512_set1_epi8(0x10);
@@ -131,17 +91,30 @@ unsafe fn q5_x16<const A: usize, const HAS_MIN: bool>(
         let m = if HAS_MIN {
             both_f16(p0, p1, 16)
         } else {
-            _mm512_mul_ps(d, _mm512_set1_ps(-16.0))
+            _mm512_mul_ps(d, _mm512_set1_ps(if FIVE { -16.0 } else { -8.0 }))
         };
-        let qh = both(p0, p1, hdr - 32);
+        let qh = if FIVE {
+            both(p0, p1, hdr - 32)
+        } else {
+            _mm512_setzero_si512()
+        };
         let mut isum = [_mm512_setzero_si512(); A];
         for s in 0..4 {
             let q = both(p0, p1, hdr + 32 * s);
-            let hl = _mm512_and_si512(_mm512_sll_epi32(qh, count(4 - s)), bit4);
-            let hh = _mm512_and_si512(_mm512_srl_epi32(qh, count(s)), bit4);
-            // (q & 0x0F) | high
-            let lo = _mm512_ternarylogic_epi32::<0xEA>(q, mask, hl);
-            let hi = _mm512_ternarylogic_epi32::<0xEA>(_mm512_srli_epi32::<4>(q), mask, hh);
+            let (lo, hi) = if FIVE {
+                let hl = _mm512_and_si512(_mm512_sll_epi32(qh, count(4 - s)), bit4);
+                let hh = _mm512_and_si512(_mm512_srl_epi32(qh, count(s)), bit4);
+                // (q & 0x0F) | high
+                (
+                    _mm512_ternarylogic_epi32::<0xEA>(q, mask, hl),
+                    _mm512_ternarylogic_epi32::<0xEA>(_mm512_srli_epi32::<4>(q), mask, hh),
+                )
+            } else {
+                (
+                    _mm512_and_si512(q, mask),
+                    _mm512_and_si512(_mm512_srli_epi32::<4>(q), mask),
+                )
+            };
             for k in 0..A {
                 let ab = &*ap[k].add(b);
                 isum[k] = _mm512_dpbusd_epi32(isum[k], lo, bcast4(ab, 4 * s));
