@@ -37,6 +37,33 @@ unsafe fn plane_f32(x: u64) -> __m256 {
     _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(x as i64)))
 }
 
+/// Sub-block `sub`'s integer sums (i32 lanes, one per row) of super-block `b` at `p`, scaled
+/// by the rows' `d · scale` and the activations' scale, less `dmin · min` times the
+/// activations' sum, into `acc` (Q4_K and Q5_K alike).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn add_sub_block<const A: usize>(
+    acc: &mut [__m256; A],
+    sums: &[__m256i; A],
+    d: __m256,
+    dmin: __m256,
+    p: *const u8,
+    sub: usize,
+    ap: [*const ActBlock; A],
+    b: usize,
+) {
+    let (sc, mn) = q4k_scale_min(p.add(32), sub);
+    let scale = _mm256_mul_ps(d, plane_f32(sc));
+    let min = _mm256_mul_ps(dmin, plane_f32(mn));
+    for k in 0..A {
+        let ab = &*ap[k].add(b * 8 + sub);
+        let dot = _mm256_cvtepi32_ps(sums[k]);
+        let f = _mm256_mul_ps(scale, _mm256_set1_ps(ab.d));
+        acc[k] = _mm256_fmadd_ps(f, dot, acc[k]);
+        acc[k] = _mm256_fnmadd_ps(min, _mm256_set1_ps(ab.s), acc[k]);
+    }
+}
+
 /// Eight interleaved Q4_K rows. Per super-block: the eight rows' scales, mins and packed
 /// 6-bit sub-scales (decoded for all eight rows at once, eight bytes to a `u64`), then the
 /// values of sub-blocks `2p` (low nibbles) and `2p + 1` (high nibbles) in runs of four per
@@ -53,7 +80,6 @@ pub(super) unsafe fn q4k_x8<const A: usize, D: IntDot>(
         let p = grp.add(b * 1152);
         let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
         let dmin = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i));
-        let scale_min = |j: usize| q4k_scale_min(p.add(32), j);
         for pair in 0..4 {
             let mut lo_sum = [_mm256_setzero_si256(); A];
             let mut hi_sum = [_mm256_setzero_si256(); A];
@@ -70,17 +96,11 @@ pub(super) unsafe fn q4k_x8<const A: usize, D: IntDot>(
                 }
             }
             for (half, sums) in [lo_sum, hi_sum].iter().enumerate() {
-                let sub = 2 * pair + half;
-                let (sc, mn) = scale_min(sub);
-                let scale = _mm256_mul_ps(d, plane_f32(sc));
-                let min = _mm256_mul_ps(dmin, plane_f32(mn));
+                let mut finished = [_mm256_setzero_si256(); A];
                 for k in 0..A {
-                    let ab = &*ap[k].add(b * 8 + sub);
-                    let dot = _mm256_cvtepi32_ps(D::finish(sums[k]));
-                    let f = _mm256_mul_ps(scale, _mm256_set1_ps(ab.d));
-                    acc[k] = _mm256_fmadd_ps(f, dot, acc[k]);
-                    acc[k] = _mm256_fnmadd_ps(min, _mm256_set1_ps(ab.s), acc[k]);
+                    finished[k] = D::finish(sums[k]);
                 }
+                add_sub_block(&mut acc, &finished, d, dmin, p, 2 * pair + half, ap, b);
             }
         }
     }
@@ -114,7 +134,6 @@ pub(super) unsafe fn q5k_x8<const A: usize, D: IntDot>(
         let p = grp.add(b * 1408);
         let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
         let dmin = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i));
-        let scale_min = |j: usize| q4k_scale_min(p.add(32), j);
         // One sub-block at a time (low nibbles of quarter `p`, then its high nibbles), so
         // that the 16-bit and 32-bit sums of four activation rows fit AVX2's 16 registers.
         for sub in 0..8 {
@@ -141,16 +160,7 @@ pub(super) unsafe fn q5k_x8<const A: usize, D: IntDot>(
                     sums[k] = _mm256_add_epi32(sums[k], D::finish(part[k]));
                 }
             }
-            let (sc, mn) = scale_min(sub);
-            let scale = _mm256_mul_ps(d, plane_f32(sc));
-            let min = _mm256_mul_ps(dmin, plane_f32(mn));
-            for k in 0..A {
-                let ab = &*ap[k].add(b * 8 + sub);
-                let dot = _mm256_cvtepi32_ps(sums[k]);
-                let f = _mm256_mul_ps(scale, _mm256_set1_ps(ab.d));
-                acc[k] = _mm256_fmadd_ps(f, dot, acc[k]);
-                acc[k] = _mm256_fnmadd_ps(min, _mm256_set1_ps(ab.s), acc[k]);
-            }
+            add_sub_block(&mut acc, &sums, d, dmin, p, sub, ap, b);
         }
     }
     lanes(acc)
