@@ -22,7 +22,7 @@
 use std::time::Instant;
 
 use aios::ops::quant::{isa, QActs, QWeight};
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 
 const ROWS: usize = 65_536;
@@ -134,16 +134,7 @@ fn main() {
     };
     let wf: Vec<f32> = (0..ROWS * COLS).map(|_| next()).collect();
     let w = Tensor::from_vec(wf, (ROWS, COLS), &dev).unwrap();
-    for kind in [
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q8_0,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-    ] {
+    for kind in aios::ops::quant::QKind::ALL.map(|k| k.ggml()) {
         if formats
             .as_deref()
             .is_some_and(|f| !f.split(',').any(|f| f.trim() == format!("{kind:?}")))

@@ -69,19 +69,14 @@ fn check(kind: GgmlDType, rows: usize, cols: usize, m: usize, isa: Isa, interlea
 
 #[test]
 fn every_kernel_matches_the_dequantised_reference_on_every_path() {
-    let small = [
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q8_0,
-    ];
-    let k = [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K];
+    let of_len = |n| QKind::ALL.into_iter().filter(move |k| k.block_len() == n);
+    let small: Vec<GgmlDType> = of_len(32).map(QKind::ggml).collect();
+    let k: Vec<GgmlDType> = of_len(256).map(QKind::ggml).collect();
     for (isa, interleave) in Isa::available()
         .into_iter()
         .flat_map(|i| [(i, false), (i, true)])
     {
-        for kind in small {
+        for &kind in &small {
             for (rows, cols, m) in [
                 (1, 32, 1),
                 (2, 64, 1),
@@ -95,7 +90,7 @@ fn every_kernel_matches_the_dequantised_reference_on_every_path() {
                 check(kind, rows, cols, m, isa, interleave);
             }
         }
-        for kind in k {
+        for &kind in &k {
             for (rows, cols, m) in [
                 (1, 256, 1),
                 (3, 512, 2),
@@ -116,16 +111,7 @@ fn a_rows_result_does_not_depend_on_its_tile() {
     // same bits whichever (the model's batch invariance rests on it). Rows 16..24 of a 24-row
     // matrix are a lone group; as rows 8..16 of its last 16 rows, half of a pair.
     let cols = 512;
-    for kind in [
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q8_0,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-    ] {
+    for kind in QKind::ALL.map(QKind::ggml) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         let w = Tensor::from_vec(random(24 * cols, &mut rng), (24, cols), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&w, kind).unwrap();

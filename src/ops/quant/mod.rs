@@ -107,18 +107,34 @@ pub enum QKind {
 }
 
 impl QKind {
+    /// Every format with kernels here (tests and benches go through them all).
+    pub const ALL: [QKind; 8] = [
+        QKind::Q4_0,
+        QKind::Q4_1,
+        QKind::Q5_0,
+        QKind::Q5_1,
+        QKind::Q8_0,
+        QKind::Q4K,
+        QKind::Q5K,
+        QKind::Q6K,
+    ];
+
+    /// The GGUF type this is.
+    pub fn ggml(self) -> GgmlDType {
+        match self {
+            QKind::Q4_0 => GgmlDType::Q4_0,
+            QKind::Q4_1 => GgmlDType::Q4_1,
+            QKind::Q5_0 => GgmlDType::Q5_0,
+            QKind::Q5_1 => GgmlDType::Q5_1,
+            QKind::Q8_0 => GgmlDType::Q8_0,
+            QKind::Q4K => GgmlDType::Q4K,
+            QKind::Q5K => GgmlDType::Q5K,
+            QKind::Q6K => GgmlDType::Q6K,
+        }
+    }
+
     pub fn from_ggml(t: GgmlDType) -> Option<QKind> {
-        Some(match t {
-            GgmlDType::Q4_0 => QKind::Q4_0,
-            GgmlDType::Q4_1 => QKind::Q4_1,
-            GgmlDType::Q5_0 => QKind::Q5_0,
-            GgmlDType::Q5_1 => QKind::Q5_1,
-            GgmlDType::Q8_0 => QKind::Q8_0,
-            GgmlDType::Q4K => QKind::Q4K,
-            GgmlDType::Q5K => QKind::Q5K,
-            GgmlDType::Q6K => QKind::Q6K,
-            _ => return None,
-        })
+        QKind::ALL.into_iter().find(|k| k.ggml() == t)
     }
 
     /// Values per block.
