@@ -91,26 +91,28 @@ impl Linear {
 
     /// `[rows, out_features]`, row-major.
     pub fn forward(&self, x: &Input, dev: &Device) -> candle_core::Result<Vec<f32>> {
-        Ok(forward_many(&[self], x, dev)?.pop().expect("one output"))
+        let mut out = [Vec::new()];
+        forward_many(&[self], x, dev, &mut out)?;
+        let [out] = out;
+        Ok(out)
     }
 }
 
-/// Several layers over the same input; our kernels run as one parallel pass.
+/// Several layers over the same input, into `outs` (one per layer, each resized to `[rows,
+/// out_features]`); our kernels run as one parallel pass. The buffers are meant to be reused
+/// from layer to layer: our kernels overwrite every value, so only growth is zeroed (zeroing a
+/// prefill chunk's fresh outputs took as long as some of its matmuls).
 pub fn forward_many(
     layers: &[&Linear],
     x: &Input,
     dev: &Device,
-) -> candle_core::Result<Vec<Vec<f32>>> {
-    let mut outs: Vec<Vec<f32>> = layers
-        .iter()
-        .map(|l| match l.w {
-            Weight::Ours(_) => vec![0f32; x.rows * l.out_features],
-            Weight::Candle(_) => Vec::new(),
-        })
-        .collect();
+    outs: &mut [Vec<f32>],
+) -> candle_core::Result<()> {
+    assert_eq!(layers.len(), outs.len(), "one output per layer");
     let mut ours: Vec<(&QWeight, &mut [f32])> = Vec::new();
     for (l, out) in layers.iter().zip(outs.iter_mut()) {
         if let Weight::Ours(q) = &l.w {
+            out.resize(x.rows * l.out_features, 0.0);
             ours.push((q, &mut out[..]));
         }
     }
@@ -137,5 +139,5 @@ pub fn forward_many(
             }
         }
     }
-    Ok(outs)
+    Ok(())
 }

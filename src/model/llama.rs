@@ -12,7 +12,7 @@ use super::ModelError;
 use crate::kv::{KvLayout, KvSeq};
 use crate::ops::attention::{attention, AttnSeq, Heads};
 use crate::ops::rope::Rope;
-use crate::ops::{rms_norm, silu_mul};
+use crate::ops::{add_assign, par_chunks_mut, rms_norm, rows_per_task, silu_mul};
 
 /// Token embeddings: a quantised table read row by row, or a dense one.
 pub enum Embedding {
@@ -117,18 +117,22 @@ impl Llama {
         };
         let (q_width, kv_width) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
         let mut h = vec![0f32; n * hidden];
+        // The matmuls' outputs, reused by every layer.
+        let mut qkv = [(); 3].map(|_| Vec::new());
+        let mut gate_up = [(); 2].map(|_| Vec::new());
+        let (mut o, mut down) = ([Vec::new()], [Vec::new()]);
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, cfg.rms_eps, &mut h);
             let inp = Input::new(&h, n, hidden);
-            let [mut q, mut k, v]: [Vec<f32>; 3] =
-                forward_many(&[&layer.wq, &layer.wk, &layer.wv], &inp, dev)?
-                    .try_into()
-                    .expect("three outputs");
-            for (t, &pos) in positions.iter().enumerate() {
-                self.rope
-                    .apply(&mut q[t * q_width..][..q_width], cfg.head_dim, pos);
-                self.rope
-                    .apply(&mut k[t * kv_width..][..kv_width], cfg.head_dim, pos);
+            forward_many(&[&layer.wq, &layer.wk, &layer.wv], &inp, dev, &mut qkv)?;
+            let [q, k, v] = &mut qkv;
+            for (x, width) in [(&mut *q, q_width), (&mut *k, kv_width)] {
+                let rows = rows_per_task(width);
+                par_chunks_mut(x, rows * width, |i, x| {
+                    for (t, row) in x.chunks_exact_mut(width).enumerate() {
+                        self.rope.apply(row, cfg.head_dim, positions[i * rows + t]);
+                    }
+                });
             }
             let mut row = 0;
             for s in seqs.iter_mut() {
@@ -151,20 +155,17 @@ impl Llama {
                 });
                 row += s.tokens.len();
             }
-            let att = attention(&q, &attn_seqs, li, heads);
-            let o = layer.wo.forward(&Input::new(&att, n, q_width), dev)?;
-            add_assign(&mut x, &o);
+            let att = attention(q, &attn_seqs, li, heads);
+            forward_many(&[&layer.wo], &Input::new(&att, n, q_width), dev, &mut o)?;
+            add_assign(&mut x, &o[0]);
             rms_norm(&x, &layer.ffn_norm, cfg.rms_eps, &mut h);
             let inp = Input::new(&h, n, hidden);
-            let [mut gate, up]: [Vec<f32>; 2] =
-                forward_many(&[&layer.w_gate, &layer.w_up], &inp, dev)?
-                    .try_into()
-                    .expect("two outputs");
-            silu_mul(&mut gate, &up);
-            let down = layer
-                .w_down
-                .forward(&Input::new(&gate, n, cfg.intermediate), dev)?;
-            add_assign(&mut x, &down);
+            forward_many(&[&layer.w_gate, &layer.w_up], &inp, dev, &mut gate_up)?;
+            let [gate, up] = &mut gate_up;
+            silu_mul(gate, up);
+            let inp = Input::new(gate, n, cfg.intermediate);
+            forward_many(&[&layer.w_down], &inp, dev, &mut down)?;
+            add_assign(&mut x, &down[0]);
         }
         for s in seqs.iter_mut() {
             let m = s.tokens.len();
@@ -187,11 +188,5 @@ impl Llama {
             (logit_rows.len(), cfg.vocab_size),
             dev,
         )?))
-    }
-}
-
-fn add_assign(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
     }
 }

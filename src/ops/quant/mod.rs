@@ -14,9 +14,12 @@
 //! loaded once and used for up to four activation rows). Work is split by output rows (and by
 //! activation rows for long prefill chunks) on candle's persistent thread pool.
 
+mod acts;
 mod avx2;
 pub(crate) mod neon;
 mod portable;
+
+pub use acts::{ActBlock, QActs};
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -27,71 +30,6 @@ use half::f16;
 pub const QK: usize = 32;
 /// Values per super-block of the K formats.
 pub const QK_K: usize = 256;
-
-/// One block of 32 activations: `x[i] ≈ d * qs[i]`.
-#[derive(Clone, Copy, Debug)]
-#[repr(C)]
-pub struct ActBlock {
-    pub d: f32,
-    /// `d * Σ qs`, for formats with a per-block offset (Q4_0, Q4_1, Q4_K).
-    pub s: f32,
-    /// `Σ qs` over each half of 16 values (Q6_K's scales cover 16 values).
-    pub half_sums: [i16; 2],
-    pub qs: [i8; QK],
-}
-
-/// A matrix of activations, quantised row by row.
-pub struct QActs {
-    pub rows: usize,
-    pub cols: usize,
-    pub blocks: Vec<ActBlock>,
-}
-
-impl QActs {
-    /// Quantise `rows` rows of `cols` values (`cols` a multiple of 32).
-    pub fn quantize(x: &[f32], rows: usize, cols: usize) -> QActs {
-        assert_eq!(x.len(), rows * cols, "activation shape");
-        assert!(
-            cols.is_multiple_of(QK),
-            "activation width must be a multiple of {QK}"
-        );
-        let blocks = x.chunks_exact(QK).map(quantize_block).collect();
-        QActs { rows, cols, blocks }
-    }
-
-    fn row(&self, j: usize) -> &[ActBlock] {
-        let nb = self.cols / QK;
-        &self.blocks[j * nb..(j + 1) * nb]
-    }
-
-    /// The values these blocks stand for (tests compare kernels against this).
-    pub fn dequantize(&self) -> Vec<f32> {
-        self.blocks
-            .iter()
-            .flat_map(|b| b.qs.map(|q| q as f32 * b.d))
-            .collect()
-    }
-}
-
-/// As llama.cpp's Q8_1: the scale and the sum are kept at f16 precision (the values are
-/// quantised with the f32 scale), so our logits track llama.cpp's to the last bit that matters.
-fn quantize_block(x: &[f32]) -> ActBlock {
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let d = amax / 127.0;
-    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-    let mut qs = [0i8; QK];
-    for (q, v) in qs.iter_mut().zip(x) {
-        *q = (v * inv).round_ties_even() as i8;
-    }
-    let lo: i32 = qs[..16].iter().map(|&q| q as i32).sum();
-    let hi: i32 = qs[16..].iter().map(|&q| q as i32).sum();
-    ActBlock {
-        d: f16::from_f32(d).to_f32(),
-        s: f16::from_f32(d * (lo + hi) as f32).to_f32(),
-        half_sums: [lo as i16, hi as i16],
-        qs,
-    }
-}
 
 /// The GGUF block formats we have kernels for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
