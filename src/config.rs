@@ -259,7 +259,8 @@ pub struct KvSection {
     pub disk_dir: String,
     /// Most bytes of snapshots in the disk tier.
     pub disk_bytes: u64,
-    /// Pool memory committed at start (in the background) rather than on first use.
+    /// Pool memory committed at start (in the background) rather than on first use; past it,
+    /// the next 512 MB are committed in the background before use reaches them.
     pub prefault_bytes: u64,
     /// How KV rows are stored: `f16` (default) or `q8` (8-bit with a scale per row: half the
     /// memory and memory traffic, answers within rounding of f16's).

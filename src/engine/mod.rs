@@ -177,11 +177,7 @@ pub fn spawn(model: LoadedModel, cfg: EngineConfig) -> EngineHandle {
     };
     let pool = KvPool::with_bytes(layout, cfg.kv.bytes() as usize);
     if cfg.prefault_bytes > 0 {
-        let p = pool.clone();
-        let blocks = cfg.prefault_bytes as usize / p.layout().bytes_per_block();
-        let _ = std::thread::Builder::new()
-            .name("kv-prefault".into())
-            .spawn(move || p.prefault(blocks));
+        pool.prefault_in_background(cfg.prefault_bytes as usize / pool.layout().bytes_per_block());
     }
     // A sequence must fit the pool alone: serve at most what the pool holds.
     let mut context_length = llama.context_length();

@@ -290,6 +290,13 @@ pub struct KvPool {
     /// A private pool (one sequence, tests and benches) grows instead of running out.
     growable: bool,
     events: std::sync::OnceLock<KvEventSink>,
+    /// Blocks `0..populated` have their memory committed ([`KvPool::prefault`]).
+    populated: AtomicUsize,
+    /// A thread is committing the next band of blocks.
+    populating: std::sync::atomic::AtomicBool,
+    /// This pool, for the thread that commits memory ahead of use (dangling for private
+    /// pools, which do not).
+    me: std::sync::Weak<KvPool>,
 }
 
 // SAFETY: element access goes through block ownership (see `data`); the free list is behind
@@ -300,7 +307,10 @@ unsafe impl Send for KvPool {}
 impl KvPool {
     /// A pool of `n_blocks` blocks (allocated now; pages are committed as they are written).
     pub fn new(layout: KvLayout, n_blocks: usize) -> Arc<KvPool> {
-        Arc::new(Self::with(layout, n_blocks, false))
+        Arc::new_cyclic(|me| KvPool {
+            me: me.clone(),
+            ..Self::with(layout, n_blocks, false)
+        })
     }
 
     /// A pool with as many blocks as `bytes` holds (at least one).
@@ -332,6 +342,9 @@ impl KvPool {
             recomputes: AtomicUsize::new(0),
             growable,
             events: std::sync::OnceLock::new(),
+            populated: AtomicUsize::new(0),
+            populating: Default::default(),
+            me: std::sync::Weak::new(),
         }
     }
 
@@ -359,28 +372,98 @@ impl KvPool {
     /// beside running sequences: the kernel populates pages without changing their contents.
     /// A no-op where `MADV_POPULATE_WRITE` is unknown (Linux before 5.14, other systems).
     pub fn prefault(&self, blocks: usize) {
+        let from = self.populated.load(Ordering::Acquire);
+        self.populate(from, blocks);
+    }
+
+    /// [`KvPool::prefault`] on a thread of its own; then, as blocks are handed out, the next
+    /// bands are committed the same way before they are reached ([`KvPool::populate_ahead`]).
+    pub fn prefault_in_background(self: &Arc<Self>, blocks: usize) {
+        if self.populating.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let pool = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("kv-prefault".into())
+            .spawn(move || {
+                pool.prefault(blocks);
+                pool.populating.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            self.populating.store(false, Ordering::Release);
+        }
+    }
+
+    /// Blocks committed per band ahead of use: 512 MB, or a quarter of a smaller pool.
+    fn band_blocks(&self) -> usize {
+        ((512 << 20) / self.block_bytes())
+            .min(self.n_blocks / 4)
+            .max(1)
+    }
+
+    /// Block `top` was just handed out: when it is within half a band of the committed
+    /// memory's end, commit the next band on a background thread, so that no request pays
+    /// the first-touch page faults of fresh pool memory. Without this, once a busy pool had
+    /// used its first prefaulted gigabyte (cached prefixes keep their blocks; fresh ones are
+    /// taken first), every new sequence faulted its pages in: a next turn's swap-in from host
+    /// memory went from 9 to 28-57 ms. A pool without `me` (private) or fully committed does
+    /// nothing.
+    fn populate_ahead(&self, top: usize) {
+        let done = self.populated.load(Ordering::Acquire);
+        if done >= self.n_blocks || top + self.band_blocks() / 2 < done {
+            return;
+        }
+        let Some(pool) = self.me.upgrade() else {
+            return;
+        };
+        if self.populating.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("kv-prefault".into())
+            .spawn(move || {
+                let from = pool.populated.load(Ordering::Acquire);
+                pool.populate(from, from.max(top + 1) + pool.band_blocks());
+                pool.populating.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            self.populating.store(false, Ordering::Release);
+        }
+    }
+
+    /// Commit the memory of blocks `from..to` (clamped to the pool) and record that
+    /// `0..to` is committed.
+    fn populate(&self, from: usize, to: usize) {
+        let to = to.min(self.n_blocks);
+        if from >= to {
+            return;
+        }
         #[cfg(target_os = "linux")]
         {
-            let blocks = blocks.min(self.n_blocks);
             let page = 4096usize;
+            let base = self.base as usize;
+            let end_all = base + self.n_blocks * self.block_bytes();
             for seg in 0..self.segs_per_block() {
-                // SAFETY: address arithmetic inside the pool's allocation.
-                let start = unsafe { self.base.add(self.seg_at(0, seg)) } as usize;
-                let end = start + blocks * self.seg_bytes();
-                let (a, b) = (start.div_ceil(page) * page, end / page * page);
+                let start = base + self.seg_at(from as u32, seg);
+                let end = start + (to - from) * self.seg_bytes();
+                // Whole pages around the range (a neighbouring region's page is populated
+                // too, harmlessly), inside the allocation.
+                let a = (start / page * page).max(base.div_ceil(page) * page);
+                let b = (end.div_ceil(page) * page).min(end_all / page * page);
                 if b > a {
                     // SAFETY: the range lies inside the pool; populating changes no contents.
                     let r = unsafe {
                         libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_POPULATE_WRITE)
                     };
                     if r != 0 {
+                        // Not supported here: pages come on first use, and no thread tries again.
+                        self.populated.store(self.n_blocks, Ordering::Release);
                         return;
                     }
                 }
             }
         }
-        #[cfg(not(target_os = "linux"))]
-        let _ = blocks;
+        self.populated.fetch_max(to, Ordering::AcqRel);
     }
 
     pub fn free_blocks(&self) -> usize {
@@ -424,6 +507,10 @@ impl KvPool {
             }
         }
         self.used.fetch_add(n, Ordering::AcqRel);
+        drop(st);
+        if let Some(&top) = got.iter().max() {
+            self.populate_ahead(top as usize);
+        }
         Ok(got)
     }
 

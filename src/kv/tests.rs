@@ -237,3 +237,70 @@ fn q8_rows_round_trip_within_half_a_step_and_swap_bit_for_bit() {
         .collect();
     assert_eq!(before, after);
 }
+
+/// Whether the pages of block `b`'s first segment are all resident (`mincore`).
+#[cfg(target_os = "linux")]
+fn resident(pool: &KvPool, b: u32) -> bool {
+    let page = 4096usize;
+    let start = pool.base as usize + pool.seg_at(b, 0);
+    let a = start / page * page;
+    let end = start + pool.seg_bytes();
+    let pages = (end - a).div_ceil(page);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: the range is inside the pool's allocation; `vec` has a byte per page.
+    let r = unsafe { libc::mincore(a as *mut libc::c_void, end - a, vec.as_mut_ptr()) };
+    assert_eq!(r, 0, "mincore");
+    vec.iter().all(|v| v & 1 == 1)
+}
+
+/// Wait (up to 10 s) until the pool has committed its first `blocks` blocks.
+fn wait_populated(pool: &KvPool, blocks: usize) {
+    let t = std::time::Instant::now();
+    while pool.populated.load(Ordering::Acquire) < blocks {
+        assert!(
+            t.elapsed().as_secs() < 10,
+            "blocks 0..{blocks} never committed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// Fresh blocks are committed in bands before allocation reaches them, in the background,
+/// so that a request does not pay the first-touch page faults (a quarter of this small pool
+/// a band: 1,024 blocks of 8 KB).
+#[cfg(target_os = "linux")]
+#[test]
+fn fresh_pool_memory_is_committed_ahead_of_use() {
+    let layout = KvLayout {
+        n_layers: 2,
+        n_kv_heads: 1,
+        head_dim: 64,
+        dtype: KvDtype::F16,
+    };
+    let pool = KvPool::new(layout, 4096);
+    assert_eq!(pool.band_blocks(), 1024);
+    let mut probe = vec![0u64; 1024];
+    let page = (probe.as_mut_ptr() as usize).div_ceil(4096) * 4096;
+    // SAFETY: the page lies inside the probe's 8 KB; populating changes no contents.
+    let r = unsafe { libc::madvise(page as *mut libc::c_void, 4096, libc::MADV_POPULATE_WRITE) };
+    if r != 0 {
+        eprintln!("MADV_POPULATE_WRITE is not supported here (Linux before 5.14): skipped");
+        return;
+    }
+    assert!(!resident(&pool, 3000), "a fresh pool is lazy");
+    let mut held = pool.alloc(1).unwrap();
+    wait_populated(&pool, 1025);
+    assert!(
+        resident(&pool, 0) && resident(&pool, 1000),
+        "the first band"
+    );
+    // (Past the next 2 MB: a huge page may commit the one the band ends in.)
+    assert!(!resident(&pool, 2500), "nothing past the band yet");
+    // Use up to block 599: within half a band of the end, so the next band follows.
+    held.extend(pool.alloc(599).unwrap());
+    assert_eq!(held.iter().max(), Some(&599));
+    wait_populated(&pool, 1624);
+    assert!(resident(&pool, 1600), "the second band");
+    assert!(!resident(&pool, 3000), "not the whole pool");
+    pool.release(&held);
+}
