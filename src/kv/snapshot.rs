@@ -220,6 +220,8 @@ impl DiskStore {
             SERIAL.fetch_add(1, Ordering::Relaxed)
         ));
         let res = (|| -> std::io::Result<u64> {
+            // Made again if it was removed while the server ran (a cleaner of /tmp).
+            std::fs::create_dir_all(&self.dir)?;
             let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
             let mut sum = Checksum::new();
             let mut put = |w: &mut BufWriter<File>, b: &[u8]| -> std::io::Result<()> {
@@ -589,6 +591,8 @@ mod tests {
         let per_block = BLOCK_TOKENS * 2 * 2 * 4 * 2; // layers × K/V × head_dim × f16
         let data: Vec<u8> = (0..2 * per_block).map(|i| (i * 7) as u8).collect();
         let tokens: Vec<u32> = (0..20).collect();
+        // The directory removed under a running store: the next snapshot makes it again.
+        std::fs::remove_dir_all(&dir).unwrap();
         put(&s, "ctx-1", "alice", &tokens, &data);
         let (m, t, d) = s.read(&s.path("ctx-1")).unwrap();
         assert_eq!(
