@@ -1,8 +1,8 @@
 //! Activations quantised to 8-bit blocks of 32, once per step, for every weight matrix that
 //! reads them.
 //!
-//! On x86 with AVX2 a block is quantised in registers (eight values an instruction); the
-//! portable loop is the reference, and both give the same bytes. Large inputs (prefill chunks)
+//! On x86 with AVX2 a block is quantised in registers (eight values an instruction), on
+//! aarch64 with NEON (four); the portable loop is the reference, and all give the same bytes. Large inputs (prefill chunks)
 //! are split over the thread pool: a model step otherwise quantised them on one core while the
 //! other waited.
 
@@ -100,6 +100,14 @@ fn quantize_blocks(isa: Isa, x: &[f32], out: &mut [MaybeUninit<ActBlock>]) {
         }
         return;
     }
+    #[cfg(target_arch = "aarch64")]
+    if isa.is_neon() {
+        for (x, o) in blocks {
+            // SAFETY: NEON is the aarch64 baseline; `x` is one block.
+            o.write(unsafe { arm::quantize_block(x.try_into().expect("a block")) });
+        }
+        return;
+    }
     let _ = isa;
     for (x, o) in blocks {
         o.write(quantize_block(x));
@@ -168,6 +176,41 @@ mod x86 {
             _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 1)))
         };
         ActBlock::new(d, qs, sum(q[0], q[1]), sum(q[2], q[3]))
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use super::{ActBlock, QK};
+    use std::arch::aarch64::*;
+
+    /// [`super::quantize_block`] in NEON registers, to the same bytes: `fmaxnm` ignores NaN as
+    /// `f32::max` does, `fcvtns` rounds half to even and turns NaN into 0.
+    pub unsafe fn quantize_block(x: &[f32; QK]) -> ActBlock {
+        let p = x.as_ptr();
+        let v: [float32x4_t; 8] = std::array::from_fn(|i| vld1q_f32(p.add(4 * i)));
+        let mut m = vdupq_n_f32(0.0);
+        for vi in v {
+            m = vmaxnmq_f32(m, vabsq_f32(vi));
+        }
+        let amax = vmaxnmvq_f32(m);
+        let d = amax / 127.0;
+        let inv = vdupq_n_f32(if d > 0.0 { 1.0 / d } else { 0.0 });
+        let q: [int32x4_t; 8] = v.map(|vi| vcvtnq_s32_f32(vmulq_f32(vi, inv)));
+        let half = |k: usize| {
+            let h = |i: usize| vcombine_s16(vqmovn_s32(q[i]), vqmovn_s32(q[i + 1]));
+            vcombine_s8(vqmovn_s16(h(k)), vqmovn_s16(h(k + 2)))
+        };
+        let mut qs = [0i8; QK];
+        vst1q_s8(qs.as_mut_ptr(), half(0));
+        vst1q_s8(qs.as_mut_ptr().add(16), half(4));
+        let sum = |k: usize| {
+            vaddvq_s32(vaddq_s32(
+                vaddq_s32(q[k], q[k + 1]),
+                vaddq_s32(q[k + 2], q[k + 3]),
+            ))
+        };
+        ActBlock::new(d, qs, sum(0), sum(4))
     }
 }
 
