@@ -5,7 +5,7 @@
 //! a decode step is linear in the context. Work is split over (sequence, KV head, query chunk)
 //! and run on candle's persistent thread pool, the one its matmuls use.
 
-use super::{exp_nonpositive, sum};
+use super::{exp_nonpositive, max, sum};
 use crate::kv::{KvRows, KvSeq, BLOCK_TOKENS};
 use kernels::Rows;
 
@@ -300,20 +300,6 @@ fn attend_range(
 
 /// One block's K and V rows for one layer and KV head.
 type Seg<'a> = (KvRows<'a>, KvRows<'a>);
-
-/// Largest value (eight lanes, so it vectorises; the inputs are finite).
-fn max(x: &[f32]) -> f32 {
-    let (c, r) = x.as_chunks::<8>();
-    let mut m = [f32::NEG_INFINITY; 8];
-    for v in c {
-        for i in 0..8 {
-            m[i] = if v[i] > m[i] { v[i] } else { m[i] };
-        }
-    }
-    r.iter()
-        .chain(&m)
-        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
-}
 
 /// Ask the CPU to start loading a block's rows: a sequence's blocks need not be adjacent in
 /// the pool, and where they are, the hardware prefetcher still starts each 4 KB page late.

@@ -47,6 +47,21 @@ pub fn sum(a: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + r.iter().sum::<f32>()
 }
 
+/// Largest value, ignoring NaN as `f32::max` does (eight lanes, so it vectorises, where a fold
+/// over `f32::max` stays scalar); negative infinity for an empty slice.
+pub fn max(x: &[f32]) -> f32 {
+    let (c, r) = x.as_chunks::<8>();
+    let mut m = [f32::NEG_INFINITY; 8];
+    for v in c {
+        for i in 0..8 {
+            m[i] = if v[i] > m[i] { v[i] } else { m[i] };
+        }
+    }
+    r.iter()
+        .chain(&m)
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+}
+
 /// Dot products of `q` with eight consecutive rows of `q.len()` values (`rows` holds them
 /// back to back). AVX2 where the CPU has it and the width is a multiple of 8: the eight sums
 /// come out of one transposing reduction instead of eight horizontal ones.
