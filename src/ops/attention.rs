@@ -252,26 +252,11 @@ fn attend_range(
             }
         }
     }
-    // The softmax over the range: its maximum, then the weights and their sum, a chunk at a
-    // time (zeros past what the query sees).
+    // The softmax over the range: its maximum, then the weights and their sum (zeros past what
+    // the query sees).
     for j in 0..nq {
-        let seen_all = visible(j).saturating_sub(lo);
-        let seen = |c: usize| seen_all.saturating_sub(c * CHUNK).min(CHUNK);
-        let row = |c: usize| c * nq * CHUNK + j * CHUNK;
-        let m = (0..n_chunks)
-            .filter(|&c| seen(c) > 0)
-            .map(|c| max(&w[row(c)..][..seen(c)]))
-            .fold(f32::NEG_INFINITY, f32::max);
-        p.max[j] = m;
-        for c in 0..n_chunks {
-            let chunk = &mut w[row(c)..][..CHUNK];
-            let seen = seen(c);
-            for x in chunk[..seen].iter_mut() {
-                *x = exp_nonpositive(*x - m);
-            }
-            chunk[seen..].fill(0.0);
-            p.sum[j] += sum(chunk);
-        }
+        let seen = visible(j).saturating_sub(lo);
+        (p.max[j], p.sum[j]) = softmax_row(&mut w, nq, n_chunks, j, seen);
     }
     // Pass 2: the weighted V rows (8-bit rows' weights times their scales, the rows then used
     // as integers).
@@ -296,6 +281,74 @@ fn attend_range(
         }
     }
     p
+}
+
+/// Query `j`'s softmax over a range's scores (`w` as `attend_range` lays it out, `[chunk]
+/// [query][CHUNK]`), of which it sees the first `seen`: each score becomes `e^(score - max)`,
+/// unseen ones 0; returns the maximum and the sum. The maximum and the sum are kept in eight
+/// lanes over all the chunks and folded once; in 512-bit registers where the kernels in use
+/// are the AVX-512 ones (the same operations a lane, so the same bits as the 256-bit loop the
+/// build otherwise vectorises to). The folds and exponentials were a seventh of a long
+/// prefill chunk.
+fn softmax_row(w: &mut [f32], nq: usize, n_chunks: usize, j: usize, seen: usize) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::ops::quant::isa() == crate::ops::quant::Isa::Avx512 {
+        // SAFETY: the AVX-512 kernel set is chosen only where the CPU has AVX-512F/VL.
+        return unsafe { softmax_row_avx512(w, nq, n_chunks, j, seen) };
+    }
+    softmax_row_lanes(w, nq, n_chunks, j, seen)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+unsafe fn softmax_row_avx512(
+    w: &mut [f32],
+    nq: usize,
+    n_chunks: usize,
+    j: usize,
+    seen: usize,
+) -> (f32, f32) {
+    softmax_row_lanes(w, nq, n_chunks, j, seen)
+}
+
+#[inline(always)]
+fn softmax_row_lanes(
+    w: &mut [f32],
+    nq: usize,
+    n_chunks: usize,
+    j: usize,
+    seen: usize,
+) -> (f32, f32) {
+    let seen = |c: usize| seen.saturating_sub(c * CHUNK).min(CHUNK);
+    let row = |c: usize| c * nq * CHUNK + j * CHUNK;
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    for c in 0..n_chunks {
+        let (runs, rest) = w[row(c)..][..seen(c)].as_chunks::<8>();
+        for v in runs {
+            for i in 0..8 {
+                lanes[i] = if v[i] > lanes[i] { v[i] } else { lanes[i] };
+            }
+        }
+        for &x in rest {
+            lanes[0] = if x > lanes[0] { x } else { lanes[0] };
+        }
+    }
+    let m = max(&lanes);
+    let mut sums = [0f32; 8];
+    for c in 0..n_chunks {
+        let chunk = &mut w[row(c)..][..CHUNK];
+        let seen = seen(c);
+        for x in chunk[..seen].iter_mut() {
+            *x = exp_nonpositive(*x - m);
+        }
+        chunk[seen..].fill(0.0);
+        for v in chunk.as_chunks::<8>().0 {
+            for i in 0..8 {
+                sums[i] += v[i];
+            }
+        }
+    }
+    (m, sum(&sums))
 }
 
 /// One block's K and V rows for one layer and KV head.
