@@ -5,7 +5,7 @@
 //! a decode step is linear in the context. Work is split over (sequence, KV head, query chunk)
 //! and run on candle's persistent thread pool, the one its matmuls use.
 
-use super::{exp_nonpositive, max, sum};
+use super::{exp_nonpositive, max, max_lanes, sum};
 use crate::kv::{KvRows, KvSeq, BLOCK_TOKENS};
 use kernels::Rows;
 
@@ -323,15 +323,7 @@ fn softmax_row_lanes(
     let row = |c: usize| c * nq * CHUNK + j * CHUNK;
     let mut lanes = [f32::NEG_INFINITY; 8];
     for c in 0..n_chunks {
-        let (runs, rest) = w[row(c)..][..seen(c)].as_chunks::<8>();
-        for v in runs {
-            for i in 0..8 {
-                lanes[i] = if v[i] > lanes[i] { v[i] } else { lanes[i] };
-            }
-        }
-        for &x in rest {
-            lanes[0] = if x > lanes[0] { x } else { lanes[0] };
-        }
+        max_lanes(&mut lanes, &w[row(c)..][..seen(c)]);
     }
     let m = max(&lanes);
     let mut sums = [0f32; 8];

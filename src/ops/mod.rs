@@ -50,16 +50,25 @@ pub fn sum(a: &[f32]) -> f32 {
 /// Largest value, ignoring NaN as `f32::max` does (eight lanes, so it vectorises, where a fold
 /// over `f32::max` stays scalar); negative infinity for an empty slice.
 pub fn max(x: &[f32]) -> f32 {
-    let (c, r) = x.as_chunks::<8>();
     let mut m = [f32::NEG_INFINITY; 8];
+    max_lanes(&mut m, x);
+    m.iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+}
+
+/// Fold `x` into eight running maxima (lane `i` takes values `8k + i`, a tail lane 0),
+/// ignoring NaN: several slices' maximum with one fold at the end.
+#[inline(always)]
+pub fn max_lanes(lanes: &mut [f32; 8], x: &[f32]) {
+    let (c, r) = x.as_chunks::<8>();
     for v in c {
         for i in 0..8 {
-            m[i] = if v[i] > m[i] { v[i] } else { m[i] };
+            lanes[i] = if v[i] > lanes[i] { v[i] } else { lanes[i] };
         }
     }
-    r.iter()
-        .chain(&m)
-        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+    for &v in r {
+        lanes[0] = if v > lanes[0] { v } else { lanes[0] };
+    }
 }
 
 /// Dot products of `q` with eight consecutive rows of `q.len()` values (`rows` holds them
