@@ -379,19 +379,7 @@ impl KvPool {
     /// [`KvPool::prefault`] on a thread of its own; then, as blocks are handed out, the next
     /// bands are committed the same way before they are reached ([`KvPool::populate_ahead`]).
     pub fn prefault_in_background(self: &Arc<Self>, blocks: usize) {
-        if self.populating.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let pool = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name("kv-prefault".into())
-            .spawn(move || {
-                pool.prefault(blocks);
-                pool.populating.store(false, Ordering::Release);
-            });
-        if spawned.is_err() {
-            self.populating.store(false, Ordering::Release);
-        }
+        Self::populate_in_background(self.clone(), move |_| blocks);
     }
 
     /// Blocks committed per band ahead of use: 512 MB, or a quarter of a smaller pool.
@@ -410,24 +398,31 @@ impl KvPool {
     /// nothing.
     fn populate_ahead(&self, top: usize) {
         let done = self.populated.load(Ordering::Acquire);
-        if done >= self.n_blocks || top + self.band_blocks() / 2 < done {
+        let band = self.band_blocks();
+        if done >= self.n_blocks || top + band / 2 < done {
             return;
         }
-        let Some(pool) = self.me.upgrade() else {
-            return;
-        };
-        if self.populating.swap(true, Ordering::AcqRel) {
+        if let Some(pool) = self.me.upgrade() {
+            Self::populate_in_background(pool, move |from| from.max(top + 1) + band);
+        }
+    }
+
+    /// Commit blocks from the committed end up to `to(end)` on a thread named `kv-prefault`,
+    /// unless such a thread is already at work.
+    fn populate_in_background(pool: Arc<Self>, to: impl FnOnce(usize) -> usize + Send + 'static) {
+        if pool.populating.swap(true, Ordering::AcqRel) {
             return;
         }
+        let worker = pool.clone();
         let spawned = std::thread::Builder::new()
             .name("kv-prefault".into())
             .spawn(move || {
-                let from = pool.populated.load(Ordering::Acquire);
-                pool.populate(from, from.max(top + 1) + pool.band_blocks());
-                pool.populating.store(false, Ordering::Release);
+                let from = worker.populated.load(Ordering::Acquire);
+                worker.populate(from, to(from));
+                worker.populating.store(false, Ordering::Release);
             });
         if spawned.is_err() {
-            self.populating.store(false, Ordering::Release);
+            pool.populating.store(false, Ordering::Release);
         }
     }
 
