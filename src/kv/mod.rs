@@ -19,6 +19,12 @@
 //! scale per row (`"q8"`: half the bytes, so half the memory traffic of attention over a long
 //! context, twice the tokens per pool, and half the bytes to move between tiers). A q8
 //! segment is its `BLOCK_TOKENS` rows of `head_dim` i8 values followed by their scales.
+//!
+//! K segments are stored transposed: element `c` of row `r` at `c * BLOCK_TOKENS + r`, so a
+//! block's column `c` is `BLOCK_TOKENS` adjacent values (one 512-bit vector of f32 once
+//! widened). A query's scores against a block are then `head_dim` vector multiply-adds, one
+//! lane per row, with no sum across lanes; V segments stay row by row, as the weighted sum of
+//! V rows wants them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -82,21 +88,21 @@ impl<'a> KvRows<'a> {
         }
     }
 
-    /// Only the first `rows` rows.
-    pub fn first(self, rows: usize, d: usize) -> Self {
-        match self {
-            KvRows::F16(r) => KvRows::F16(&r[..rows * d]),
-            KvRows::Q8 { q, scale } => KvRows::Q8 {
-                q: &q[..rows * d],
-                scale: &scale[..rows],
-            },
-        }
-    }
-
-    /// The first `rows` rows of `d` values as f32, scales applied (tests, diagnostics).
-    pub fn to_f32(self, rows: usize, d: usize) -> Vec<f32> {
+    /// The first `rows` rows of `d` values as f32, scales applied (tests, diagnostics); K
+    /// segments (`transposed`, a whole block) are given back row by row too.
+    pub fn to_f32(self, rows: usize, d: usize, transposed: bool) -> Vec<f32> {
         let mut v = vec![0f32; rows * d];
-        self.widen_unscaled(rows * d, &mut v);
+        if transposed {
+            let mut cols = vec![0f32; BLOCK_TOKENS * d];
+            self.widen_unscaled(BLOCK_TOKENS * d, &mut cols);
+            for (r, row) in v.chunks_exact_mut(d).enumerate() {
+                for (c, x) in row.iter_mut().enumerate() {
+                    *x = cols[c * BLOCK_TOKENS + r];
+                }
+            }
+        } else {
+            self.widen_unscaled(rows * d, &mut v);
+        }
         for (row, &s) in v.chunks_exact_mut(d).zip(self.scales()) {
             row.iter_mut().for_each(|x| *x *= s);
         }
@@ -123,16 +129,22 @@ impl<'a> KvRows<'a> {
     }
 }
 
-/// Store one row of f32 values into a segment's row `r` in `dtype`.
-fn store_row(dtype: KvDtype, seg: &mut [u8], r: usize, row: &[f32]) {
+/// Store one row of f32 values into a segment's row `r` in `dtype`; with `transposed` (K
+/// segments) element `c` goes to `c * BLOCK_TOKENS + r` instead of `r * d + c`.
+fn store_row(dtype: KvDtype, seg: &mut [u8], r: usize, row: &[f32], transposed: bool) {
     let d = row.len();
+    let (at, step) = if transposed {
+        (r, BLOCK_TOKENS)
+    } else {
+        (r * d, 1)
+    };
     match dtype {
         KvDtype::F16 => {
             // SAFETY: segments are 8-byte aligned and even-sized; every bit pattern is an f16.
             let h = unsafe {
                 std::slice::from_raw_parts_mut(seg.as_mut_ptr().cast::<KvElem>(), seg.len() / 2)
             };
-            for (o, x) in h[r * d..][..d].iter_mut().zip(row) {
+            for (o, x) in h[at..].iter_mut().step_by(step).zip(row) {
                 *o = f16::from_f32(*x);
             }
         }
@@ -141,7 +153,7 @@ fn store_row(dtype: KvDtype, seg: &mut [u8], r: usize, row: &[f32]) {
             let scale = amax / 127.0;
             let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
             let (q, scales) = seg.split_at_mut(BLOCK_TOKENS * d);
-            for (o, x) in q[r * d..][..d].iter_mut().zip(row) {
+            for (o, x) in q[at..].iter_mut().step_by(step).zip(row) {
                 *o = ((x * inv).round() as i8) as u8;
             }
             scales[r * 4..][..4].copy_from_slice(&scale.to_ne_bytes());

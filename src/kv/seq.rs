@@ -187,7 +187,7 @@ impl KvSeq {
                     // SAFETY: `own_block` made the block ours alone; `&mut self` keeps
                     // readers away.
                     let seg = unsafe { self.pool.seg_n_mut(b, (layer * 2 + kv) * h + head) };
-                    store_row(dtype, seg, r, row);
+                    store_row(dtype, seg, r, row, kv == 0);
                 }
             }
         }
@@ -525,34 +525,17 @@ impl KvSeq {
         Ok(())
     }
 
-    /// The first `upto` rows of K and V for one layer and KV head, as one segment of whole
-    /// rows per block.
-    pub fn segments(
-        &self,
-        layer: usize,
-        kv_head: usize,
-        upto: usize,
-    ) -> impl Iterator<Item = (KvRows<'_>, KvRows<'_>)> + '_ {
+    /// The first `upto` rows of K and V for one layer and KV head as f32, row by row, scales
+    /// applied (tests, diagnostics).
+    pub fn rows_f32(&self, layer: usize, kv_head: usize, upto: usize) -> (Vec<f32>, Vec<f32>) {
         let d = self.pool.layout.head_dim;
-        assert!(
-            upto <= self.blocks.len() * BLOCK_TOKENS,
-            "rows beyond the blocks"
-        );
-        self.blocks
-            .iter()
-            .take(upto.div_ceil(BLOCK_TOKENS))
-            .enumerate()
-            .map(move |(i, &b)| {
-                let rows = (upto - i * BLOCK_TOKENS).min(BLOCK_TOKENS);
-                // SAFETY: writers hold `&mut KvSeq`; this borrow of `self` keeps them away.
-                let (k, v) = unsafe {
-                    (
-                        self.pool.seg(b, layer, 0, kv_head),
-                        self.pool.seg(b, layer, 1, kv_head),
-                    )
-                };
-                (k.first(rows, d), v.first(rows, d))
-            })
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        for (i, (ks, vs)) in self.block_segments(layer, kv_head, 0, upto).enumerate() {
+            let rows = (upto - i * BLOCK_TOKENS).min(BLOCK_TOKENS);
+            k.extend(ks.to_f32(rows, d, true));
+            v.extend(vs.to_f32(rows, d, false));
+        }
+        (k, v)
     }
 
     /// K and V of one layer and KV head for the blocks holding rows `from..upto` (`from` a

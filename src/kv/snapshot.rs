@@ -12,9 +12,9 @@
 //! u64  checksum of everything before it
 //! ```
 //!
-//! The fingerprint names the model file, its quantisation and the KV layout (row type and byte
-//! order included): a file written for another model or layout is refused, as is one whose
-//! length or checksum is wrong.
+//! The fingerprint names the model file, its quantisation and the KV layout (row type, K
+//! stored transposed, byte order): a file written for another model or layout (older files
+//! held K row by row) is refused, as is one whose length or checksum is wrong.
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
@@ -151,7 +151,7 @@ impl DiskStore {
     pub fn new(dir: &Path, model_fingerprint: &str, layout: KvLayout) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let fingerprint = format!(
-            "{model_fingerprint}|layers={}|kv_heads={}|head_dim={}|block={BLOCK_TOKENS}|{}|{}",
+            "{model_fingerprint}|layers={}|kv_heads={}|head_dim={}|block={BLOCK_TOKENS}|{}|k=transposed|{}",
             layout.n_layers,
             layout.n_kv_heads,
             layout.head_dim,

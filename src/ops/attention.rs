@@ -171,7 +171,8 @@ const AHEAD: usize = 2;
 /// Attention for `n` consecutive tokens (first at position `first`) and the `group` query heads
 /// that share KV head `g`, against K/V rows `lo..hi` only. `qs` is `[n][group][d]`.
 ///
-/// Two passes over the range's blocks: every query's scores against all K rows, then, with the
+/// Two passes over the range's blocks: every query's scores against all K rows (K is stored
+/// transposed, so a block's 16 scores are one vector summed column by column), then, with the
 /// softmax over the range's scores known, the weighted sum of the V rows. Each pass reads one
 /// stream of rows (a head's blocks are adjacent in the pool when they were taken in order),
 /// prefetched [`AHEAD`] blocks ahead, where one pass alternating K and V blocks would switch
@@ -239,10 +240,11 @@ fn attend_range(
         let cnt = rows_in(i);
         let out = &mut w[at(i)..];
         if widen_once {
-            k.widen_unscaled(cnt * d, &mut buf);
-            kernels::scores(&q, nq, d, Rows::F32(&buf), cnt, out);
+            // K is stored transposed: the whole block, whatever rows it holds.
+            k.widen_unscaled(BLOCK_TOKENS * d, &mut buf);
+            kernels::scores(&q, nq, d, Rows::F32(&buf), out);
         } else {
-            kernels::scores(&q, nq, d, Rows::stored(k), cnt, out);
+            kernels::scores(&q, nq, d, Rows::stored(k), out);
         }
         if quantised {
             for j in 0..nq {

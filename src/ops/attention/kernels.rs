@@ -1,10 +1,11 @@
-//! The two inner loops of attention: scores of queries against a block of K rows, and the
-//! weighted sum of a block of V rows. AVX2+FMA (or AVX-512F) where the CPU has it and NEON on
+//! The two inner loops of attention: scores of queries against a block of K rows (stored
+//! transposed, a column of the block's rows per vector), and the weighted sum of a block of V
+//! rows. AVX2+FMA (or AVX-512F) where the CPU has it and NEON on
 //! aarch64, where the head width is a multiple of 8 (16 for AVX-512), else portable loops. Every query's dot products and sums are computed in the
 //! same order whichever queries are processed together, so results are batch invariant.
 
 use super::CHUNK;
-use crate::kv::{widen, KvElem, KvRows};
+use crate::kv::{widen, KvElem, KvRows, BLOCK_TOKENS};
 use crate::ops::quant::isa;
 use crate::ops::{axpy, dot};
 
@@ -56,18 +57,24 @@ fn neon(d: usize) -> bool {
     d.is_multiple_of(8) && isa().is_neon()
 }
 
-/// `w[j * CHUNK + r] = q_j · k_r` for every query `j < nq` and row `r < cnt` (rows up to
-/// `cnt` rounded up to 4 may be written too; `k` holds a whole block).
-pub fn scores(q: &[f32], nq: usize, d: usize, k: Rows, cnt: usize, w: &mut [f32]) {
+/// `w[j * CHUNK + r] = q_j · k_r` for every query `j < nq` and each of the block's
+/// `BLOCK_TOKENS` rows `r` (rows the caller does not use included); `k` is a whole block
+/// stored transposed, element `c` of row `r` at `c * BLOCK_TOKENS + r`.
+///
+/// Every row's sum is taken in the same order whichever queries share the call: in the vector
+/// kernels column `c` is added into partial sum `c % PARTS` (the instruction set's number of
+/// independent sums), the partials then added pairwise; the portable loop takes each row's
+/// dot product as [`dot`] does.
+pub fn scores(q: &[f32], nq: usize, d: usize, k: Rows, w: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if wide(d) {
         // SAFETY: AVX-512F checked with the instruction set; `d` is a multiple of 16;
         // lengths asserted.
         unsafe {
             match k {
-                Rows::F16(k) => avx512::scores(q, nq, d, k, cnt, w),
-                Rows::I8(k) => avx512::scores(q, nq, d, k, cnt, w),
-                Rows::F32(k) => avx512::scores(q, nq, d, k, cnt, w),
+                Rows::F16(k) => avx512::scores(q, nq, d, k, w),
+                Rows::I8(k) => avx512::scores(q, nq, d, k, w),
+                Rows::F32(k) => avx512::scores(q, nq, d, k, w),
             }
         }
         return;
@@ -77,9 +84,9 @@ pub fn scores(q: &[f32], nq: usize, d: usize, k: Rows, cnt: usize, w: &mut [f32]
         // SAFETY: AVX2, FMA and F16C checked; `d` is a multiple of 8; lengths asserted.
         unsafe {
             match k {
-                Rows::F16(k) => avx2::scores(q, nq, d, k, cnt, w),
-                Rows::I8(k) => avx2::scores(q, nq, d, k, cnt, w),
-                Rows::F32(k) => avx2::scores(q, nq, d, k, cnt, w),
+                Rows::F16(k) => avx2::scores(q, nq, d, k, w),
+                Rows::I8(k) => avx2::scores(q, nq, d, k, w),
+                Rows::F32(k) => avx2::scores(q, nq, d, k, w),
             }
         }
         return;
@@ -89,18 +96,22 @@ pub fn scores(q: &[f32], nq: usize, d: usize, k: Rows, cnt: usize, w: &mut [f32]
         // SAFETY: NEON is the aarch64 baseline; `d` is a multiple of 8; lengths asserted.
         unsafe {
             match k {
-                Rows::F16(k) => neon::scores(q, nq, d, k, cnt, w),
-                Rows::I8(k) => neon::scores(q, nq, d, k, cnt, w),
-                Rows::F32(k) => neon::scores(q, nq, d, k, cnt, w),
+                Rows::F16(k) => neon::scores(q, nq, d, k, w),
+                Rows::I8(k) => neon::scores(q, nq, d, k, w),
+                Rows::F32(k) => neon::scores(q, nq, d, k, w),
             }
         }
         return;
     }
-    let kf = k.widened(cnt * d);
-    for j in 0..nq {
-        let qj = &q[j * d..][..d];
-        for r in 0..cnt {
-            w[j * CHUNK + r] = dot(qj, &kf[r * d..][..d]);
+    // Row by row: each row gathered from the columns, then one dot product per query.
+    let kf = k.widened(BLOCK_TOKENS * d);
+    let mut row = vec![0f32; d];
+    for r in 0..BLOCK_TOKENS {
+        for (c, x) in row.iter_mut().enumerate() {
+            *x = kf[c * BLOCK_TOKENS + r];
+        }
+        for j in 0..nq {
+            w[j * CHUNK + r] = dot(&q[j * d..][..d], &row);
         }
     }
 }
@@ -194,36 +205,24 @@ macro_rules! accumulate_driver {
     };
 }
 
-/// The scores driver of every vector module: queries three at a time, rows four at a time (`k`
-/// holds a whole block), each group's sums computed and stored by the module's
-/// `four_rows::<Q, T>(out, q, k, d)`.
+/// The scores driver of every vector module: queries three at a time, each group's scores
+/// against the block computed and stored by the module's `block::<Q, T>(out, q, k, d)`.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-macro_rules! scores_by_four {
+macro_rules! scores_by_block {
     ($(#[$attr:meta])* $Load:ident) => {
         $(#[$attr])*
-        pub unsafe fn scores<T: $Load>(
-            q: &[f32],
-            nq: usize,
-            d: usize,
-            k: &[T],
-            cnt: usize,
-            w: &mut [f32],
-        ) {
-            assert!(cnt <= CHUNK && k.len() >= cnt.next_multiple_of(4) * d);
-            assert!(q.len() >= nq * d && w.len() >= (nq - 1) * CHUNK + cnt.next_multiple_of(4));
+        pub unsafe fn scores<T: $Load>(q: &[f32], nq: usize, d: usize, k: &[T], w: &mut [f32]) {
+            assert!(k.len() >= BLOCK_TOKENS * d && q.len() >= nq * d);
+            assert!(w.len() >= (nq - 1) * CHUNK + BLOCK_TOKENS);
             let (qp, kp, wp) = (q.as_ptr(), k.as_ptr(), w.as_mut_ptr());
             let mut j = 0;
             while j < nq {
                 let qs = (nq - j).min(3);
-                let qj = qp.add(j * d);
-                for r in (0..cnt).step_by(4) {
-                    let out = wp.add(j * CHUNK + r);
-                    let kr = kp.add(r * d);
-                    match qs {
-                        3 => four_rows::<3, T>(out, qj, kr, d),
-                        2 => four_rows::<2, T>(out, qj, kr, d),
-                        _ => four_rows::<1, T>(out, qj, kr, d),
-                    }
+                let (qj, out) = (qp.add(j * d), wp.add(j * CHUNK));
+                match qs {
+                    3 => block::<3, T>(out, qj, kp, d),
+                    2 => block::<2, T>(out, qj, kp, d),
+                    _ => block::<1, T>(out, qj, kp, d),
                 }
                 j += qs;
             }
@@ -234,7 +233,7 @@ macro_rules! scores_by_four {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::CHUNK;
-    use crate::kv::KvElem;
+    use crate::kv::{KvElem, BLOCK_TOKENS};
     use std::arch::x86_64::*;
 
     /// Eight consecutive values as f32 lanes.
@@ -265,65 +264,39 @@ mod avx2 {
         }
     }
 
-    /// The eight lanes of each of four vectors summed, in one fixed order for every lane.
-    #[inline(always)]
-    unsafe fn sum4(a: __m256, b: __m256, c: __m256, d: __m256) -> __m128 {
-        let g = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-        _mm_add_ps(_mm256_castps256_ps128(g), _mm256_extractf128_ps(g, 1))
-    }
+    /// Independent sums a row's score is taken in (column `c` into sum `c % PARTS`).
+    const PARTS: usize = 2;
 
-    /// Dot products of `Q` queries (from `q`) with `R` rows (from `k`), each `d` long, as
-    /// eight partial sums each (reduced by the caller with `sum4`).
+    /// The scores of `Q` queries against a block's 16 rows, at `out + i * CHUNK` for query
+    /// `i`: each column of the block (two vectors of eight rows) times each query's value for
+    /// it, added into one of `PARTS` sums (`4 * Q` accumulators, two columns and a query
+    /// value: 15 registers at most).
     #[inline(always)]
-    unsafe fn dots<const Q: usize, const R: usize, T: Load8>(
-        q: *const f32,
-        k: *const T,
-        d: usize,
-    ) -> [[__m256; R]; Q] {
-        // Q * R accumulators, Q query vectors and a K vector or two live: at most 16
-        // registers (Q = 3 with R = 4 would need 17, and the spilled accumulator's trip
-        // through memory each step halved the speed).
-        let mut a = [[_mm256_setzero_ps(); R]; Q];
-        for c in (0..d).step_by(8) {
-            #[allow(clippy::needless_range_loop)]
-            for r in 0..R {
-                let kv = T::load8(k.add(r * d + c));
-                for (i, ai) in a.iter_mut().enumerate() {
-                    ai[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i * d + c)), kv, ai[r]);
+    unsafe fn block<const Q: usize, T: Load8>(out: *mut f32, q: *const f32, k: *const T, d: usize) {
+        let mut a = [[[_mm256_setzero_ps(); 2]; PARTS]; Q];
+        let mut c = 0;
+        while c < d {
+            for p in 0..PARTS {
+                if c + p < d {
+                    let col = k.add((c + p) * BLOCK_TOKENS);
+                    let kc = [T::load8(col), T::load8(col.add(8))];
+                    for (i, ai) in a.iter_mut().enumerate() {
+                        let x = _mm256_broadcast_ss(&*q.add(i * d + c + p));
+                        ai[p][0] = _mm256_fmadd_ps(x, kc[0], ai[p][0]);
+                        ai[p][1] = _mm256_fmadd_ps(x, kc[1], ai[p][1]);
+                    }
                 }
             }
+            c += PARTS;
         }
-        a
-    }
-
-    /// The scores of `Q` queries against four rows, at `out + i * CHUNK` for query `i`. Three
-    /// queries take the rows two at a time ([q0 r0, q0 r1, q1 r0, q1 r1] and [q2 r0, q2 r1,
-    /// ..]): 12 accumulators would not leave registers for the loads.
-    #[inline(always)]
-    unsafe fn four_rows<const Q: usize, T: Load8>(
-        out: *mut f32,
-        q: *const f32,
-        k: *const T,
-        d: usize,
-    ) {
-        if Q == 3 {
-            for r in [0, 2] {
-                let [a0, a1, a2] = dots::<3, 2, T>(q, k.add(r * d), d);
-                let out = out.add(r).cast::<f64>();
-                let v01 = _mm_castps_pd(sum4(a0[0], a0[1], a1[0], a1[1]));
-                let v2 = _mm_castps_pd(sum4(a2[0], a2[1], a2[0], a2[1]));
-                _mm_storel_pd(out, v01);
-                _mm_storeh_pd(out.add(CHUNK / 2), v01);
-                _mm_storel_pd(out.add(CHUNK), v2);
-            }
-        } else {
-            for (i, a) in dots::<Q, 4, T>(q, k, d).iter().enumerate() {
-                _mm_storeu_ps(out.add(i * CHUNK), sum4(a[0], a[1], a[2], a[3]));
+        for (i, [p0, p1]) in a.iter().enumerate() {
+            for (h, (x, y)) in p0.iter().zip(p1).enumerate() {
+                _mm256_storeu_ps(out.add(i * CHUNK + 8 * h), _mm256_add_ps(*x, *y));
             }
         }
     }
 
-    scores_by_four!(
+    scores_by_block!(
         #[target_feature(enable = "avx2,fma,f16c")]
         Load8
     );
@@ -376,7 +349,7 @@ mod avx2 {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::CHUNK;
-    use crate::kv::KvElem;
+    use crate::kv::{KvElem, BLOCK_TOKENS};
     use std::arch::x86_64::*;
 
     /// Sixteen consecutive values as f32 lanes.
@@ -407,58 +380,40 @@ mod avx512 {
         }
     }
 
-    /// Four accumulators' sums: each folded to eight lanes (lane `i` + lane `i + 8`), then
-    /// the eight summed in one fixed order for every accumulator.
-    #[inline(always)]
-    unsafe fn sum4(a: __m512, b: __m512, c: __m512, d: __m512) -> __m128 {
-        let fold = |x: __m512| {
-            _mm256_add_ps(
-                _mm512_castps512_ps256(x),
-                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)),
-            )
-        };
-        let g = _mm256_hadd_ps(
-            _mm256_hadd_ps(fold(a), fold(b)),
-            _mm256_hadd_ps(fold(c), fold(d)),
-        );
-        _mm_add_ps(_mm256_castps256_ps128(g), _mm256_extractf128_ps(g, 1))
-    }
+    /// Independent sums a row's score is taken in (column `c` into sum `c % PARTS`).
+    const PARTS: usize = 4;
 
-    /// Dot products of `Q` queries with four rows from `k`, each `d` long, as 16 partial
-    /// sums each.
+    /// The scores of `Q` queries against a block's 16 rows, at `out + i * CHUNK` for query
+    /// `i`: each column of the block (one vector) times each query's value for it, added into
+    /// one of `PARTS` sums, which then are added pairwise.
     #[inline(always)]
-    unsafe fn dots<const Q: usize, T: Load16>(
-        q: *const f32,
-        k: *const T,
-        d: usize,
-    ) -> [[__m512; 4]; Q] {
-        let mut a = [[_mm512_setzero_ps(); 4]; Q];
-        for c in (0..d).step_by(16) {
-            #[allow(clippy::needless_range_loop)]
-            for r in 0..4 {
-                let kv = T::load16(k.add(r * d + c));
-                for (i, ai) in a.iter_mut().enumerate() {
-                    ai[r] = _mm512_fmadd_ps(_mm512_loadu_ps(q.add(i * d + c)), kv, ai[r]);
-                }
-            }
-        }
-        a
-    }
-
-    /// The scores of `Q` queries against four rows, at `out + i * CHUNK` for query `i`.
-    #[inline(always)]
-    unsafe fn four_rows<const Q: usize, T: Load16>(
+    unsafe fn block<const Q: usize, T: Load16>(
         out: *mut f32,
         q: *const f32,
         k: *const T,
         d: usize,
     ) {
-        for (i, a) in dots::<Q, T>(q, k, d).iter().enumerate() {
-            _mm_storeu_ps(out.add(i * CHUNK), sum4(a[0], a[1], a[2], a[3]));
+        let mut a = [[_mm512_setzero_ps(); PARTS]; Q];
+        let mut c = 0;
+        while c < d {
+            for p in 0..PARTS {
+                if c + p < d {
+                    let kc = T::load16(k.add((c + p) * BLOCK_TOKENS));
+                    for (i, ai) in a.iter_mut().enumerate() {
+                        let x = _mm512_set1_ps(*q.add(i * d + c + p));
+                        ai[p] = _mm512_fmadd_ps(x, kc, ai[p]);
+                    }
+                }
+            }
+            c += PARTS;
+        }
+        for (i, ai) in a.iter().enumerate() {
+            let s = _mm512_add_ps(_mm512_add_ps(ai[0], ai[1]), _mm512_add_ps(ai[2], ai[3]));
+            _mm512_storeu_ps(out.add(i * CHUNK), s);
         }
     }
 
-    scores_by_four!(
+    scores_by_block!(
         #[target_feature(enable = "avx512f,avx2,fma,f16c")]
         Load16
     );
@@ -510,7 +465,7 @@ mod avx512 {
 #[cfg(target_arch = "aarch64")]
 mod neon {
     use super::CHUNK;
-    use crate::kv::KvElem;
+    use crate::kv::{KvElem, BLOCK_TOKENS};
     use std::arch::aarch64::*;
 
     /// Eight consecutive values as two f32 vectors.
@@ -545,50 +500,41 @@ mod neon {
         }
     }
 
-    /// The four lanes of each of four vectors summed, `(l0 + l1) + (l2 + l3)` for every one.
-    #[inline(always)]
-    unsafe fn sum4(a: float32x4_t, b: float32x4_t, c: float32x4_t, d: float32x4_t) -> float32x4_t {
-        vpaddq_f32(vpaddq_f32(a, b), vpaddq_f32(c, d))
-    }
+    /// Independent sums a row's score is taken in (column `c` into sum `c % PARTS`).
+    const PARTS: usize = 2;
 
-    /// Dot products of `Q` queries with four rows from `k`, each `d` long, as four partial
-    /// sums each.
+    /// The scores of `Q` queries against a block's 16 rows, at `out + i * CHUNK` for query
+    /// `i`: each column of the block (four vectors) times each query's value for it, added
+    /// into one of `PARTS` sums (`8 * Q` accumulators and a column: 28 registers at most).
     #[inline(always)]
-    unsafe fn dots<const Q: usize, T: Load8>(
-        q: *const f32,
-        k: *const T,
-        d: usize,
-    ) -> [[float32x4_t; 4]; Q] {
-        // 4Q accumulators, two K vectors and the queries' two: at most 20 registers.
-        let mut a = [[vdupq_n_f32(0.0); 4]; Q];
-        for c in (0..d).step_by(8) {
-            #[allow(clippy::needless_range_loop)]
-            for r in 0..4 {
-                let [k0, k1] = T::load8(k.add(r * d + c));
-                for (i, ai) in a.iter_mut().enumerate() {
-                    let qi = q.add(i * d + c);
-                    ai[r] = vfmaq_f32(ai[r], vld1q_f32(qi), k0);
-                    ai[r] = vfmaq_f32(ai[r], vld1q_f32(qi.add(4)), k1);
+    unsafe fn block<const Q: usize, T: Load8>(out: *mut f32, q: *const f32, k: *const T, d: usize) {
+        let mut a = [[[vdupq_n_f32(0.0); 4]; PARTS]; Q];
+        let mut c = 0;
+        while c < d {
+            for p in 0..PARTS {
+                if c + p < d {
+                    let col = k.add((c + p) * BLOCK_TOKENS);
+                    let [k0, k1] = T::load8(col);
+                    let [k2, k3] = T::load8(col.add(8));
+                    let kc = [k0, k1, k2, k3];
+                    for (i, ai) in a.iter_mut().enumerate() {
+                        let x = *q.add(i * d + c + p);
+                        for (acc, kv) in ai[p].iter_mut().zip(kc) {
+                            *acc = vfmaq_n_f32(*acc, kv, x);
+                        }
+                    }
                 }
             }
+            c += PARTS;
         }
-        a
-    }
-
-    /// The scores of `Q` queries against four rows, at `out + i * CHUNK` for query `i`.
-    #[inline(always)]
-    unsafe fn four_rows<const Q: usize, T: Load8>(
-        out: *mut f32,
-        q: *const f32,
-        k: *const T,
-        d: usize,
-    ) {
-        for (i, a) in dots::<Q, T>(q, k, d).iter().enumerate() {
-            vst1q_f32(out.add(i * CHUNK), sum4(a[0], a[1], a[2], a[3]));
+        for (i, [p0, p1]) in a.iter().enumerate() {
+            for (v, (x, y)) in p0.iter().zip(p1).enumerate() {
+                vst1q_f32(out.add(i * CHUNK + 4 * v), vaddq_f32(*x, *y));
+            }
         }
     }
 
-    scores_by_four!(Load8);
+    scores_by_block!(Load8);
 
     /// Add the weighted rows to columns `c..c + 8 * V` of `Q` queries' accumulators.
     #[inline(always)]
