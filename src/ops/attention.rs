@@ -181,8 +181,8 @@ const AHEAD: usize = 2;
 /// (at most `SPLIT_ROWS` a query) stay in cache between the passes.
 ///
 /// A decode step reads the rows as stored; a prefill chunk's many queries widen each block once.
-/// 8-bit rows are used as integers (exact in f32) and their scales applied to the scores and
-/// weights, in the same order either way: both give the same bits.
+/// 8-bit rows are used as integers (exact in f32) and their scales applied to the scores (in
+/// the score kernel) and weights, in the same order either way: both give the same bits.
 #[allow(clippy::too_many_arguments)]
 fn attend_range(
     qs: &[f32],
@@ -237,21 +237,13 @@ fn attend_range(
                 }
             }
         }
-        let cnt = rows_in(i);
         let out = &mut w[at(i)..];
         if widen_once {
             // K is stored transposed: the whole block, whatever rows it holds.
             k.widen_unscaled(BLOCK_TOKENS * d, &mut buf);
-            kernels::scores(&q, nq, d, Rows::F32(&buf), out);
+            kernels::scores(&q, nq, d, Rows::F32(&buf), k.scales(), out);
         } else {
-            kernels::scores(&q, nq, d, Rows::stored(k), out);
-        }
-        if quantised {
-            for j in 0..nq {
-                for (x, s) in out[j * CHUNK..][..cnt].iter_mut().zip(k.scales()) {
-                    *x *= s;
-                }
-            }
+            kernels::scores(&q, nq, d, Rows::stored(k), k.scales(), out);
         }
     }
     // The softmax over the range: its maximum, then the weights and their sum (zeros past what
@@ -298,7 +290,7 @@ fn softmax_row(w: &mut [f32], nq: usize, n_chunks: usize, j: usize, seen: usize)
         // SAFETY: the AVX-512 kernel set is chosen only where the CPU has AVX-512F/VL.
         return unsafe { softmax_row_avx512(w, nq, n_chunks, j, seen) };
     }
-    softmax_row_lanes(w, nq, n_chunks, j, seen)
+    softmax_row_lanes::<false>(w, nq, n_chunks, j, seen)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -310,11 +302,12 @@ unsafe fn softmax_row_avx512(
     j: usize,
     seen: usize,
 ) -> (f32, f32) {
-    softmax_row_lanes(w, nq, n_chunks, j, seen)
+    softmax_row_lanes::<true>(w, nq, n_chunks, j, seen)
 }
 
+/// The softmax of [`softmax_row`]; `AVX`: called from a function compiled for AVX-512.
 #[inline(always)]
-fn softmax_row_lanes(
+fn softmax_row_lanes<const AVX: bool>(
     w: &mut [f32],
     nq: usize,
     n_chunks: usize,
@@ -328,14 +321,33 @@ fn softmax_row_lanes(
         max_lanes(&mut lanes, &w[row(c)..][..seen(c)]);
     }
     let m = max(&lanes);
+    // Whole chunks of fixed size (values past what the query sees computed, then zeroed), so
+    // the loops vectorise whole and the sums stay in a register.
     let mut sums = [0f32; 8];
     for c in 0..n_chunks {
-        let chunk = &mut w[row(c)..][..CHUNK];
         let seen = seen(c);
-        for x in chunk[..seen].iter_mut() {
+        let chunk: &mut [f32; CHUNK] = (&mut w[row(c)..][..CHUNK]).try_into().expect("a chunk");
+        for x in chunk.iter_mut() {
             *x = exp_nonpositive(*x - m);
         }
-        chunk[seen..].fill(0.0);
+        if seen < CHUNK {
+            chunk[seen..].fill(0.0);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if AVX {
+            // SAFETY: `AVX` only from the caller compiled with AVX-512F/VL (CPU checked);
+            // the loads and the store stay inside `chunk` and `sums`. The same additions, lane
+            // for lane, as the loop below (which the compiler kept on 2-lane registers here).
+            unsafe {
+                use std::arch::x86_64::*;
+                let mut acc = _mm256_loadu_ps(sums.as_ptr());
+                for v in chunk.as_chunks::<8>().0 {
+                    acc = _mm256_add_ps(acc, _mm256_loadu_ps(v.as_ptr()));
+                }
+                _mm256_storeu_ps(sums.as_mut_ptr(), acc);
+            }
+            continue;
+        }
         for v in chunk.as_chunks::<8>().0 {
             for i in 0..8 {
                 sums[i] += v[i];

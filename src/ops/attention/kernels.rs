@@ -59,22 +59,29 @@ fn neon(d: usize) -> bool {
 
 /// `w[j * CHUNK + r] = q_j · k_r` for every query `j < nq` and each of the block's
 /// `BLOCK_TOKENS` rows `r` (rows the caller does not use included); `k` is a whole block
-/// stored transposed, element `c` of row `r` at `c * BLOCK_TOKENS + r`.
+/// stored transposed, element `c` of row `r` at `c * BLOCK_TOKENS + r`. `scales` (8-bit
+/// rows: the block's `BLOCK_TOKENS` row scales; empty for f16) multiply each row's sum.
 ///
 /// Every row's sum is taken in the same order whichever queries share the call: in the vector
 /// kernels column `c` is added into partial sum `c % PARTS` (the instruction set's number of
 /// independent sums), the partials then added pairwise; the portable loop takes each row's
 /// dot product as [`dot`] does.
-pub fn scores(q: &[f32], nq: usize, d: usize, k: Rows, w: &mut [f32]) {
+pub fn scores(q: &[f32], nq: usize, d: usize, k: Rows, scales: &[f32], w: &mut [f32]) {
+    assert!(scales.is_empty() || scales.len() >= BLOCK_TOKENS);
+    let sc = if scales.is_empty() {
+        std::ptr::null()
+    } else {
+        scales.as_ptr()
+    };
     #[cfg(target_arch = "x86_64")]
     if wide(d) {
         // SAFETY: AVX-512F checked with the instruction set; `d` is a multiple of 16;
         // lengths asserted.
         unsafe {
             match k {
-                Rows::F16(k) => avx512::scores(q, nq, d, k, w),
-                Rows::I8(k) => avx512::scores(q, nq, d, k, w),
-                Rows::F32(k) => avx512::scores(q, nq, d, k, w),
+                Rows::F16(k) => avx512::scores(q, nq, d, k, sc, w),
+                Rows::I8(k) => avx512::scores(q, nq, d, k, sc, w),
+                Rows::F32(k) => avx512::scores(q, nq, d, k, sc, w),
             }
         }
         return;
@@ -84,9 +91,9 @@ pub fn scores(q: &[f32], nq: usize, d: usize, k: Rows, w: &mut [f32]) {
         // SAFETY: AVX2, FMA and F16C checked; `d` is a multiple of 8; lengths asserted.
         unsafe {
             match k {
-                Rows::F16(k) => avx2::scores(q, nq, d, k, w),
-                Rows::I8(k) => avx2::scores(q, nq, d, k, w),
-                Rows::F32(k) => avx2::scores(q, nq, d, k, w),
+                Rows::F16(k) => avx2::scores(q, nq, d, k, sc, w),
+                Rows::I8(k) => avx2::scores(q, nq, d, k, sc, w),
+                Rows::F32(k) => avx2::scores(q, nq, d, k, sc, w),
             }
         }
         return;
@@ -96,9 +103,9 @@ pub fn scores(q: &[f32], nq: usize, d: usize, k: Rows, w: &mut [f32]) {
         // SAFETY: NEON is the aarch64 baseline; `d` is a multiple of 8; lengths asserted.
         unsafe {
             match k {
-                Rows::F16(k) => neon::scores(q, nq, d, k, w),
-                Rows::I8(k) => neon::scores(q, nq, d, k, w),
-                Rows::F32(k) => neon::scores(q, nq, d, k, w),
+                Rows::F16(k) => neon::scores(q, nq, d, k, sc, w),
+                Rows::I8(k) => neon::scores(q, nq, d, k, sc, w),
+                Rows::F32(k) => neon::scores(q, nq, d, k, sc, w),
             }
         }
         return;
@@ -111,7 +118,8 @@ pub fn scores(q: &[f32], nq: usize, d: usize, k: Rows, w: &mut [f32]) {
             *x = kf[c * BLOCK_TOKENS + r];
         }
         for j in 0..nq {
-            w[j * CHUNK + r] = dot(&q[j * d..][..d], &row);
+            let s = dot(&q[j * d..][..d], &row);
+            w[j * CHUNK + r] = if sc.is_null() { s } else { s * scales[r] };
         }
     }
 }
@@ -206,12 +214,20 @@ macro_rules! accumulate_driver {
 }
 
 /// The scores driver of every vector module: queries three at a time, each group's scores
-/// against the block computed and stored by the module's `block::<Q, T>(out, q, k, d)`.
+/// against the block computed and stored by the module's `block::<Q, T>(out, q, k, d, sc)`
+/// (`sc`: the rows' scales, or null).
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 macro_rules! scores_by_block {
     ($(#[$attr:meta])* $Load:ident) => {
         $(#[$attr])*
-        pub unsafe fn scores<T: $Load>(q: &[f32], nq: usize, d: usize, k: &[T], w: &mut [f32]) {
+        pub unsafe fn scores<T: $Load>(
+            q: &[f32],
+            nq: usize,
+            d: usize,
+            k: &[T],
+            sc: *const f32,
+            w: &mut [f32],
+        ) {
             assert!(k.len() >= BLOCK_TOKENS * d && q.len() >= nq * d);
             assert!(w.len() >= (nq - 1) * CHUNK + BLOCK_TOKENS);
             let (qp, kp, wp) = (q.as_ptr(), k.as_ptr(), w.as_mut_ptr());
@@ -220,9 +236,9 @@ macro_rules! scores_by_block {
                 let qs = (nq - j).min(3);
                 let (qj, out) = (qp.add(j * d), wp.add(j * CHUNK));
                 match qs {
-                    3 => block::<3, T>(out, qj, kp, d),
-                    2 => block::<2, T>(out, qj, kp, d),
-                    _ => block::<1, T>(out, qj, kp, d),
+                    3 => block::<3, T>(out, qj, kp, d, sc),
+                    2 => block::<2, T>(out, qj, kp, d, sc),
+                    _ => block::<1, T>(out, qj, kp, d, sc),
                 }
                 j += qs;
             }
@@ -272,7 +288,13 @@ mod avx2 {
     /// it, added into one of `PARTS` sums (`4 * Q` accumulators, two columns and a query
     /// value: 15 registers at most).
     #[inline(always)]
-    unsafe fn block<const Q: usize, T: Load8>(out: *mut f32, q: *const f32, k: *const T, d: usize) {
+    unsafe fn block<const Q: usize, T: Load8>(
+        out: *mut f32,
+        q: *const f32,
+        k: *const T,
+        d: usize,
+        sc: *const f32,
+    ) {
         let mut a = [[[_mm256_setzero_ps(); 2]; PARTS]; Q];
         let mut c = 0;
         while c < d {
@@ -291,7 +313,11 @@ mod avx2 {
         }
         for (i, [p0, p1]) in a.iter().enumerate() {
             for (h, (x, y)) in p0.iter().zip(p1).enumerate() {
-                _mm256_storeu_ps(out.add(i * CHUNK + 8 * h), _mm256_add_ps(*x, *y));
+                let mut v = _mm256_add_ps(*x, *y);
+                if !sc.is_null() {
+                    v = _mm256_mul_ps(v, _mm256_loadu_ps(sc.add(8 * h)));
+                }
+                _mm256_storeu_ps(out.add(i * CHUNK + 8 * h), v);
             }
         }
     }
@@ -392,6 +418,7 @@ mod avx512 {
         q: *const f32,
         k: *const T,
         d: usize,
+        sc: *const f32,
     ) {
         let mut a = [[_mm512_setzero_ps(); PARTS]; Q];
         let mut c = 0;
@@ -409,6 +436,11 @@ mod avx512 {
         }
         for (i, ai) in a.iter().enumerate() {
             let s = _mm512_add_ps(_mm512_add_ps(ai[0], ai[1]), _mm512_add_ps(ai[2], ai[3]));
+            let s = if sc.is_null() {
+                s
+            } else {
+                _mm512_mul_ps(s, _mm512_loadu_ps(sc))
+            };
             _mm512_storeu_ps(out.add(i * CHUNK), s);
         }
     }
@@ -507,7 +539,13 @@ mod neon {
     /// `i`: each column of the block (four vectors) times each query's value for it, added
     /// into one of `PARTS` sums (`8 * Q` accumulators and a column: 28 registers at most).
     #[inline(always)]
-    unsafe fn block<const Q: usize, T: Load8>(out: *mut f32, q: *const f32, k: *const T, d: usize) {
+    unsafe fn block<const Q: usize, T: Load8>(
+        out: *mut f32,
+        q: *const f32,
+        k: *const T,
+        d: usize,
+        sc: *const f32,
+    ) {
         let mut a = [[[vdupq_n_f32(0.0); 4]; PARTS]; Q];
         let mut c = 0;
         while c < d {
@@ -529,7 +567,11 @@ mod neon {
         }
         for (i, [p0, p1]) in a.iter().enumerate() {
             for (v, (x, y)) in p0.iter().zip(p1).enumerate() {
-                vst1q_f32(out.add(i * CHUNK + 4 * v), vaddq_f32(*x, *y));
+                let mut s = vaddq_f32(*x, *y);
+                if !sc.is_null() {
+                    s = vmulq_f32(s, vld1q_f32(sc.add(4 * v)));
+                }
+                vst1q_f32(out.add(i * CHUNK + 4 * v), s);
             }
         }
     }
