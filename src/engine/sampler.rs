@@ -133,10 +133,12 @@ impl Sampler {
         let inv_t = 1.0 / p.temperature;
         let max = crate::ops::max(logits);
         let weight = |i: u32| weight_of(logits[i as usize], max, inv_t);
+        // Every token's weight, computed once where the whole vocabulary is needed.
+        let all_weights =
+            || -> Vec<f32> { logits.iter().map(|&x| weight_of(x, max, inv_t)).collect() };
         let truncating = p.top_k > 0 || p.top_p < 1.0 || p.min_p > 0.0;
         if !truncating {
-            let w: Vec<f32> = logits.iter().map(|&x| weight_of(x, max, inv_t)).collect();
-            return self.draw(&w, None);
+            return self.draw(&all_weights(), None);
         }
         // Candidates, most likely first. top_k (or a first guess of 256 for top_p / min_p)
         // bounds the sort; when the cut does not fall inside the guess, sort everything.
@@ -152,18 +154,14 @@ impl Sampler {
         // Mass the probabilities are normalised by: the top-k set, or the whole vocabulary.
         let mut total: f32 = w.iter().sum();
         if p.top_k == 0 && k < logits.len() {
-            let z: f32 = crate::ops::sum(
-                &logits
-                    .iter()
-                    .map(|&x| weight_of(x, max, inv_t))
-                    .collect::<Vec<f32>>(),
-            );
+            let all = all_weights();
+            let z: f32 = crate::ops::sum(&all);
             let nucleus_inside = p.top_p >= 1.0 || total / z >= p.top_p;
             let min_p_inside = p.min_p <= 0.0 || w[k - 1] < p.min_p * w[0];
             if !(nucleus_inside && min_p_inside) {
                 idx.sort_unstable_by(by_logit);
                 cand = idx;
-                w = cand.iter().map(|&i| weight(i)).collect();
+                w = cand.iter().map(|&i| all[i as usize]).collect();
             }
             total = z;
         }
