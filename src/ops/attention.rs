@@ -75,17 +75,22 @@ pub fn attention(q: &[f32], seqs: &[AttnSeq], layer: usize, h: Heads) -> Vec<f32
             }
         }
     }
+    let scale = 1.0 / (h.head_dim as f32).sqrt();
     let run = |t: &Task| {
         let seq = &seqs[t.s];
-        let mut qs = Vec::with_capacity(t.n * group * h.head_dim);
-        for i in t.t0..t.t0 + t.n {
-            let row = &q[(seq.row + i) * width..][..width];
-            qs.extend_from_slice(&row[t.g * group * h.head_dim..][..group * h.head_dim]);
-        }
-        let first = seq.first_pos + t.t0;
-        attend_range(
-            &qs, t.n, group, first, seq.kv, layer, t.g, h.head_dim, t.lo, t.hi,
-        )
+        SCRATCH.with_borrow_mut(|s| {
+            s.q.clear();
+            for i in t.t0..t.t0 + t.n {
+                let row = &q[(seq.row + i) * width..][..width];
+                let heads = &row[t.g * group * h.head_dim..][..group * h.head_dim];
+                s.q.extend(heads.iter().map(|x| x * scale));
+            }
+            let first = seq.first_pos + t.t0;
+            attend_range(
+                &s.q, t.n, group, first, seq.kv, layer, t.g, h.head_dim, t.lo, t.hi, &mut s.w,
+                &mut s.buf,
+            )
+        })
     };
     // candle's persistent pool, the one its matmuls use: one set of threads for the whole step,
     // none spinning while another pool works.
@@ -120,6 +125,31 @@ pub fn attention(q: &[f32], seqs: &[AttnSeq], layer: usize, h: Heads) -> Vec<f32
         }
     }
     out
+}
+
+/// Buffers of a thread's attention tasks, kept from task to task (a long decode step runs a few
+/// hundred tasks; allocating and zeroing them each time was a few percent of it).
+#[derive(Default)]
+struct Scratch {
+    /// The task's queries, scaled by `1 / sqrt(head_dim)`.
+    q: Vec<f32>,
+    /// Scores, then weights (see `attend_range`).
+    w: Vec<f32>,
+    /// A block widened to f32.
+    buf: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = Default::default();
+}
+
+/// The first `n` values of `v`, grown (zeroed) if shorter; what an earlier task left there
+/// stays: callers write every value they read.
+fn scratch(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    &mut v[..n]
 }
 
 /// Softmax attention over part of the rows, not yet normalised: per query the running max
@@ -169,7 +199,8 @@ const _: () = assert!(SPLIT_ROWS.is_multiple_of(CHUNK) && CHUNK.is_multiple_of(B
 const AHEAD: usize = 2;
 
 /// Attention for `n` consecutive tokens (first at position `first`) and the `group` query heads
-/// that share KV head `g`, against K/V rows `lo..hi` only. `qs` is `[n][group][d]`.
+/// that share KV head `g`, against K/V rows `lo..hi` only. `q` is `[n][group][d]`, already
+/// scaled by `1 / sqrt(d)`; `w_buf` and `widen_buf` are scratch space of any content.
 ///
 /// Two passes over the range's blocks: every query's scores against all K rows (K is stored
 /// transposed, so a block's 16 scores are one vector summed column by column), then, with the
@@ -185,7 +216,7 @@ const AHEAD: usize = 2;
 /// the score kernel) and weights, in the same order either way: both give the same bits.
 #[allow(clippy::too_many_arguments)]
 fn attend_range(
-    qs: &[f32],
+    q: &[f32],
     n: usize,
     group: usize,
     first: usize,
@@ -195,11 +226,11 @@ fn attend_range(
     d: usize,
     lo: usize,
     hi: usize,
+    w_buf: &mut Vec<f32>,
+    widen_buf: &mut Vec<f32>,
 ) -> Partial {
     debug_assert!(lo.is_multiple_of(CHUNK));
     let nq = n * group;
-    let scale = 1.0 / (d as f32).sqrt();
-    let q: Vec<f32> = qs.iter().map(|x| x * scale).collect();
     // The end (exclusive, absolute) of the rows query j sees.
     let visible = |j: usize| (first + j / group + 1).min(hi);
     // The range's blocks: `segs[i]` holds rows `lo + i * BLOCK_TOKENS..`.
@@ -210,18 +241,16 @@ fn attend_range(
         .is_some_and(|s| matches!(s.0, KvRows::Q8 { .. }));
     // Scores, then weights: `[chunk][query][CHUNK]`; block `i`'s rows start at `at(i)`.
     let n_chunks = (hi - lo).div_ceil(CHUNK);
-    let mut w = vec![0f32; n_chunks * nq * CHUNK];
+    // Every value read below is written first: each block's scores by the score kernel, each
+    // chunk whole by the softmax (zeros past what a query sees).
+    let w = scratch(w_buf, n_chunks * nq * CHUNK);
     let at = |i: usize| {
         let r = i * BLOCK_TOKENS;
         r / CHUNK * nq * CHUNK + r % CHUNK
     };
     // Rows widened once for many queries (a prefill chunk); a decode step reads them in place.
     let widen_once = nq > 3;
-    let mut buf = if widen_once {
-        vec![0f32; BLOCK_TOKENS * d]
-    } else {
-        Vec::new()
-    };
+    let buf = scratch(widen_buf, if widen_once { BLOCK_TOKENS * d } else { 0 });
     let mut p = Partial {
         max: vec![f32::NEG_INFINITY; nq],
         sum: vec![0.0; nq],
@@ -240,17 +269,17 @@ fn attend_range(
         let out = &mut w[at(i)..];
         if widen_once {
             // K is stored transposed: the whole block, whatever rows it holds.
-            k.widen_unscaled(BLOCK_TOKENS * d, &mut buf);
-            kernels::scores(&q, nq, d, Rows::F32(&buf), k.scales(), out);
+            k.widen_unscaled(BLOCK_TOKENS * d, buf);
+            kernels::scores(q, nq, d, Rows::F32(buf), k.scales(), out);
         } else {
-            kernels::scores(&q, nq, d, Rows::stored(k), k.scales(), out);
+            kernels::scores(q, nq, d, Rows::stored(k), k.scales(), out);
         }
     }
     // The softmax over the range: its maximum, then the weights and their sum (zeros past what
     // the query sees).
     for j in 0..nq {
         let seen = visible(j).saturating_sub(lo);
-        (p.max[j], p.sum[j]) = softmax_row(&mut w, nq, n_chunks, j, seen);
+        (p.max[j], p.sum[j]) = softmax_row(w, nq, n_chunks, j, seen);
     }
     // Pass 2: the weighted V rows (8-bit rows' weights times their scales, the rows then used
     // as integers).
@@ -268,8 +297,8 @@ fn attend_range(
             }
         }
         if widen_once {
-            v.widen_unscaled(cnt * d, &mut buf);
-            kernels::accumulate(wi, nq, d, Rows::F32(&buf), cnt, &mut p.acc);
+            v.widen_unscaled(cnt * d, buf);
+            kernels::accumulate(wi, nq, d, Rows::F32(buf), cnt, &mut p.acc);
         } else {
             kernels::accumulate(wi, nq, d, Rows::stored(v), cnt, &mut p.acc);
         }
