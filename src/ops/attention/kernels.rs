@@ -1,8 +1,9 @@
 //! The two inner loops of attention: scores of queries against a block of K rows (stored
 //! transposed, a column of the block's rows per vector), and the weighted sum of a block of V
-//! rows. AVX2+FMA (or AVX-512F) where the CPU has it and NEON on
-//! aarch64, where the head width is a multiple of 8 (16 for AVX-512), else portable loops. Every query's dot products and sums are computed in the
-//! same order whichever queries are processed together, so results are batch invariant.
+//! rows. AVX2+FMA (or AVX-512F) where the CPU has it and NEON on aarch64, where the head width
+//! is a multiple of 8 (16 for AVX-512), else portable loops. Every query's dot products and
+//! sums are computed in the same order whichever queries are processed together, so results
+//! are batch invariant.
 
 use super::CHUNK;
 use crate::kv::{widen, KvElem, KvRows, BLOCK_TOKENS};
