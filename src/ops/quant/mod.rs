@@ -131,11 +131,11 @@ impl QKind {
     }
 
     /// Whether the model should use our kernels for this format rather than candle's. Q6_K's
-    /// only with AVX-512: its 512-bit kernel streams faster than candle's for one activation
-    /// row (decode); on 256-bit registers and NEON, six-bit unpacking leaves ours slower than
-    /// candle's (benches/kernels.rs).
+    /// only on x86: there ours beat candle's for one activation row and for sixteen
+    /// (benches/kernels.rs, on AVX2 and on AVX-512); the NEON and portable ones have not been
+    /// timed against candle's.
     pub fn beats_candle(self) -> bool {
-        self != QKind::Q6K || isa() == Isa::Avx512
+        self != QKind::Q6K || matches!(isa(), Isa::Avx2 | Isa::AvxVnni | Isa::Avx512)
     }
 
     /// Whether this format has the interleaved eight-row kernels (the fastest path).
@@ -313,6 +313,18 @@ pub(crate) const fn q6k_slot(t: usize) -> usize {
     2 * (t % 4) + t / 4
 }
 
+/// Where half `n` of an interleaved Q6_K group block keeps its low-bit runs of chunks
+/// `4n + h` and `4n + h + 2` (eight runs of 32 bytes, in [`q6k_slot`] order).
+pub(crate) const fn q6k_low_at(n: usize, h: usize) -> usize {
+    144 + 768 * n + 256 * (1 + h)
+}
+
+/// Where half `n` of an interleaved Q6_K group block keeps its high-bit runs, just before
+/// its low-bit runs, so that a kernel reads a block front to back.
+pub(crate) const fn q6k_high_at(n: usize) -> usize {
+    144 + 768 * n
+}
+
 /// Where the bytes of row slot `i`'s GGUF block go in an interleaved group block:
 /// `(offset in the GGUF block, offset in the group block, length)`.
 ///
@@ -327,8 +339,8 @@ pub(crate) const fn q6k_slot(t: usize) -> usize {
 ///   of a byte is the fifth bit of its low nibble in quarter `p`, bit `2p + 1` of its high
 ///   nibble) and the quarters of values moved up to `384 + 256p + 32t + 4i`.
 /// - Q6_K: scale at `2i`, the 16 sub-scales as planes (`16 + 8s + i`), the low-bit bytes in
-///   runs of four at `144 + 32(8(2n + h) + u) + 4i`, the high-bit bytes at
-///   `1168 + 32(8n + u) + 4i`, where `u` is run `t`'s place ([`q6k_slot`]).
+///   runs of four at `q6k_low_at(n, h) + 32u + 4i`, the high-bit bytes at
+///   `q6k_high_at(n) + 32u + 4i`, where `u` is run `t`'s place ([`q6k_slot`]).
 fn slot_map(kind: QKind, i: usize) -> Vec<(usize, usize, usize)> {
     let mut m = Vec::new();
     match kind {
@@ -376,12 +388,12 @@ fn slot_map(kind: QKind, i: usize) -> Vec<(usize, usize, usize)> {
             for n in 0..2 {
                 for h in 0..2 {
                     for t in 0..8 {
-                        let at = 144 + 32 * (8 * (2 * n + h) + q6k_slot(t)) + 4 * i;
+                        let at = q6k_low_at(n, h) + 32 * q6k_slot(t) + 4 * i;
                         m.push((64 * n + 32 * h + 4 * t, at, 4));
                     }
                 }
                 for t in 0..8 {
-                    let at = 1168 + 32 * (8 * n + q6k_slot(t)) + 4 * i;
+                    let at = q6k_high_at(n) + 32 * q6k_slot(t) + 4 * i;
                     m.push((128 + 32 * n + 4 * t, at, 4));
                 }
             }

@@ -95,7 +95,7 @@ mod arm {
     use std::arch::asm;
 
     use super::*;
-    use crate::ops::quant::{q6k_slot, ActBlock, QKind};
+    use crate::ops::quant::{q6k_high_at, q6k_low_at, q6k_slot, ActBlock, QKind};
 
     pub unsafe fn tile_x8(
         w: &QWeight,
@@ -532,8 +532,8 @@ mod arm {
                                 for u in 0..2 {
                                     let t = 4 * half + 2 * pair + u;
                                     let slot = q6k_slot(t);
-                                    let ql = run16(p.add(144 + 32 * (8 * (2 * n + hb) + slot)), h);
-                                    let qh = run16(p.add(1168 + 32 * (8 * n + slot)), h);
+                                    let ql = run16(p.add(q6k_low_at(n, hb) + 32 * slot), h);
+                                    let qh = run16(p.add(q6k_high_at(n) + 32 * slot), h);
                                     let qh = vshlq_u8(qh, vdupq_n_s8(-2 * hb as i8));
                                     let q0 = vorrq_u8(
                                         vandq_u8(ql, m4),

@@ -9,7 +9,7 @@
 use std::arch::x86_64::*;
 
 use super::x86::q4k_scale_min;
-use crate::ops::quant::{ActBlock, QKind};
+use crate::ops::quant::{q6k_high_at, q6k_low_at, ActBlock, QKind};
 
 /// Sixteen rows (groups at `g0` and `g1`, `nb` blocks each) against `A` activation rows.
 ///
@@ -317,8 +317,8 @@ unsafe fn q6k_chunk_wide<const C: usize, const A: usize>(
             _mm512_set1_epi32(-32 * hs[1] as i32),
         )
     });
-    let ql = p.add(144 + 256 * (2 * n + C % 2));
-    let qh = p.add(1168 + 256 * n);
+    let ql = p.add(q6k_low_at(n, C % 2));
+    let qh = p.add(q6k_high_at(n));
     for u in 0..4 {
         let lo = _mm512_loadu_si512(ql.add(64 * u) as *const _);
         let hi = _mm512_loadu_si512(qh.add(64 * u) as *const _);

@@ -4,7 +4,7 @@
 use std::arch::x86_64::*;
 
 use super::{bcast4, lanes, IntDot};
-use crate::ops::quant::{q6k_slot, ActBlock};
+use crate::ops::quant::{q6k_high_at, q6k_low_at, q6k_slot, ActBlock};
 
 /// Byte `k` of eight rows as the eight bytes of a `u64` (one plane of an interleaved
 /// header).
@@ -172,18 +172,22 @@ pub(super) unsafe fn q5k_x8<const A: usize, D: IntDot>(
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q6k_run(p: *const u8, n: usize, h: usize, t: usize) -> (__m256i, __m256i) {
     let m4 = _mm256_set1_epi8(0x0F);
-    let m2 = _mm256_set1_epi8(0x03);
+    let m30 = _mm256_set1_epi8(0x30);
     let u = q6k_slot(t);
-    let ql = _mm256_loadu_si256(p.add(144 + 32 * (8 * (2 * n + h) + u)) as *const __m256i);
-    let qh = _mm256_loadu_si256(p.add(1168 + 32 * (8 * n + u)) as *const __m256i);
-    let qh = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * h as i32));
-    let q0 = _mm256_or_si256(
-        _mm256_and_si256(ql, m4),
-        _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4),
-    );
+    let ql = _mm256_loadu_si256(p.add(q6k_low_at(n, h) + 32 * u) as *const __m256i);
+    let qh = _mm256_loadu_si256(p.add(q6k_high_at(n) + 32 * u) as *const __m256i);
+    // Chunk `4n + h`'s two high bits sit at bits `2h`, chunk `4n + h + 2`'s at `2h + 4`:
+    // each moved to bits 4..6 by one shift (bits a 16-bit shift carries across bytes are
+    // masked off).
+    let (h0, h1) = if h == 0 {
+        (_mm256_slli_epi16(qh, 4), qh)
+    } else {
+        (_mm256_slli_epi16(qh, 2), _mm256_srli_epi16(qh, 2))
+    };
+    let q0 = _mm256_or_si256(_mm256_and_si256(ql, m4), _mm256_and_si256(h0, m30));
     let q1 = _mm256_or_si256(
         _mm256_and_si256(_mm256_srli_epi16(ql, 4), m4),
-        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4),
+        _mm256_and_si256(h1, m30),
     );
     (q0, q1)
 }
