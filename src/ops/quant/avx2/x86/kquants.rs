@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{bcast4, lanes, IntDot};
+use super::{bcast4, lanes, prefetch_ahead, IntDot};
 use crate::ops::quant::{q6k_high_at, q6k_low_at, q6k_slot, ActBlock};
 
 /// Byte `k` of eight rows as the eight bytes of a `u64` (one plane of an interleaved
@@ -78,6 +78,7 @@ pub(super) unsafe fn q4k_x8<const A: usize, D: IntDot>(
     let mut acc = [_mm256_setzero_ps(); A];
     for b in 0..nb {
         let p = grp.add(b * 1152);
+        prefetch_ahead(p, 1152);
         let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
         let dmin = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i));
         for pair in 0..4 {
@@ -132,6 +133,7 @@ pub(super) unsafe fn q5k_x8<const A: usize, D: IntDot>(
     let mut acc = [_mm256_setzero_ps(); A];
     for b in 0..nb {
         let p = grp.add(b * 1408);
+        prefetch_ahead(p, 1408);
         let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
         let dmin = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i));
         // One sub-block at a time (low nibbles of quarter `p`, then its high nibbles), so
@@ -217,6 +219,7 @@ pub(super) unsafe fn q6k_x8<const A: usize>(
     };
     for b in 0..nb {
         let p = grp.add(b * 1680);
+        prefetch_ahead(p, 1680);
         let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
         for n in 0..2 {
             for h in 0..2 {
