@@ -284,7 +284,7 @@ mod x86 {
     /// Bytes ahead of the block in use that a kernel asks the caches for. A decode step's
     /// matrices are small (a task streams 20-300 KB), and the hardware prefetchers, which start
     /// afresh on each task's stream, left a core waiting for memory: asked ahead by 1 KB, the
-    /// default model's decode step took 9-11% less time on an AMD Zen 3 (512 B or 2 KB: less).
+    /// default model's decode step took 9-15% less time on an AMD Zen 3 (512 B or 2 KB: less).
     const PREFETCH_AHEAD: usize = 1024;
 
     /// Ask for the lines of the `bytes`-byte block [`PREFETCH_AHEAD`] bytes after `p` (reads
