@@ -195,9 +195,9 @@ unsafe fn q6k_run(p: *const u8, n: usize, h: usize, t: usize) -> (__m256i, __m25
 }
 
 /// Eight interleaved Q6_K rows. Per super-block: the eight rows' scales and 16 sub-scales
-/// (planes), then for each half `n` of the values the low-bit runs (`h` = 0, 1: low nibbles
-/// are chunk `4n + h`, high nibbles chunk `4n + h + 2`) and the high-bit runs (two bits per
-/// chunk). Values are 0..63, stored minus 32: Σ (q − 32)·x = Σ q·x − 32 Σ x, with Σ x per
+/// (planes), then for each half `n` of the values the high-bit runs (two bits per chunk)
+/// followed by the low-bit runs (`h` = 0, 1: low nibbles are chunk `4n + h`, high nibbles
+/// chunk `4n + h + 2`), read front to back. Values are 0..63, stored minus 32: Σ (q − 32)·x = Σ q·x − 32 Σ x, with Σ x per
 /// 16 values kept in the activation blocks.
 ///
 /// Two runs' products are summed in 16-bit lanes (at most 2 · 2 · 63 · 127 = 32,004), then
