@@ -87,8 +87,17 @@ pub fn attention(q: &[f32], seqs: &[AttnSeq], layer: usize, h: Heads) -> Vec<f32
             }
             let first = seq.first_pos + t.t0;
             attend_range(
-                &s.q, t.n, group, first, seq.kv, layer, t.g, h.head_dim, t.lo, t.hi, &mut s.w,
-                &mut s.buf,
+                &s.q,
+                t.n,
+                group,
+                first,
+                seq.kv,
+                layer,
+                t.g,
+                h.head_dim,
+                t.lo,
+                t.hi,
+                &mut s.bufs,
             )
         })
     };
@@ -133,10 +142,19 @@ pub fn attention(q: &[f32], seqs: &[AttnSeq], layer: usize, h: Heads) -> Vec<f32
 struct Scratch {
     /// The task's queries, scaled by `1 / sqrt(head_dim)`.
     q: Vec<f32>,
+    bufs: Bufs,
+}
+
+/// `attend_range`'s working space, of any content on entry.
+#[derive(Default)]
+struct Bufs {
     /// Scores, then weights (see `attend_range`).
     w: Vec<f32>,
     /// A block widened to f32.
     buf: Vec<f32>,
+    /// The queries as 16-bit integers and their scales, for 8-bit K scored in integers.
+    qi: Vec<i16>,
+    qscale: Vec<f32>,
 }
 
 thread_local! {
@@ -200,7 +218,7 @@ const AHEAD: usize = 2;
 
 /// Attention for `n` consecutive tokens (first at position `first`) and the `group` query heads
 /// that share KV head `g`, against K/V rows `lo..hi` only. `q` is `[n][group][d]`, already
-/// scaled by `1 / sqrt(d)`; `w_buf` and `widen_buf` are scratch space of any content.
+/// scaled by `1 / sqrt(d)`.
 ///
 /// Two passes over the range's blocks: every query's scores against all K rows (K is stored
 /// transposed, so a block's 16 scores are one vector summed column by column), then, with the
@@ -214,6 +232,8 @@ const AHEAD: usize = 2;
 /// A decode step reads the rows as stored; a prefill chunk's many queries widen each block once.
 /// 8-bit rows are used as integers (exact in f32) and their scales applied to the scores (in
 /// the score kernel) and weights, in the same order either way: both give the same bits.
+/// Where [`kernels::int8_scores`] says so, 8-bit K is scored against the queries rounded to
+/// 16-bit integers instead, in exact integer sums, for a decode step and a prefill chunk alike.
 #[allow(clippy::too_many_arguments)]
 fn attend_range(
     q: &[f32],
@@ -226,8 +246,7 @@ fn attend_range(
     d: usize,
     lo: usize,
     hi: usize,
-    w_buf: &mut Vec<f32>,
-    widen_buf: &mut Vec<f32>,
+    bufs: &mut Bufs,
 ) -> Partial {
     debug_assert!(lo.is_multiple_of(CHUNK));
     let nq = n * group;
@@ -243,14 +262,18 @@ fn attend_range(
     let n_chunks = (hi - lo).div_ceil(CHUNK);
     // Every value read below is written first: each block's scores by the score kernel, each
     // chunk whole by the softmax (zeros past what a query sees).
-    let w = scratch(w_buf, n_chunks * nq * CHUNK);
+    let w = scratch(&mut bufs.w, n_chunks * nq * CHUNK);
     let at = |i: usize| {
         let r = i * BLOCK_TOKENS;
         r / CHUNK * nq * CHUNK + r % CHUNK
     };
     // Rows widened once for many queries (a prefill chunk); a decode step reads them in place.
     let widen_once = nq > 3;
-    let buf = scratch(widen_buf, if widen_once { BLOCK_TOKENS * d } else { 0 });
+    let buf = scratch(&mut bufs.buf, if widen_once { BLOCK_TOKENS * d } else { 0 });
+    let int_k = quantised && kernels::int8_scores(d);
+    if int_k {
+        kernels::quantize_queries(q, nq, d, &mut bufs.qi, &mut bufs.qscale);
+    }
     let mut p = Partial {
         max: vec![f32::NEG_INFINITY; nq],
         sum: vec![0.0; nq],
@@ -267,7 +290,9 @@ fn attend_range(
             }
         }
         let out = &mut w[at(i)..];
-        if widen_once {
+        if let (true, KvRows::Q8 { q: k8, scale }) = (int_k, k) {
+            kernels::scores_i8(&bufs.qi, &bufs.qscale, nq, d, k8, scale, out);
+        } else if widen_once {
             // K is stored transposed: the whole block, whatever rows it holds.
             k.widen_unscaled(BLOCK_TOKENS * d, buf);
             kernels::scores(q, nq, d, Rows::F32(buf), k.scales(), out);

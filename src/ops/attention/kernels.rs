@@ -125,6 +125,60 @@ pub fn scores(q: &[f32], nq: usize, d: usize, k: Rows, scales: &[f32], w: &mut [
     }
 }
 
+/// Whether 8-bit K rows are scored with integer products ([`scores_i8`]) here: with the AVX2
+/// kernel set (its float loop converts every 8-bit value to f32 and spends a multiply-add on
+/// it per query; `vpmaddwd` takes two columns at once), for heads of up to 256 values (the
+/// 32-bit sums cannot overflow).
+pub fn int8_scores(d: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        fast(d) && !wide(d) && d <= 256
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = d;
+        false
+    }
+}
+
+/// Queries as 16-bit integers for [`scores_i8`]: query `j`'s value `c` is about
+/// `qi[j * d + c] * scale[j]`, each query scaled to its largest magnitude (32,767), so the
+/// rounding is a 65,534th of that magnitude at most: well under the 8-bit rows' own.
+pub fn quantize_queries(q: &[f32], nq: usize, d: usize, qi: &mut Vec<i16>, scale: &mut Vec<f32>) {
+    qi.clear();
+    scale.clear();
+    for row in q[..nq * d].chunks_exact(d) {
+        let m = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let inv = if m > 0.0 { 32767.0 / m } else { 0.0 };
+        qi.extend(row.iter().map(|x| (x * inv).round() as i16));
+        scale.push(m / 32767.0);
+    }
+}
+
+/// [`scores`] for a block of 8-bit K rows and queries from [`quantize_queries`]:
+/// `w[j * CHUNK + r] = (qi_j · k_r) * qscale[j] * scales[r]`, the dot product summed exactly in
+/// 32-bit integers (so in no particular order: the same bits whichever queries share the
+/// call). Only where [`int8_scores`] says so.
+pub fn scores_i8(
+    qi: &[i16],
+    qscale: &[f32],
+    nq: usize,
+    d: usize,
+    k: &[i8],
+    scales: &[f32],
+    w: &mut [f32],
+) {
+    assert!(int8_scores(d));
+    assert!(k.len() >= BLOCK_TOKENS * d && scales.len() >= BLOCK_TOKENS);
+    assert!(qi.len() >= nq * d && qscale.len() >= nq);
+    assert!(w.len() >= (nq - 1) * CHUNK + BLOCK_TOKENS);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX2 checked by `int8_scores`; `d` is even (a multiple of 8); lengths asserted.
+    unsafe {
+        avx2::scores_i8(qi, qscale, nq, d, k, scales, w)
+    }
+}
+
 /// `acc_j += sum over r < cnt of w[j * CHUNK + r] * v_r` for every query `j < nq`.
 pub fn accumulate(w: &[f32], nq: usize, d: usize, v: Rows, cnt: usize, acc: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -358,6 +412,75 @@ mod avx2 {
         for (i, ai) in a.iter().enumerate() {
             for (x, av) in ai.iter().enumerate() {
                 _mm256_storeu_ps(acc.add(i * d + c + 8 * x), *av);
+            }
+        }
+    }
+
+    /// [`super::scores_i8`] three queries at a time.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn scores_i8(
+        qi: &[i16],
+        qscale: &[f32],
+        nq: usize,
+        d: usize,
+        k: &[i8],
+        scales: &[f32],
+        w: &mut [f32],
+    ) {
+        let (qp, kp, sp, wp) = (qi.as_ptr(), k.as_ptr(), scales.as_ptr(), w.as_mut_ptr());
+        let mut j = 0;
+        while j < nq {
+            let qs = (nq - j).min(3);
+            let (qj, sj, out) = (qp.add(j * d), qscale.as_ptr().add(j), wp.add(j * CHUNK));
+            match qs {
+                3 => block_i8::<3>(out, qj, sj, kp, d, sp),
+                2 => block_i8::<2>(out, qj, sj, kp, d, sp),
+                _ => block_i8::<1>(out, qj, sj, kp, d, sp),
+            }
+            j += qs;
+        }
+    }
+
+    /// The scores of `Q` queries against a block's 16 rows of 8-bit K, two columns at a time:
+    /// both columns widened to 16 bits and interleaved, so each 32-bit lane holds one row's
+    /// pair, and `vpmaddwd` with the queries' pair of values adds both products into it.
+    /// The unpacking leaves rows 0-3 and 8-11 in one sum and 4-7 and 12-15 in the other,
+    /// put back in order once at the end.
+    #[inline(always)]
+    unsafe fn block_i8<const Q: usize>(
+        out: *mut f32,
+        qi: *const i16,
+        qscale: *const f32,
+        k: *const i8,
+        d: usize,
+        sc: *const f32,
+    ) {
+        let mut lo = [_mm256_setzero_si256(); Q];
+        let mut hi = [_mm256_setzero_si256(); Q];
+        let mut c = 0;
+        while c < d {
+            let a = _mm256_cvtepi8_epi16(_mm_loadu_si128(k.add(c * BLOCK_TOKENS).cast()));
+            let b = _mm256_cvtepi8_epi16(_mm_loadu_si128(k.add((c + 1) * BLOCK_TOKENS).cast()));
+            let (pl, ph) = (_mm256_unpacklo_epi16(a, b), _mm256_unpackhi_epi16(a, b));
+            for i in 0..Q {
+                // Values c and c + 1 of query i, the first in the low half of each lane.
+                let qp = _mm256_set1_epi32(qi.add(i * d + c).cast::<i32>().read_unaligned());
+                lo[i] = _mm256_add_epi32(lo[i], _mm256_madd_epi16(pl, qp));
+                hi[i] = _mm256_add_epi32(hi[i], _mm256_madd_epi16(ph, qp));
+            }
+            c += 2;
+        }
+        let (s0, s1) = (_mm256_loadu_ps(sc), _mm256_loadu_ps(sc.add(8)));
+        for i in 0..Q {
+            let (l, h) = (_mm256_cvtepi32_ps(lo[i]), _mm256_cvtepi32_ps(hi[i]));
+            let x = _mm256_set1_ps(*qscale.add(i));
+            let rows = [
+                _mm256_permute2f128_ps(l, h, 0x20),
+                _mm256_permute2f128_ps(l, h, 0x31),
+            ];
+            for (half, (r, s)) in rows.into_iter().zip([s0, s1]).enumerate() {
+                let v = _mm256_mul_ps(_mm256_mul_ps(r, x), s);
+                _mm256_storeu_ps(out.add(i * CHUNK + 8 * half), v);
             }
         }
     }
