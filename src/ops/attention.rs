@@ -321,7 +321,9 @@ fn attend_range(
                 }
             }
         }
-        if widen_once {
+        if let (true, KvRows::Q8 { q: v8, .. }) = (int_k, v) {
+            kernels::accumulate_i8(wi, nq, d, v8, cnt, &mut p.acc);
+        } else if widen_once {
             v.widen_unscaled(cnt * d, buf);
             kernels::accumulate(wi, nq, d, Rows::F32(buf), cnt, &mut p.acc);
         } else {
@@ -487,9 +489,10 @@ mod tests {
 
     #[test]
     fn matches_reference_for_prefill_then_decode() {
-        // Heads of 16 (one vector a row) and 64 (the default model's, four).
+        // Heads of 16 (one vector a row), 24 (a run of 16 values and one of 8) and 64 (the
+        // default model's).
         for dtype in [KvDtype::F16, KvDtype::Q8] {
-            for d in [16, 64] {
+            for d in [16, 24, 64] {
                 check(150, 149, dtype, d);
                 // Long enough that a decode step is split across threads and merged.
                 check(1100, 1098, dtype, d);

@@ -179,6 +179,24 @@ pub fn scores_i8(
     }
 }
 
+/// [`accumulate`] for a block of 8-bit V rows (`int8_scores` machines only):
+/// `acc_j += sum over r < cnt of u[j * CHUNK + r] * v_r`, `u` being the weights already times
+/// the rows' scales. Each query's `u` over the block is rounded to 16-bit integers against its
+/// largest (the rounding a 65,534th of the block's largest weight at most), the products of
+/// two rows at once summed exactly in 32-bit integers, and the block's sum added to `acc` times
+/// that scale: the same bits whichever queries share the call.
+pub fn accumulate_i8(u: &[f32], nq: usize, d: usize, v: &[i8], cnt: usize, acc: &mut [f32]) {
+    assert!(int8_scores(d));
+    assert!(cnt <= BLOCK_TOKENS && u.len() >= (nq - 1) * CHUNK + BLOCK_TOKENS);
+    assert!(v.len() >= BLOCK_TOKENS * d && acc.len() >= nq * d);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX2 checked by `int8_scores`; `d` a multiple of 8 (16-column runs, then one of
+    // 8); the block's 16 rows are readable; lengths asserted.
+    unsafe {
+        avx2::accumulate_i8(u, nq, d, v, cnt, acc)
+    }
+}
+
 /// `acc_j += sum over r < cnt of w[j * CHUNK + r] * v_r` for every query `j < nq`.
 pub fn accumulate(w: &[f32], nq: usize, d: usize, v: Rows, cnt: usize, acc: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -481,6 +499,132 @@ mod avx2 {
             for (half, (r, s)) in rows.into_iter().zip([s0, s1]).enumerate() {
                 let v = _mm256_mul_ps(_mm256_mul_ps(r, x), s);
                 _mm256_storeu_ps(out.add(i * CHUNK + 8 * half), v);
+            }
+        }
+    }
+
+    /// [`super::accumulate_i8`] three queries at a time.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn accumulate_i8(
+        u: &[f32],
+        nq: usize,
+        d: usize,
+        v: &[i8],
+        cnt: usize,
+        acc: &mut [f32],
+    ) {
+        // The queries' weights as 16-bit integers (rows from `cnt` on zero) and their scales.
+        let mut ui = [[0i16; BLOCK_TOKENS]; 3];
+        let mut scale = [0f32; 3];
+        let live = [
+            _mm256_cmpgt_epi32(
+                _mm256_set1_epi32(cnt as i32),
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            ),
+            _mm256_cmpgt_epi32(
+                _mm256_set1_epi32(cnt as i32),
+                _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15),
+            ),
+        ];
+        let (up, vp, ap) = (u.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
+        let mut j = 0;
+        while j < nq {
+            let qs = (nq - j).min(3);
+            for i in 0..qs {
+                scale[i] = weights_i16(up.add((j + i) * CHUNK), live, &mut ui[i]);
+            }
+            let aj = ap.add(j * d);
+            let mut c = 0;
+            while c < d {
+                let wide = d - c >= 16;
+                match (qs, wide) {
+                    (3, true) => add_rows_i8::<3, 16>(&ui, &scale, vp, aj, d, cnt, c),
+                    (2, true) => add_rows_i8::<2, 16>(&ui, &scale, vp, aj, d, cnt, c),
+                    (_, true) => add_rows_i8::<1, 16>(&ui, &scale, vp, aj, d, cnt, c),
+                    (3, false) => add_rows_i8::<3, 8>(&ui, &scale, vp, aj, d, cnt, c),
+                    (2, false) => add_rows_i8::<2, 8>(&ui, &scale, vp, aj, d, cnt, c),
+                    (_, false) => add_rows_i8::<1, 8>(&ui, &scale, vp, aj, d, cnt, c),
+                }
+                c += if wide { 16 } else { 8 };
+            }
+            j += qs;
+        }
+    }
+
+    /// A query's 16 weights at `w` (those outside `live` taken as zero) rounded to 16-bit
+    /// integers against the largest magnitude, into `out`; returns the scale they are in.
+    #[inline(always)]
+    unsafe fn weights_i16(w: *const f32, live: [__m256i; 2], out: &mut [i16; BLOCK_TOKENS]) -> f32 {
+        let w0 = _mm256_and_ps(_mm256_loadu_ps(w), _mm256_castsi256_ps(live[0]));
+        let w1 = _mm256_and_ps(_mm256_loadu_ps(w.add(8)), _mm256_castsi256_ps(live[1]));
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let m = _mm256_max_ps(_mm256_and_ps(w0, abs), _mm256_and_ps(w1, abs));
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+        let inv = _mm256_set1_ps(if m > 0.0 { 32767.0 / m } else { 0.0 });
+        let i0 = _mm256_cvtps_epi32(_mm256_mul_ps(w0, inv));
+        let i1 = _mm256_cvtps_epi32(_mm256_mul_ps(w1, inv));
+        // packs works within 128-bit lanes: put the four 64-bit quarters back in order.
+        let p = _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0b11_01_10_00);
+        _mm256_storeu_si256(out.as_mut_ptr().cast(), p);
+        m / 32767.0
+    }
+
+    /// Add the block's weighted 8-bit rows to columns `c..c + C` (`C`: 16, or 8) of `Q`
+    /// queries' accumulators: rows two at a time, widened to 16 bits and interleaved, so each
+    /// 32-bit lane holds one column's pair and `vpmaddwd` with the two rows' weights adds
+    /// both products into it. The unpacking leaves columns 0-3 and 8-11 of a run in one sum and
+    /// 4-7 and 12-15 in the other, put back in order at the end.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn add_rows_i8<const Q: usize, const C: usize>(
+        ui: &[[i16; BLOCK_TOKENS]; 3],
+        scale: &[f32; 3],
+        v: *const i8,
+        acc: *mut f32,
+        d: usize,
+        cnt: usize,
+        c: usize,
+    ) {
+        let load = |r: usize| {
+            let p = v.add(r * d + c).cast();
+            if C == 16 {
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(p))
+            } else {
+                _mm256_cvtepi8_epi16(_mm_loadl_epi64(p))
+            }
+        };
+        let mut lo = [_mm256_setzero_si256(); Q];
+        let mut hi = [_mm256_setzero_si256(); Q];
+        let mut r = 0;
+        while r < cnt {
+            let (a, b) = (load(r), load(r + 1));
+            let (pl, ph) = (_mm256_unpacklo_epi16(a, b), _mm256_unpackhi_epi16(a, b));
+            for i in 0..Q {
+                let wp = _mm256_set1_epi32(ui[i].as_ptr().add(r).cast::<i32>().read_unaligned());
+                lo[i] = _mm256_add_epi32(lo[i], _mm256_madd_epi16(pl, wp));
+                hi[i] = _mm256_add_epi32(hi[i], _mm256_madd_epi16(ph, wp));
+            }
+            r += 2;
+        }
+        for i in 0..Q {
+            let (l, h) = (_mm256_cvtepi32_ps(lo[i]), _mm256_cvtepi32_ps(hi[i]));
+            let x = _mm256_set1_ps(scale[i]);
+            let dst = acc.add(i * d + c);
+            if C == 16 {
+                let cols = [
+                    _mm256_permute2f128_ps(l, h, 0x20),
+                    _mm256_permute2f128_ps(l, h, 0x31),
+                ];
+                for (half, s) in cols.into_iter().enumerate() {
+                    let o = dst.add(8 * half);
+                    _mm256_storeu_ps(o, _mm256_fmadd_ps(s, x, _mm256_loadu_ps(o)));
+                }
+            } else {
+                // Eight columns: 0-3 in the low lane of `l`, 4-7 in that of `h`.
+                let s = _mm256_permute2f128_ps(l, h, 0x20);
+                _mm256_storeu_ps(dst, _mm256_fmadd_ps(s, x, _mm256_loadu_ps(dst)));
             }
         }
     }
