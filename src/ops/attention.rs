@@ -314,6 +314,10 @@ fn attend_range(
         }
         let cnt = rows_in(i);
         let wi = &mut w[at(i)..];
+        if let (true, KvRows::Q8 { q: v8, scale }) = (int_k, v) {
+            kernels::accumulate_i8(wi, nq, d, v8, scale, cnt, &mut p.acc);
+            continue;
+        }
         if quantised {
             for j in 0..nq {
                 for (x, s) in wi[j * CHUNK..][..cnt].iter_mut().zip(v.scales()) {
@@ -321,9 +325,7 @@ fn attend_range(
                 }
             }
         }
-        if let (true, KvRows::Q8 { q: v8, .. }) = (int_k, v) {
-            kernels::accumulate_i8(wi, nq, d, v8, cnt, &mut p.acc);
-        } else if widen_once {
+        if widen_once {
             v.widen_unscaled(cnt * d, buf);
             kernels::accumulate(wi, nq, d, Rows::F32(buf), cnt, &mut p.acc);
         } else {

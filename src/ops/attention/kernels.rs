@@ -179,21 +179,30 @@ pub fn scores_i8(
     }
 }
 
-/// [`accumulate`] for a block of 8-bit V rows (`int8_scores` machines only):
-/// `acc_j += sum over r < cnt of u[j * CHUNK + r] * v_r`, `u` being the weights already times
-/// the rows' scales. Each query's `u` over the block is rounded to 16-bit integers against its
+/// [`accumulate`] for a block of 8-bit V rows and their scales (`int8_scores` machines only):
+/// `acc_j += sum over r < cnt of u_jr * v_r`, where `u_jr = w[j * CHUNK + r] * scales[r]`.
+/// Each query's `u` over the block is rounded to 16-bit integers against its
 /// largest (the rounding a 65,534th of the block's largest weight at most), the products of
 /// two rows at once summed exactly in 32-bit integers, and the block's sum added to `acc` times
 /// that scale: the same bits whichever queries share the call.
-pub fn accumulate_i8(u: &[f32], nq: usize, d: usize, v: &[i8], cnt: usize, acc: &mut [f32]) {
+pub fn accumulate_i8(
+    w: &[f32],
+    nq: usize,
+    d: usize,
+    v: &[i8],
+    scales: &[f32],
+    cnt: usize,
+    acc: &mut [f32],
+) {
     assert!(int8_scores(d));
-    assert!(cnt <= BLOCK_TOKENS && u.len() >= (nq - 1) * CHUNK + BLOCK_TOKENS);
+    assert!(cnt <= BLOCK_TOKENS && w.len() >= (nq - 1) * CHUNK + BLOCK_TOKENS);
+    assert!(scales.len() >= BLOCK_TOKENS);
     assert!(v.len() >= BLOCK_TOKENS * d && acc.len() >= nq * d);
     #[cfg(target_arch = "x86_64")]
     // SAFETY: AVX2 checked by `int8_scores`; `d` a multiple of 8 (16-column runs, then one of
     // 8); the block's 16 rows are readable; lengths asserted.
     unsafe {
-        avx2::accumulate_i8(u, nq, d, v, cnt, acc)
+        avx2::accumulate_i8(w, nq, d, v, scales, cnt, acc)
     }
 }
 
@@ -506,10 +515,11 @@ mod avx2 {
     /// [`super::accumulate_i8`] three queries at a time.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn accumulate_i8(
-        u: &[f32],
+        w: &[f32],
         nq: usize,
         d: usize,
         v: &[i8],
+        scales: &[f32],
         cnt: usize,
         acc: &mut [f32],
     ) {
@@ -526,12 +536,16 @@ mod avx2 {
                 _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15),
             ),
         ];
-        let (up, vp, ap) = (u.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
+        let (wp, vp, ap) = (w.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
+        let sc = [
+            _mm256_loadu_ps(scales.as_ptr()),
+            _mm256_loadu_ps(scales.as_ptr().add(8)),
+        ];
         let mut j = 0;
         while j < nq {
             let qs = (nq - j).min(3);
             for i in 0..qs {
-                scale[i] = weights_i16(up.add((j + i) * CHUNK), live, &mut ui[i]);
+                scale[i] = weights_i16(wp.add((j + i) * CHUNK), sc, live, &mut ui[i]);
             }
             let aj = ap.add(j * d);
             let mut c = 0;
@@ -551,12 +565,21 @@ mod avx2 {
         }
     }
 
-    /// A query's 16 weights at `w` (those outside `live` taken as zero) rounded to 16-bit
-    /// integers against the largest magnitude, into `out`; returns the scale they are in.
+    /// A query's 16 weights at `w` times the rows' scales `sc` (rows outside `live` taken as
+    /// zero), rounded to 16-bit integers against the largest magnitude, into `out`; returns the
+    /// scale they are in.
     #[inline(always)]
-    unsafe fn weights_i16(w: *const f32, live: [__m256i; 2], out: &mut [i16; BLOCK_TOKENS]) -> f32 {
-        let w0 = _mm256_and_ps(_mm256_loadu_ps(w), _mm256_castsi256_ps(live[0]));
-        let w1 = _mm256_and_ps(_mm256_loadu_ps(w.add(8)), _mm256_castsi256_ps(live[1]));
+    unsafe fn weights_i16(
+        w: *const f32,
+        sc: [__m256; 2],
+        live: [__m256i; 2],
+        out: &mut [i16; BLOCK_TOKENS],
+    ) -> f32 {
+        let u = |h: usize| {
+            let x = _mm256_mul_ps(_mm256_loadu_ps(w.add(8 * h)), sc[h]);
+            _mm256_and_ps(x, _mm256_castsi256_ps(live[h]))
+        };
+        let (w0, w1) = (u(0), u(1));
         let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
         let m = _mm256_max_ps(_mm256_and_ps(w0, abs), _mm256_and_ps(w1, abs));
         let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
