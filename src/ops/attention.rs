@@ -232,8 +232,9 @@ const AHEAD: usize = 2;
 /// A decode step reads the rows as stored; a prefill chunk's many queries widen each block once.
 /// 8-bit rows are used as integers (exact in f32) and their scales applied to the scores (in
 /// the score kernel) and weights, in the same order either way: both give the same bits.
-/// Where [`kernels::int8_scores`] says so, 8-bit K is scored against the queries rounded to
-/// 16-bit integers instead, in exact integer sums, for a decode step and a prefill chunk alike.
+/// Where [`kernels::int8_kernels`] says so, 8-bit rows go through the integer kernels instead
+/// (the queries, and each block's weights, rounded to 16 bits; exact integer sums), read as
+/// stored by a decode step and a prefill chunk alike.
 #[allow(clippy::too_many_arguments)]
 fn attend_range(
     q: &[f32],
@@ -267,13 +268,13 @@ fn attend_range(
         let r = i * BLOCK_TOKENS;
         r / CHUNK * nq * CHUNK + r % CHUNK
     };
-    // Rows widened once for many queries (a prefill chunk); a decode step reads them in place.
-    let widen_once = nq > 3;
-    let buf = scratch(&mut bufs.buf, if widen_once { BLOCK_TOKENS * d } else { 0 });
-    let int_k = quantised && kernels::int8_scores(d);
-    if int_k {
+    let int8 = quantised && kernels::int8_kernels(d);
+    if int8 {
         kernels::quantize_queries(q, nq, d, &mut bufs.qi, &mut bufs.qscale);
     }
+    // Rows widened once for many queries (a prefill chunk); a decode step reads them in place.
+    let widen_once = nq > 3 && !int8;
+    let buf = scratch(&mut bufs.buf, if widen_once { BLOCK_TOKENS * d } else { 0 });
     let mut p = Partial {
         max: vec![f32::NEG_INFINITY; nq],
         sum: vec![0.0; nq],
@@ -290,7 +291,7 @@ fn attend_range(
             }
         }
         let out = &mut w[at(i)..];
-        if let (true, KvRows::Q8 { q: k8, scale }) = (int_k, k) {
+        if let (true, KvRows::Q8 { q: k8, scale }) = (int8, k) {
             kernels::scores_i8(&bufs.qi, &bufs.qscale, nq, d, k8, scale, out);
         } else if widen_once {
             // K is stored transposed: the whole block, whatever rows it holds.
@@ -314,7 +315,7 @@ fn attend_range(
         }
         let cnt = rows_in(i);
         let wi = &mut w[at(i)..];
-        if let (true, KvRows::Q8 { q: v8, scale }) = (int_k, v) {
+        if let (true, KvRows::Q8 { q: v8, scale }) = (int8, v) {
             kernels::accumulate_i8(wi, nq, d, v8, scale, cnt, &mut p.acc);
             continue;
         }

@@ -3,7 +3,8 @@
 //! rows. AVX2+FMA (or AVX-512F) where the CPU has it and NEON on aarch64, where the head width
 //! is a multiple of 8 (16 for AVX-512), else portable loops. Every query's dot products and
 //! sums are computed in the same order whichever queries are processed together, so results
-//! are batch invariant.
+//! are batch invariant. With the AVX2 kernel set, 8-bit rows go through integer versions of
+//! both loops instead (`scores_i8`, `accumulate_i8`: exact sums, so invariant as well).
 
 use super::CHUNK;
 use crate::kv::{widen, KvElem, KvRows, BLOCK_TOKENS};
@@ -125,11 +126,11 @@ pub fn scores(q: &[f32], nq: usize, d: usize, k: Rows, scales: &[f32], w: &mut [
     }
 }
 
-/// Whether 8-bit K rows are scored with integer products ([`scores_i8`]) here: with the AVX2
-/// kernel set (its float loop converts every 8-bit value to f32 and spends a multiply-add on
-/// it per query; `vpmaddwd` takes two columns at once), for heads of up to 256 values (the
-/// 32-bit sums cannot overflow).
-pub fn int8_scores(d: usize) -> bool {
+/// Whether 8-bit rows go through the integer kernels ([`scores_i8`], [`accumulate_i8`]) here:
+/// with the AVX2 kernel set (its float loops convert every 8-bit value to f32 and spend a
+/// multiply-add on it per query; `vpmaddwd` takes two values at once), for heads of up to 256
+/// values (the 32-bit sums cannot overflow).
+pub fn int8_kernels(d: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         fast(d) && !wide(d) && d <= 256
@@ -158,7 +159,7 @@ pub fn quantize_queries(q: &[f32], nq: usize, d: usize, qi: &mut Vec<i16>, scale
 /// [`scores`] for a block of 8-bit K rows and queries from [`quantize_queries`]:
 /// `w[j * CHUNK + r] = (qi_j · k_r) * qscale[j] * scales[r]`, the dot product summed exactly in
 /// 32-bit integers (so in no particular order: the same bits whichever queries share the
-/// call). Only where [`int8_scores`] says so.
+/// call). Only where [`int8_kernels`] says so.
 pub fn scores_i8(
     qi: &[i16],
     qscale: &[f32],
@@ -168,18 +169,18 @@ pub fn scores_i8(
     scales: &[f32],
     w: &mut [f32],
 ) {
-    assert!(int8_scores(d));
+    assert!(int8_kernels(d));
     assert!(k.len() >= BLOCK_TOKENS * d && scales.len() >= BLOCK_TOKENS);
     assert!(qi.len() >= nq * d && qscale.len() >= nq);
     assert!(w.len() >= (nq - 1) * CHUNK + BLOCK_TOKENS);
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX2 checked by `int8_scores`; `d` is even (a multiple of 8); lengths asserted.
+    // SAFETY: AVX2 checked by `int8_kernels`; `d` is even (a multiple of 8); lengths asserted.
     unsafe {
         avx2::scores_i8(qi, qscale, nq, d, k, scales, w)
     }
 }
 
-/// [`accumulate`] for a block of 8-bit V rows and their scales (`int8_scores` machines only):
+/// [`accumulate`] for a block of 8-bit V rows and their scales (where [`int8_kernels`] says so):
 /// `acc_j += sum over r < cnt of u_jr * v_r`, where `u_jr = w[j * CHUNK + r] * scales[r]`.
 /// Each query's `u` over the block is rounded to 16-bit integers against its
 /// largest (the rounding a 65,534th of the block's largest weight at most), the products of
@@ -194,12 +195,12 @@ pub fn accumulate_i8(
     cnt: usize,
     acc: &mut [f32],
 ) {
-    assert!(int8_scores(d));
+    assert!(int8_kernels(d));
     assert!(cnt <= BLOCK_TOKENS && w.len() >= (nq - 1) * CHUNK + BLOCK_TOKENS);
     assert!(scales.len() >= BLOCK_TOKENS);
     assert!(v.len() >= BLOCK_TOKENS * d && acc.len() >= nq * d);
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX2 checked by `int8_scores`; `d` a multiple of 8 (16-column runs, then one of
+    // SAFETY: AVX2 checked by `int8_kernels`; `d` a multiple of 8 (16-column runs, then one of
     // 8); the block's 16 rows are readable; lengths asserted.
     unsafe {
         avx2::accumulate_i8(w, nq, d, v, scales, cnt, acc)
