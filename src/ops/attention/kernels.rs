@@ -127,13 +127,13 @@ pub fn scores(q: &[f32], nq: usize, d: usize, k: Rows, scales: &[f32], w: &mut [
 }
 
 /// Whether 8-bit rows go through the integer kernels ([`scores_i8`], [`accumulate_i8`]) here:
-/// with the AVX2 kernel set (its float loops convert every 8-bit value to f32 and spend a
-/// multiply-add on it per query; `vpmaddwd` takes two values at once), for heads of up to 256
-/// values (the 32-bit sums cannot overflow).
+/// with the AVX2 or AVX-512 kernel set (the float loops convert every 8-bit value to f32 and
+/// spend a multiply-add on it per query; `vpmaddwd`, or `vpdpwssd` on AVX-512, takes two
+/// values at once), for heads of up to 256 values (the 32-bit sums cannot overflow).
 pub fn int8_kernels(d: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        fast(d) && !wide(d) && d <= 256
+        fast(d) && d <= 256
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -174,9 +174,14 @@ pub fn scores_i8(
     assert!(qi.len() >= nq * d && qscale.len() >= nq);
     assert!(w.len() >= (nq - 1) * CHUNK + BLOCK_TOKENS);
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX2 checked by `int8_kernels`; `d` is even (a multiple of 8); lengths asserted.
+    // SAFETY: AVX2 checked by `int8_kernels`, the AVX-512 set (F, BW, VNNI) by `wide`; `d` is
+    // even (a multiple of 8; of 16 for AVX-512); lengths asserted.
     unsafe {
-        avx2::scores_i8(qi, qscale, nq, d, k, scales, w)
+        if wide(d) {
+            avx512::scores_i8(qi, qscale, nq, d, k, scales, w)
+        } else {
+            avx2::scores_i8(qi, qscale, nq, d, k, scales, w)
+        }
     }
 }
 
@@ -200,10 +205,15 @@ pub fn accumulate_i8(
     assert!(scales.len() >= BLOCK_TOKENS);
     assert!(v.len() >= BLOCK_TOKENS * d && acc.len() >= nq * d);
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX2 checked by `int8_kernels`; `d` a multiple of 8 (16-column runs, then one of
-    // 8); the block's 16 rows are readable; lengths asserted.
+    // SAFETY: AVX2 checked by `int8_kernels`, the AVX-512 set by `wide`; `d` a multiple of 8
+    // (AVX2: 16-column runs, then one of 8) or 16 (AVX-512: runs of 64, 32, then 16); the
+    // block's 16 rows are readable; lengths asserted.
     unsafe {
-        avx2::accumulate_i8(w, nq, d, v, scales, cnt, acc)
+        if wide(d) {
+            avx512::accumulate_i8(w, nq, d, v, scales, cnt, acc)
+        } else {
+            avx2::accumulate_i8(w, nq, d, v, scales, cnt, acc)
+        }
     }
 }
 
@@ -342,3 +352,61 @@ mod avx512;
 /// 32 registers the scores of three queries against four rows in one pass.
 #[cfg(target_arch = "aarch64")]
 mod neon;
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    /// The AVX-512 integer kernels give the AVX2 ones' bits (the sums are exact and the
+    /// products after them the same), over heads that take every run of columns (16, 32, 48,
+    /// 64, 80, 96, 256), one to seven queries, and blocks partly filled. Only where this CPU
+    /// has both sets; the kernels' results against a float reference are the attention
+    /// test's (`matches_reference_for_prefill_then_decode`), on whichever set is in use.
+    #[test]
+    fn integer_kernels_agree_across_instruction_sets() {
+        use crate::ops::quant::Isa;
+        if !Isa::available().contains(&Isa::Avx512) {
+            eprintln!("no AVX-512 (F, BW, VL, VNNI) here: nothing to compare");
+            return;
+        }
+        let mut rng = 99u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for d in [16, 32, 48, 64, 80, 96, 256] {
+            for nq in 1..=7 {
+                for cnt in [1, 7, 16] {
+                    let k: Vec<i8> = (0..BLOCK_TOKENS * d).map(|_| next() as i8).collect();
+                    let scales: Vec<f32> = (0..BLOCK_TOKENS)
+                        .map(|_| (next() % 1000) as f32 / 997.0)
+                        .collect();
+                    let q: Vec<f32> = (0..nq * d)
+                        .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
+                        .collect();
+                    let (mut qi, mut qs) = (Vec::new(), Vec::new());
+                    quantize_queries(&q, nq, d, &mut qi, &mut qs);
+                    let len = (nq - 1) * CHUNK + BLOCK_TOKENS;
+                    let (mut w2, mut w5) = (vec![0f32; len], vec![0f32; len]);
+                    // SAFETY: both sets checked above; `d` a multiple of 16; lengths as the
+                    // safe wrappers assert.
+                    unsafe {
+                        avx2::scores_i8(&qi, &qs, nq, d, &k, &scales, &mut w2);
+                        avx512::scores_i8(&qi, &qs, nq, d, &k, &scales, &mut w5);
+                    }
+                    assert!(w2 == w5, "scores differ: d={d} nq={nq}");
+                    let start: Vec<f32> = (0..nq * d).map(|i| i as f32 / 7.0).collect();
+                    let (mut a2, mut a5) = (start.clone(), start);
+                    // SAFETY: as above.
+                    unsafe {
+                        avx2::accumulate_i8(&w2, nq, d, &k, &scales, cnt, &mut a2);
+                        avx512::accumulate_i8(&w2, nq, d, &k, &scales, cnt, &mut a5);
+                    }
+                    assert!(a2 == a5, "weighted sums differ: d={d} nq={nq} cnt={cnt}");
+                }
+            }
+        }
+    }
+}

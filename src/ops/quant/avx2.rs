@@ -10,12 +10,13 @@
 use super::{Isa, QActs, QKind, QWeight};
 
 /// AVX-512 (F, and VNNI on 256-bit registers with VL) besides AVX2: `vpdpbusd` for the
-/// interleaved kernels' integer sums, 512-bit attention.
+/// interleaved kernels' integer sums, 512-bit attention (its 8-bit kernels: BW and VNNI).
 pub fn avx512_supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         supported()
             && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("avx512vnni")
     }

@@ -268,7 +268,7 @@ unsafe fn weights_i16(
 /// 4-7 and 12-15 in the other, put back in order at the end.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn add_rows_i8<const Q: usize, const C: usize>(
+pub(super) unsafe fn add_rows_i8<const Q: usize, const C: usize>(
     ui: &[[i16; BLOCK_TOKENS]; 3],
     scale: &[f32; 3],
     v: *const i8,
