@@ -8,7 +8,7 @@
 
 use std::arch::x86_64::*;
 
-use super::x86::q4k_scale_min;
+use super::x86::{prefetch_ahead, q4k_scale_min};
 use crate::ops::quant::{q6k_high_at, q6k_low_at, ActBlock, QKind};
 
 /// Sixteen rows (groups at `g0` and `g1`, `nb` blocks each) against `A` activation rows.
@@ -87,6 +87,8 @@ unsafe fn q4_x16<const A: usize, const HAS_MIN: bool, const FIVE: bool>(
     let mut acc = [_mm512_setzero_ps(); A];
     for b in 0..nb {
         let (p0, p1) = (g0.add(b * bytes), g1.add(b * bytes));
+        prefetch_ahead(p0, bytes);
+        prefetch_ahead(p1, bytes);
         let d = both_f16(p0, p1, 0);
         let m = if HAS_MIN {
             both_f16(p0, p1, 16)
@@ -143,6 +145,8 @@ unsafe fn q8_0_x16<const A: usize>(
     let mut acc = [_mm512_setzero_ps(); A];
     for b in 0..nb {
         let (p0, p1) = (g0.add(b * 272), g1.add(b * 272));
+        prefetch_ahead(p0, 272);
+        prefetch_ahead(p1, 272);
         let d = both_f16(p0, p1, 0);
         let mut isum: [__m512i; A] = std::array::from_fn(|k| {
             let hs = (*ap[k].add(b)).half_sums;
@@ -194,6 +198,8 @@ unsafe fn q4k_x16<const A: usize, const FIVE: bool>(
     let (bytes, values) = if FIVE { (1408, 384) } else { (1152, 128) };
     for b in 0..nb {
         let (p0, p1) = (g0.add(b * bytes), g1.add(b * bytes));
+        prefetch_ahead(p0, bytes);
+        prefetch_ahead(p1, bytes);
         let d = both_f16(p0, p1, 0);
         let dmin = both_f16(p0, p1, 16);
         for pair in 0..4 {
@@ -271,6 +277,7 @@ pub unsafe fn q6k_x8<const A: usize>(
     let mut acc = [_mm512_setzero_ps(); A];
     for b in 0..nb {
         let p = grp.add(b * 1680);
+        prefetch_ahead(p, 1680);
         // The eight rows' scales, repeated in both halves.
         let d = _mm512_cvtph_ps(_mm256_broadcastsi128_si256(_mm_loadu_si128(
             p as *const __m128i,
