@@ -339,6 +339,38 @@ macro_rules! scores_by_block {
     };
 }
 
+/// The integer scores driver of the x86 modules: queries three at a time, each group's scores
+/// against a block of 8-bit K computed and stored by the module's
+/// `block_i8::<Q>(out, qi, qscale, k, d, scales)`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! scores_i8_by_block {
+    ($(#[$attr:meta])*) => {
+        $(#[$attr])*
+        pub unsafe fn scores_i8(
+            qi: &[i16],
+            qscale: &[f32],
+            nq: usize,
+            d: usize,
+            k: &[i8],
+            scales: &[f32],
+            w: &mut [f32],
+        ) {
+            let (qp, kp, sp, wp) = (qi.as_ptr(), k.as_ptr(), scales.as_ptr(), w.as_mut_ptr());
+            let mut j = 0;
+            while j < nq {
+                let qs = (nq - j).min(3);
+                let (qj, sj, out) = (qp.add(j * d), qscale.as_ptr().add(j), wp.add(j * CHUNK));
+                match qs {
+                    3 => block_i8::<3>(out, qj, sj, kp, d, sp),
+                    2 => block_i8::<2>(out, qj, sj, kp, d, sp),
+                    _ => block_i8::<1>(out, qj, sj, kp, d, sp),
+                }
+                j += qs;
+            }
+        }
+    };
+}
+
 /// The loops on AVX2+FMA (eight f32 lanes, 16 registers), and integer ones for 8-bit rows.
 #[cfg(target_arch = "x86_64")]
 mod avx2;

@@ -111,29 +111,9 @@ unsafe fn add_rows<const Q: usize, const V: usize, T: Load8>(
 }
 
 /// [`super::scores_i8`] three queries at a time.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn scores_i8(
-    qi: &[i16],
-    qscale: &[f32],
-    nq: usize,
-    d: usize,
-    k: &[i8],
-    scales: &[f32],
-    w: &mut [f32],
-) {
-    let (qp, kp, sp, wp) = (qi.as_ptr(), k.as_ptr(), scales.as_ptr(), w.as_mut_ptr());
-    let mut j = 0;
-    while j < nq {
-        let qs = (nq - j).min(3);
-        let (qj, sj, out) = (qp.add(j * d), qscale.as_ptr().add(j), wp.add(j * CHUNK));
-        match qs {
-            3 => block_i8::<3>(out, qj, sj, kp, d, sp),
-            2 => block_i8::<2>(out, qj, sj, kp, d, sp),
-            _ => block_i8::<1>(out, qj, sj, kp, d, sp),
-        }
-        j += qs;
-    }
-}
+scores_i8_by_block!(
+    #[target_feature(enable = "avx2,fma,f16c")]
+);
 
 /// The scores of `Q` queries against a block's 16 rows of 8-bit K, two columns at a time:
 /// both columns widened to 16 bits and interleaved, so each 32-bit lane holds one row's

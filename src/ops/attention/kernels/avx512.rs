@@ -117,29 +117,9 @@ accumulate_driver!(
 
 /// [`super::scores_i8`] on 512-bit registers, three queries at a time; the same bits as the
 /// AVX2 kernel (exact integer sums, then the same two products).
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-pub unsafe fn scores_i8(
-    qi: &[i16],
-    qscale: &[f32],
-    nq: usize,
-    d: usize,
-    k: &[i8],
-    scales: &[f32],
-    w: &mut [f32],
-) {
-    let (qp, kp, sp, wp) = (qi.as_ptr(), k.as_ptr(), scales.as_ptr(), w.as_mut_ptr());
-    let mut j = 0;
-    while j < nq {
-        let qs = (nq - j).min(3);
-        let (qj, sj, out) = (qp.add(j * d), qscale.as_ptr().add(j), wp.add(j * CHUNK));
-        match qs {
-            3 => block_i8::<3>(out, qj, sj, kp, d, sp),
-            2 => block_i8::<2>(out, qj, sj, kp, d, sp),
-            _ => block_i8::<1>(out, qj, sj, kp, d, sp),
-        }
-        j += qs;
-    }
-}
+scores_i8_by_block!(
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+);
 
 /// Where lane `2r` of a widened pair of K columns (`c` then `c + 1`, 16 rows each) takes
 /// column `c` of row `r`, and lane `2r + 1` column `c + 1`.
