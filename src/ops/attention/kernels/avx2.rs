@@ -110,7 +110,7 @@ unsafe fn add_rows<const Q: usize, const V: usize, T: Load8>(
     }
 }
 
-/// [`super::scores_i8`] three queries at a time.
+// [`super::scores_i8`] three queries at a time.
 scores_i8_by_block!(
     #[target_feature(enable = "avx2,fma,f16c")]
 );

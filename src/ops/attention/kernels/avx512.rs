@@ -115,8 +115,8 @@ accumulate_driver!(
     4
 );
 
-/// [`super::scores_i8`] on 512-bit registers, three queries at a time; the same bits as the
-/// AVX2 kernel (exact integer sums, then the same two products).
+// [`super::scores_i8`] on 512-bit registers, three queries at a time; the same bits as the
+// AVX2 kernel (exact integer sums, then the same two products).
 scores_i8_by_block!(
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 );
