@@ -251,19 +251,23 @@ fn attention_bench_of(bw: f64, dtype: aios::kv::KvDtype) {
         "of bw"
     );
     let mut evict = evictor();
-    // AIOS_BENCH_ATTN=2000x1 times one shape only (for a profiler).
-    let only = std::env::var("AIOS_BENCH_ATTN").ok();
-    for (ctx, new) in [
+    // AIOS_BENCH_ATTN=2000x1 times one shape only, any context and new tokens (for a profiler,
+    // or a shape the table leaves out).
+    let only: Option<(usize, usize)> = std::env::var("AIOS_BENCH_ATTN").ok().map(|o| {
+        let parsed = o
+            .split_once('x')
+            .and_then(|(c, n)| Some((c.parse().ok()?, n.parse().ok()?)));
+        parsed.unwrap_or_else(|| panic!("AIOS_BENCH_ATTN={o}: want CONTEXTxNEW, as 2000x1"))
+    });
+    let table = [
         (16, 1),
         (500, 1),
         (2000, 1),
         (4000, 1),
         (1400, 2),
         (1400, 16),
-    ] {
-        if only.as_ref().is_some_and(|o| *o != format!("{ctx}x{new}")) {
-            continue;
-        }
+    ];
+    for (ctx, new) in only.map_or(table.to_vec(), |shape| vec![shape]) {
         let total = ctx + new;
         let mut kv = KvSeq::new(layout, total);
         kv.reserve(total).unwrap();
