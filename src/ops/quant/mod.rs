@@ -413,10 +413,35 @@ fn map_u32(bytes: &mut [u8], at: usize, f: fn(u32) -> u32) {
     bytes[at..at + 4].copy_from_slice(&f(w).to_le_bytes());
 }
 
+/// [`slot_map`] of each slot of `kind`, made once per process: interleaving a weight at load
+/// copies every block through it (building the map for each block and row was two thirds of
+/// the default model's load time).
+fn slot_maps(kind: QKind) -> &'static [Vec<(usize, usize, usize)>; GROUP] {
+    type Maps = [Vec<(usize, usize, usize)>; GROUP];
+    static MAPS: [std::sync::OnceLock<Maps>; QKind::ALL.len()] =
+        [const { std::sync::OnceLock::new() }; QKind::ALL.len()];
+    let k = QKind::ALL
+        .iter()
+        .position(|&x| x == kind)
+        .expect("every kind is in ALL");
+    MAPS[k].get_or_init(|| std::array::from_fn(|i| slot_map(kind, i)))
+}
+
+/// `dst.copy_from_slice(src)` for the few bytes of one entry of a slot map, without a call
+/// to `memmove` for the usual lengths (four, two or one byte).
+#[inline(always)]
+fn copy_run(src: &[u8], dst: &mut [u8]) {
+    match (src.len(), dst.len()) {
+        (4, 4) => dst.copy_from_slice(&<[u8; 4]>::try_from(src).expect("four bytes")),
+        (2, 2) => dst.copy_from_slice(&<[u8; 2]>::try_from(src).expect("two bytes")),
+        _ => dst.copy_from_slice(src),
+    }
+}
+
 /// Copy GGUF block `src` into slot `i` of an interleaved group block.
 fn interleave_block(kind: QKind, src: &[u8], i: usize, dst: &mut [u8]) {
-    for (from, to, len) in slot_map(kind, i) {
-        dst[to..to + len].copy_from_slice(&src[from..from + len]);
+    for &(from, to, len) in &slot_maps(kind)[i] {
+        copy_run(&src[from..from + len], &mut dst[to..to + len]);
     }
     if let Some(at) = q5_bits_at(kind, i) {
         map_u32(dst, at, q5_spread);
@@ -425,8 +450,8 @@ fn interleave_block(kind: QKind, src: &[u8], i: usize, dst: &mut [u8]) {
 
 /// The inverse of [`interleave_block`].
 fn deinterleave_block(kind: QKind, src: &[u8], i: usize, dst: &mut [u8]) {
-    for (from, to, len) in slot_map(kind, i) {
-        dst[from..from + len].copy_from_slice(&src[to..to + len]);
+    for &(from, to, len) in &slot_maps(kind)[i] {
+        copy_run(&src[to..to + len], &mut dst[from..from + len]);
     }
     if q5_bits_at(kind, i).is_some() {
         map_u32(dst, scale_bytes(kind), q5_gather);
