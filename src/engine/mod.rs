@@ -162,7 +162,10 @@ enum Command {
 
 type ContextReply = tokio::sync::oneshot::Sender<Result<Vec<ContextInfo>, ContextError>>;
 
-/// Start the engine thread for a loaded model.
+/// Start the engine thread for a loaded model. Returns once the engine has taken its first
+/// (warm-up) step and the KV pool's first `prefault_bytes` are committed, so a model reported
+/// ready serves its first request at full speed (llama.cpp's server and vLLM also warm up
+/// before they take requests).
 pub fn spawn(model: LoadedModel, cfg: EngineConfig) -> EngineHandle {
     let LoadedModel {
         llama,
@@ -176,9 +179,16 @@ pub fn spawn(model: LoadedModel, cfg: EngineConfig) -> EngineHandle {
         ..llama.kv_layout()
     };
     let pool = KvPool::with_bytes(layout, cfg.kv.bytes() as usize);
-    if cfg.prefault_bytes > 0 {
-        pool.prefault_in_background(cfg.prefault_bytes as usize / pool.layout().bytes_per_block());
-    }
+    // The pool's first `prefault_bytes` are committed beside the warm-up step, both before the
+    // model is reported ready. Committed in the background after it, they took a core from the
+    // first request's step (its time to first token 300-450 ms instead of 30-50 on 2 cores).
+    let prefault = (cfg.prefault_bytes > 0).then(|| {
+        let blocks = cfg.prefault_bytes as usize / pool.layout().bytes_per_block();
+        let pool = pool.clone();
+        std::thread::Builder::new()
+            .name("kv-prefault".into())
+            .spawn(move || pool.prefault(blocks))
+    });
     // A sequence must fit the pool alone: serve at most what the pool holds.
     let mut context_length = llama.context_length();
     if pool.capacity_tokens() < context_length {
@@ -216,14 +226,21 @@ pub fn spawn(model: LoadedModel, cfg: EngineConfig) -> EngineHandle {
         stats: Arc::new(EngineStats::default()),
     };
     let stats = handle.stats.clone();
+    let (warm_tx, warm_rx) = mpsc::sync_channel(1);
     std::thread::Builder::new()
         .name("aios-engine".into())
         .spawn(move || {
             let engine = Engine::new(llama, thread_info, cfg, thread_pool, loopback, stats);
             engine.warm_up();
+            let _ = warm_tx.send(());
             engine.run(rx)
         })
         .expect("spawn engine thread");
+    // If the engine thread dies starting up, its sender is dropped and this returns at once.
+    let _ = warm_rx.recv();
+    if let Some(Ok(thread)) = prefault {
+        let _ = thread.join();
+    }
     handle
 }
 

@@ -388,12 +388,6 @@ impl KvPool {
         self.populate(from, blocks);
     }
 
-    /// [`KvPool::prefault`] on a thread of its own; then, as blocks are handed out, the next
-    /// bands are committed the same way before they are reached ([`KvPool::populate_ahead`]).
-    pub fn prefault_in_background(self: &Arc<Self>, blocks: usize) {
-        Self::populate_in_background(self.clone(), move |_| blocks);
-    }
-
     /// Blocks committed per band ahead of use: 512 MB, or a quarter of a smaller pool.
     fn band_blocks(&self) -> usize {
         ((512 << 20) / self.block_bytes())
