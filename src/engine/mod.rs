@@ -181,7 +181,7 @@ pub fn spawn(model: LoadedModel, cfg: EngineConfig) -> EngineHandle {
     let pool = KvPool::with_bytes(layout, cfg.kv.bytes() as usize);
     // The pool's first `prefault_bytes` are committed beside the warm-up step, both before the
     // model is reported ready. Committed in the background after it, they took a core from the
-    // first request's step (its time to first token 300-450 ms instead of 30-50 on 2 cores).
+    // first request's step (its time to first token 290-400 ms instead of 30-80 on 2 cores).
     let prefault = (cfg.prefault_bytes > 0).then(|| {
         let blocks = cfg.prefault_bytes as usize / pool.layout().bytes_per_block();
         let pool = pool.clone();

@@ -428,7 +428,7 @@ fn slot_maps(kind: QKind) -> &'static [Vec<(usize, usize, usize)>; GROUP] {
 }
 
 /// `dst.copy_from_slice(src)` for the few bytes of one entry of a slot map, without a call
-/// to `memmove` for the usual lengths (four, two or one byte).
+/// to `memmove` for the usual lengths (four or two bytes).
 #[inline(always)]
 fn copy_run(src: &[u8], dst: &mut [u8]) {
     match (src.len(), dst.len()) {
